@@ -1,0 +1,50 @@
+"""Benchmark harness: pytest-benchmark timings, collected into one speed-up table per group.
+
+FASTST_BENCH_QUICK=1 selects small shapes (CI); otherwise the shapes of the issues (512x1024).
+Each benchmark calls `run(benchmark, group, impl, fn)`; the table printed at the end gives every
+implementation's median time and its speed-up over each other one of the same group.
+"""
+import os
+from collections import defaultdict
+
+import pytest
+import torch
+
+QUICK = os.environ.get("FASTST_BENCH_QUICK") == "1"
+_RESULTS = defaultdict(dict)  # group -> impl -> median seconds
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def run():
+    def _run(benchmark, group, impl, fn, device="cpu", rounds=None):
+        def timed():
+            out = fn()
+            _sync(device)
+            return out
+
+        benchmark.group = group
+        benchmark.extra_info["impl"] = impl
+        result = benchmark.pedantic(timed, rounds=rounds or (3 if QUICK else 5), warmup_rounds=1)
+        _RESULTS[group][impl] = benchmark.stats.stats.median
+        return result
+
+    return _run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("fastst speed-ups (median time; ratio = other impl's time / this impl's time)")
+    tr.write_line(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+                  f"threads: {torch.get_num_threads()}, quick: {QUICK}")
+    for group, impls in sorted(_RESULTS.items()):
+        tr.write_line(f"\n[{group}]")
+        for impl, t in sorted(impls.items(), key=lambda kv: kv[1]):
+            ratios = ", ".join(f"{t2 / t:.1f}x vs {other}" for other, t2 in impls.items() if other != impl)
+            tr.write_line(f"  {impl:<24} {t * 1e3:10.3f} ms   {ratios}")

@@ -1,0 +1,87 @@
+// pybind11 module fastst._C: launchers that take raw pointers (ints), sizes, dtype codes and, for
+// CUDA, a device index and a stream handle. No torch header: one binary serves every torch.
+// Python side: fastst/ops/_library.py.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+
+#include "cpu/stats.h"
+#if defined(FASTST_WITH_CUDA)
+#include "cuda/stats.h"
+#endif
+
+namespace py = pybind11;
+using fastst::StatsArgs;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+StatsArgs make_stats_args(uintptr_t x, int dtype, std::array<int64_t, 4> shape_in,
+                          std::array<int64_t, 2> size_out, std::array<int64_t, 4> strides,
+                          bool from_logits, bool align_corners, uintptr_t m, uintptr_t a,
+                          uintptr_t counts, uintptr_t flags) {
+  if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
+  StatsArgs args;
+  args.x = ptr<const void>(x);
+  args.dtype = dtype;
+  args.B = shape_in[0];
+  args.C = shape_in[1];
+  args.h = shape_in[2];
+  args.w = shape_in[3];
+  args.H = size_out[0];
+  args.W = size_out[1];
+  args.stride_b = strides[0];
+  args.stride_c = strides[1];
+  args.stride_h = strides[2];
+  args.stride_w = strides[3];
+  args.from_logits = from_logits;
+  args.align_corners = align_corners;
+  args.m = ptr<float>(m);
+  args.a = ptr<uint8_t>(a);
+  args.counts = ptr<int64_t>(counts);
+  args.flags = ptr<int32_t>(flags);
+  return args;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "fastst kernels (C++/OpenMP always, CUDA when built with nvcc)";
+#if defined(FASTST_WITH_CUDA)
+  mod.attr("has_cuda") = true;
+#else
+  mod.attr("has_cuda") = false;
+#endif
+
+  mod.def(
+      "stats_cpu",
+      [](uintptr_t x, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
+         std::array<int64_t, 4> strides, bool from_logits, bool align_corners, uintptr_t m,
+         uintptr_t a, uintptr_t counts, uintptr_t flags) {
+        fastst::stats_cpu(make_stats_args(x, dtype, shape_in, size_out, strides, from_logits,
+                                          align_corners, m, a, counts, flags));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused max/argmax/counts pass (softmax + bilinear upsample for logits) on the CPU.");
+
+#if defined(FASTST_WITH_CUDA)
+  mod.def(
+      "stats_cuda",
+      [](uintptr_t x, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
+         std::array<int64_t, 4> strides, bool from_logits, bool align_corners, uintptr_t m,
+         uintptr_t a, uintptr_t counts, uintptr_t flags, int device, uintptr_t stream) {
+        fastst::stats_cuda(make_stats_args(x, dtype, shape_in, size_out, strides, from_logits,
+                                           align_corners, m, a, counts, flags),
+                           device, stream);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused max/argmax/counts pass on a CUDA device, enqueued on the given stream.");
+#endif
+}

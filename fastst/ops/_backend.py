@@ -1,0 +1,106 @@
+"""Backend registry and choice (SPEC section 0).
+
+Backends: "cuda" (nvcc kernels in fastst._C), "triton", "cpp" (C++/OpenMP kernels in fastst._C),
+"torch" (fastst/ops/reference.py, the definition of truth). Default: CUDA tensors -> cuda if built,
+else triton; CPU tensors -> cpp if built, else torch. `FASTST_BACKEND` or an op's `backend=`
+argument overrides the choice; an explicit choice that cannot run is an error, never a silent
+fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+from typing import Iterable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> Optional[ModuleType]:
+    """The compiled module fastst._C, or None when the package was not built."""
+    try:
+        from fastst import _C
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _backend_usable(name: str) -> bool:
+    ext = extension()
+    if name == "torch":
+        return True
+    if name == "cpp":
+        return ext is not None
+    if name == "cuda":
+        return ext is not None and bool(ext.has_cuda) and torch.cuda.is_available()
+    if name == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        return _triton_importable() and (torch.cuda.is_available() or interpreted)
+    return False
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, in preference order, e.g. ["cpp", "torch"]."""
+    return [name for name in BACKENDS if _backend_usable(name)]
+
+
+def _devices_of(name: str) -> tuple[str, ...]:
+    if name == "cuda":
+        return ("cuda",)
+    if name == "cpp":
+        return ("cpu",)
+    if name == "triton":
+        return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    return ("cpu", "cuda")
+
+
+def choose_backend(op: str, device: torch.device, implemented: Iterable[str],
+                   requested: Optional[str] = None) -> str:
+    """Pick the backend that runs `op` on tensors of `device`.
+
+    Args:
+        op: the op's public name, for error messages.
+        device: where the op's inputs live.
+        implemented: the backends this op has.
+        requested: the op's `backend=` argument (None: use FASTST_BACKEND, then the default).
+    Raises:
+        ValueError: unknown backend name, a backend this op lacks, one not built here, or one
+            that cannot run on `device`.
+    """
+    implemented = tuple(implemented)
+    source = "backend="
+    if requested is None and os.environ.get("FASTST_BACKEND"):
+        requested, source = os.environ["FASTST_BACKEND"], "FASTST_BACKEND="
+    if requested is None:
+        preference = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+        for name in preference:
+            if name in implemented and _backend_usable(name) and device.type in _devices_of(name):
+                return name
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: unknown {source}{requested!r}; choose one of {list(BACKENDS)}")
+    if requested not in implemented:
+        raise ValueError(f"{op}: {source}{requested!r} is not implemented for this op; "
+                         f"it has {list(implemented)}")
+    if not _backend_usable(requested):
+        hint = {
+            "cpp": "fastst._C is not built: run `pip install -e .` in the repository",
+            "cuda": "it needs fastst._C built with nvcc (CUDA_HOME set at `pip install -e .`) "
+                    "and a visible CUDA device",
+            "triton": "it needs `pip install triton` and a CUDA device (or TRITON_INTERPRET=1)",
+        }[requested]
+        raise ValueError(f"{op}: {source}{requested!r} is not available here: {hint}; "
+                         f"available: {available_backends()}")
+    if device.type not in _devices_of(requested):
+        raise ValueError(f"{op}: {source}{requested!r} cannot run on {device.type} tensors; "
+                         f"move the inputs or choose another backend")
+    return requested

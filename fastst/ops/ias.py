@@ -1,0 +1,99 @@
+"""Public `ias_pseudo_label` (SPEC section 1): validation, backend choice, dispatch.
+
+Backends: "torch" runs reference.py end to end. "cpp" and "cuda" run the fused statistics pass of
+fastst._C (softmax, upsample, max, argmax, counts in one read of x) and the reference's
+selection and EMA on its output.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks, reference
+from ._backend import choose_backend
+from ._library import pixel_stats
+
+MODES = ("paper", "official")
+IMPLEMENTED = ("cuda", "cpp", "torch")
+
+
+def _check_theta(theta: object, C: int, device: torch.device) -> torch.Tensor:
+    if theta is None:
+        return torch.full((C,), 0.9, dtype=torch.float64, device=device)
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"theta must be None or a float64 tensor of shape ({C},), got {type(theta).__name__}")
+    if not theta.is_floating_point():
+        raise TypeError(f"theta must be a floating-point tensor (float64), got {theta.dtype}")
+    if tuple(theta.shape) != (C,):
+        raise ValueError(f"theta must have shape ({C},) to match C = {C} classes, got {tuple(theta.shape)}")
+    if theta.device != device:
+        raise ValueError(f"theta is on {theta.device} but x is on {device}; keep them on one device")
+    theta = theta.to(torch.float64)
+    if _checks.value_checks_enabled(device) and not bool(torch.isfinite(theta).all()):
+        raise ValueError("theta contains NaN or Inf values")
+    return theta
+
+
+def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: float,
+                     beta: float = 0.9, gamma: float = 8.0, mode: str = "paper",
+                     from_logits: bool = False, size: Optional[Sequence[int]] = None,
+                     align_corners: bool = True, group: Optional[int] = None,
+                     backend: Optional[str] = None):
+    """Instance-adaptive pseudo labels and the updated class thresholds (IAST Algorithm 1).
+
+    Args:
+        x: (B, C, h, w) float32/float16/bfloat16 probabilities, or logits when `from_logits`;
+            any strides.
+        theta: (C,) float64 thresholds left by the previous batch (same device as x), or None
+            for 0.9 per class (start of a round).
+        alpha: portion parameter, 0 < alpha <= 1. beta: EMA momentum, 0 <= beta <= 1.
+        gamma: threshold exponent, >= 0.
+        mode: "paper" (SPEC 1.1: instance = image, label where m > theta) or "official"
+            (SPEC 1.2: bit-exact with the released NumPy code; instance = `group` images).
+        from_logits: p = softmax(x) in float32 (after the upsample) instead of p = x.
+        size: (H, W) to bilinearly upsample logits to before the softmax (logits only).
+        align_corners: as in F.interpolate.
+        group: images per instance: "official" default 2, "paper" must be None or 1.
+        backend: "cuda", "cpp" or "torch" (default: SPEC section 0).
+    Returns:
+        labels: (B, H, W) uint8, class id or 255.
+        theta_out: (C,) float64, pass it to the next batch.
+        theta_per_instance: (G, C) float64, theta after each instance's update.
+    """
+    x = _checks.check_scores("x", x)
+    B, C, h, w = x.shape
+    alpha = _checks.check_real("alpha", alpha, low=0.0, high=1.0, low_open=True)
+    beta = _checks.check_real("beta", beta, low=0.0, high=1.0)
+    gamma = _checks.check_real("gamma", gamma, low=0.0)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if group is None:
+        group = 2 if mode == "official" else 1
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    if mode == "paper" and group != 1:
+        raise ValueError(f"group must be None or 1 in mode='paper' (instance = one image), got {group}")
+    size = _checks.check_size("size", size)
+    if size is not None and not from_logits and size != (h, w):
+        raise ValueError(f"size={size} differs from the input's {(h, w)} but from_logits=False; "
+                         "only logits are upsampled (pass from_logits=True)")
+    theta = _check_theta(theta, C, x.device)
+    chosen = choose_backend("ias_pseudo_label", x.device, IMPLEMENTED, backend)
+    out_h, out_w = size if size is not None else (h, w)
+
+    if chosen == "torch":
+        if _checks.value_checks_enabled(x.device):
+            finite = torch.isfinite(x).all()
+            in_range = True if from_logits else ((x >= 0) & (x <= 1)).all()
+            flags = (0 if bool(finite) else 1) | (0 if bool(in_range) else 2)
+            _checks.raise_on_stat_flags("x", flags, from_logits)
+        return reference.ias_pseudo_label(x, theta, alpha=alpha, beta=beta, gamma=gamma, mode=mode,
+                                          from_logits=from_logits, size=size,
+                                          align_corners=align_corners, group=group)
+
+    m, a, _counts, flags = pixel_stats(x, from_logits, out_h, out_w, align_corners)
+    if _checks.value_checks_enabled(x.device):
+        _checks.raise_on_stat_flags("x", int(flags.item()), from_logits)
+    return reference.ias_from_stats(m, a, theta, num_classes=C, alpha=alpha, beta=beta,
+                                    gamma=gamma, mode=mode, group=group)

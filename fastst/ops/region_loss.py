@@ -1,0 +1,67 @@
+"""Public `region_loss` (SPEC section 2): validation, backend choice and dispatch.
+
+Only the "torch" backend (reference.py: F.interpolate + log_softmax + masked sums, autograd for
+the gradient) exists so far; the fused kernels come with the region-loss issue.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks, reference
+from ._backend import choose_backend
+
+IMPLEMENTED = ("torch",)
+
+
+def _check_args(logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts=False):
+    """Validate region_loss's arguments; returns (lambda_kld, lambda_ent, ignore_index)."""
+    logits = _checks.check_scores("logits", logits, layout="(B, C, h, w)")
+    target = _checks.check_tensor("target", target, ndim=3, dtypes=_checks.LABEL_DTYPES, layout="(B, H, W)")
+    if target.shape[1] == 0 or target.shape[2] == 0:
+        raise ValueError(f"target: images must have at least one pixel, got shape {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}; "
+                         "put both on the same device")
+    lambda_kld = _checks.check_real("lambda_kld", lambda_kld, low=0.0)
+    lambda_ent = _checks.check_real("lambda_ent", lambda_ent, low=0.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int in [0, 255], got {type(ignore_index).__name__}")
+    if not 0 <= ignore_index <= 255:
+        raise ValueError(f"ignore_index must be an int in [0, 255], got {ignore_index}")
+    size = _checks.check_size("size", size)
+    if size is not None and size != tuple(target.shape[1:]):
+        raise ValueError(f"size must equal the target's (H, W) = {tuple(target.shape[1:])}, got {size}")
+    for name, flag in (("align_corners", align_corners), ("return_parts", return_parts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _checks.check_labels("target", target, num_classes=logits.shape[1], batch=logits.shape[0],
+                         ignore_index=ignore_index, scores_name="logits")
+    return lambda_kld, lambda_ent, ignore_index
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float = 0.1,
+                lambda_ent: float = 3.0, ignore_index: int = 255,
+                size: Optional[Sequence[int]] = None, align_corners: bool = True,
+                return_parts: bool = False, backend: Optional[str] = None):
+    """IAST's self-training loss: CE + lambda_kld * KLD-to-uniform on labelled pixels, plus
+    lambda_ent * entropy on ignored pixels, with the released normalisation (SPEC 2).
+
+    Args:
+        logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled bilinearly (as
+            F.interpolate with `align_corners`) to the target's (H, W) when the sizes differ.
+        target: (B, H, W) uint8 or int64 labels in 0..C-1, `ignore_index` = unlabelled.
+        lambda_kld, lambda_ent: weights of the KLD and entropy terms, finite and >= 0.
+        size: None or the target's (H, W) (checked).
+        return_parts: also return the unweighted (ce, kld, ent), for logging.
+        backend: only "torch" so far.
+    Returns:
+        a float32 0-dim tensor, or (loss, ce, kld, ent). A part with no pixels is 0.
+    """
+    lambda_kld, lambda_ent, ignore_index = _check_args(
+        logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts)
+    choose_backend("region_loss", logits.device, IMPLEMENTED, backend)
+    return reference.region_loss(logits, target, lambda_kld=lambda_kld, lambda_ent=lambda_ent,
+                                 ignore_index=ignore_index, align_corners=align_corners,
+                                 return_parts=return_parts)

@@ -1,0 +1,120 @@
+"""ias_pseudo_label: every available backend against reference.py, and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastst.ops as ops
+from fastst.ops import reference
+from helpers import gen, mismatch, probs
+from test_ias_reference import CASES
+
+FAST = [b for b in ops.available_backends() if b != "torch"]
+GPU = torch.cuda.is_available()
+
+
+def _device(backend):
+    return "cuda" if backend in ("cuda", "triton") and GPU else "cpu"
+
+
+def test_available_backends_on_this_machine():
+    names = ops.available_backends()
+    assert names[-1] == "torch"
+    assert "cpp" in names, "fastst._C is not built: run `pip install -e .`"
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mode", ["paper", "official"])
+@pytest.mark.parametrize("name,p", CASES, ids=[c[0] for c in CASES])
+def test_backend_equals_reference_from_probabilities(backend, mode, name, p):
+    p = p.to(_device(backend))
+    want = reference.ias_pseudo_label(p, None, alpha=0.2, mode=mode)
+    got = ops.ias_pseudo_label(p, None, alpha=0.2, mode=mode, backend=backend)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g), mismatch(w, g)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_backend_equals_reference_large_image(backend, mode):
+    p = probs(2, 19, 512, 1024, seed=21, dtype=torch.bfloat16).to(_device(backend))
+    want = reference.ias_pseudo_label(p, None, alpha=0.2, mode=mode)
+    got = ops.ias_pseudo_label(p, None, alpha=0.2, mode=mode, backend=backend)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g), mismatch(w, g)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mode", ["paper", "official"])
+@pytest.mark.parametrize("size", [None, (41, 57)])
+def test_backend_from_logits_within_spec_tolerance(backend, mode, size):
+    """SPEC 0: labels may differ only where the top-2 probabilities are within 1e-6 or
+    |m - theta[a]| < 1e-6; thresholds agree to 1e-6."""
+    logits = (torch.randn(4, 19, 11, 15, generator=gen(22)) * 3).to(_device(backend))
+    kw = dict(alpha=0.2, mode=mode, from_logits=True, size=size, align_corners=False)
+    want_labels, want_theta, want_seq = reference.ias_pseudo_label(logits, None, **kw)
+    labels, theta, seq = ops.ias_pseudo_label(logits, None, backend=backend, **kw)
+    assert torch.allclose(seq, want_seq, rtol=0, atol=1e-6), mismatch(want_seq, seq)
+    up = logits if size is None else F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    p = torch.softmax(up.double(), 1)
+    top2 = p.topk(2, dim=1).values
+    m, a = p.max(1)
+    group = 2 if mode == "official" else 1
+    theta_img = want_seq.repeat_interleave(group, 0)[: logits.shape[0]]
+    near_theta = (m - theta_img.gather(1, a.flatten(1)).view_as(m)).abs() < 1e-6
+    allowed = ((top2[:, 0] - top2[:, 1]) < 1e-6) | near_theta
+    assert not bool(((labels != want_labels) & ~allowed).any()), mismatch(want_labels, labels)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST)
+def test_default_group_and_theta(backend):
+    p = probs(5, 19, 6, 6, seed=23).to(_device(backend))
+    labels, theta, seq = ops.ias_pseudo_label(p, None, alpha=0.2, mode="official", backend=backend)
+    assert seq.shape == (3, 19) and torch.equal(seq[-1], theta)
+    explicit = ops.ias_pseudo_label(p, torch.full((19,), 0.9, dtype=torch.float64, device=p.device),
+                                    alpha=0.2, mode="official", group=2, backend=backend)
+    assert torch.equal(explicit[0], labels) and torch.equal(explicit[1], theta)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("backend", ["torch"] + FAST)
+@pytest.mark.parametrize("call,match", [
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4)[0], None, alpha=0.2, backend=b), r"x must have shape \(B, C, H, W\)"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), torch.full((18,), 0.9, dtype=torch.float64), alpha=0.2, backend=b), r"theta must have shape \(19,\)"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 1, 4, 4), None, alpha=0.2, backend=b), r"x must have 2 <= C <= 254"),
+    (lambda b: ops.ias_pseudo_label(probs(0, 19, 4, 4), None, alpha=0.2, backend=b), r"x: empty batch"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.0, backend=b), r"alpha must be finite and in \(0.0, 1.0\]"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=1.5, backend=b), r"alpha must be"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=float("nan"), backend=b), r"alpha must be"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.2, beta=1.1, backend=b), r"beta must be"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.2, gamma=-1, backend=b), r"gamma must be"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.2, mode="fast", backend=b), r"mode must be one of"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.2, group=2, backend=b), r"group must be None or 1"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.2, size=(8, 8), backend=b), r"from_logits=False"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4) * 2, None, alpha=0.2, backend=b), r"x has values outside \[0, 1\]"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4).double(), None, alpha=0.2, backend=b), r"x must have dtype"),
+    (lambda b: ops.ias_pseudo_label(probs(2, 19, 4, 4), None, alpha=0.2, backend="fastest"), r"unknown backend="),
+])
+def test_bad_input_names_the_argument(backend, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST)
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_nan_input_raises_unless_checks_are_off(backend, from_logits, monkeypatch):
+    x = probs(2, 19, 4, 4)
+    x[1, 3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        ops.ias_pseudo_label(x, None, alpha=0.2, from_logits=from_logits, backend=backend)
+    monkeypatch.setenv("FASTST_CHECK", "0")
+    labels, _, _ = ops.ias_pseudo_label(x, None, alpha=0.2, from_logits=from_logits, backend=backend)
+    assert labels.shape == (2, 4, 4)
+
+
+def test_env_backend_override(monkeypatch):
+    monkeypatch.setenv("FASTST_BACKEND", "triton")
+    if "triton" not in ops.available_backends():
+        with pytest.raises(ValueError, match="FASTST_BACKEND='triton'"):
+            ops.ias_pseudo_label(probs(1, 3, 2, 2), None, alpha=0.2)
+    monkeypatch.setenv("FASTST_BACKEND", "torch")
+    assert ops.ias_pseudo_label(probs(1, 3, 2, 2), None, alpha=0.2)[0].shape == (1, 2, 2)

@@ -1,0 +1,113 @@
+"""The fused statistics pass (fastst::pixel_stats, C++ and its CUDA twin) against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastst.ops import _backend, reference
+from fastst.ops._library import pixel_stats
+from helpers import gen, mismatch, probs
+
+pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="fastst._C is not built")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _backend.extension().has_cuda else [])
+
+
+def _stats(x, from_logits=False, size=None, align_corners=True):
+    H, W = size if size is not None else x.shape[-2:]
+    return pixel_stats(x, from_logits, H, W, align_corners)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 19, 17, 23), (1, 2, 1, 1), (3, 150, 5, 7), (1, 19, 97, 125)])
+def test_probabilities_exact(device, dtype, shape):
+    x = probs(*shape, seed=sum(shape)).to(dtype).to(device)
+    m, a, counts, flags = _stats(x)
+    want_m, want_a = reference.pixel_stats(x, from_logits=False, size=None, align_corners=True)
+    assert torch.equal(m, want_m), mismatch(want_m, m)
+    assert torch.equal(a.long(), want_a), mismatch(want_a, a)
+    want_counts = torch.stack([torch.bincount(want_a[b].flatten(), minlength=shape[1]) for b in range(shape[0])])
+    assert torch.equal(counts, want_counts)
+    assert flags.item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_take_lowest_index_and_flat_maps(device):
+    x = torch.softmax(torch.randint(0, 2, (2, 6, 9, 9), generator=gen(1)).float(), 1).to(device)
+    m, a, _, _ = _stats(x)
+    assert torch.equal(a.long(), x.max(1).indices)  # torch documents: first maximal index
+    flat = torch.full((1, 7, 3, 4), 1 / 7, device=device)
+    m, a, counts, _ = _stats(flat)
+    assert (a == 0).all() and counts[0, 0].item() == 12 and counts[0, 1:].sum().item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    base = probs(2, 11, 13, 19, seed=2).to(device).permute(0, 3, 2, 1)  # (2, 19, 13, 11)
+    assert not base.is_contiguous()
+    m, a, _, _ = _stats(base)
+    want_m, want_a = reference.pixel_stats(base, from_logits=False, size=None, align_corners=True)
+    assert torch.equal(m, want_m) and torch.equal(a.long(), want_a)
+    sliced = probs(2, 19, 20, 30, seed=3).to(device)[:, :, ::2, 1::3]
+    m, a, _, _ = _stats(sliced)
+    want_m, want_a = reference.pixel_stats(sliced, from_logits=False, size=None, align_corners=True)
+    assert torch.equal(m, want_m) and torch.equal(a.long(), want_a)
+
+
+def _assert_logit_stats_close(x, m, a, size, align_corners):
+    """SPEC 0: with from_logits the softmax may round differently; m agrees to 1e-6 and the
+    argmax may differ only where the top-2 probabilities are within 1e-6."""
+    xf = x.float()
+    if size is not None:
+        xf = F.interpolate(xf, size=size, mode="bilinear", align_corners=align_corners)
+    p = torch.softmax(xf.double(), 1).float()
+    top2 = p.topk(2, dim=1).values
+    want_m, want_a = p.max(1)
+    assert torch.allclose(m.cpu(), want_m.cpu(), rtol=0, atol=1e-6), mismatch(want_m, m)
+    differs = a.long().cpu() != want_a.cpu()
+    close = (top2[:, 0] - top2[:, 1]).cpu() < 1e-6
+    assert not bool((differs & ~close).any()), mismatch(want_a, a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("in_size,size", [((5, 7), (17, 23)), ((8, 16), (64, 128)), ((1, 1), (3, 4)),
+                                          ((6, 6), None), ((9, 9), (4, 5))])
+def test_logits_softmax_and_upsample(device, dtype, align_corners, in_size, size):
+    x = (torch.randn(2, 19, *in_size, generator=gen(4)) * 4).to(dtype).to(device)
+    m, a, counts, flags = _stats(x, from_logits=True, size=size, align_corners=align_corners)
+    H, W = size if size is not None else in_size
+    assert m.shape == (2, H, W) and a.dtype == torch.uint8 and flags.item() == 0
+    _assert_logit_stats_close(x, m, a, size, align_corners)
+    assert counts.sum().item() == 2 * H * W
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flags_nan_and_range(device):
+    x = probs(1, 4, 3, 3).to(device)
+    x[0, 2, 1, 1] = float("nan")
+    assert _stats(x)[3].item() & 1
+    y = probs(1, 4, 3, 3).to(device) * 1.5
+    assert _stats(y)[3].item() == 2
+    assert _stats(y, from_logits=True)[3].item() == 0
+    z = torch.randn(1, 4, 3, 3, device=device)
+    z[0, 0, 0, 0] = float("-inf")
+    assert _stats(z, from_logits=True)[3].item() & 1
+
+
+def test_opcheck():
+    x = probs(2, 5, 6, 7)
+    torch.library.opcheck(pixel_stats, (x, False, 6, 7, True))
+    torch.library.opcheck(pixel_stats, (x.to(torch.bfloat16), True, 11, 13, False))
+
+
+def test_torch_compile_fullgraph():
+    def f(x):
+        m, a, counts, _ = pixel_stats(x, True, 12, 14, True)
+        return m * 2, a, counts.sum(1)
+
+    x = torch.randn(2, 5, 6, 7, generator=gen(5))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x), f(x)):
+        assert torch.equal(got, want)
