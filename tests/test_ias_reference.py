@@ -27,6 +27,9 @@ def _cases():
         ("c150", probs(3, 150, 16, 16, seed=7, sharpness=4.0)),
         ("sequence16", probs(16, 19, 12, 20, seed=8)),
         ("odd_batch", probs(5, 19, 8, 8, seed=9)),
+        # not normalised, but in [0, 1]: float16 subnormals and zeros in the official histograms
+        ("tiny_values", probs(3, 5, 9, 9, seed=17) * 3e-5),
+        ("all_zero", torch.zeros(2, 4, 3, 5)),
     ]
 
 

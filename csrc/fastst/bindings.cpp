@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "cpu/ias.h"
 #include "cpu/stats.h"
 #if defined(FASTST_WITH_CUDA)
 #include "cuda/stats.h"
@@ -70,6 +71,32 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "Fused max/argmax/counts pass (softmax + bilinear upsample for logits) on the CPU.");
+
+  mod.def(
+      "ias_select_cpu",
+      [](uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW,
+         uintptr_t theta_in, uintptr_t theta_out, uintptr_t theta_per_instance, uintptr_t labels,
+         double alpha, double beta, double gamma, bool official, int64_t group) {
+        fastst::IasArgs args;
+        args.m = ptr<const float>(m);
+        args.a = ptr<const uint8_t>(a);
+        args.counts = ptr<const int64_t>(counts);
+        args.B = B;
+        args.C = C;
+        args.HW = HW;
+        args.theta_in = ptr<const double>(theta_in);
+        args.theta_out = ptr<double>(theta_out);
+        args.theta_per_instance = ptr<double>(theta_per_instance);
+        args.labels = ptr<uint8_t>(labels);
+        args.alpha = alpha;
+        args.beta = beta;
+        args.gamma = gamma;
+        args.official = official;
+        args.group = group;
+        fastst::ias_select_cpu(args);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "IAS order statistics, sequential EMA and labels from the statistics pass, on the CPU.");
 
 #if defined(FASTST_WITH_CUDA)
   mod.def(

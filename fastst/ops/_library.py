@@ -53,3 +53,38 @@ def _pixel_stats_fake(x, from_logits, out_h, out_w, align_corners):
             x.new_empty((B, out_h, out_w), dtype=torch.uint8),
             x.new_empty((B, C), dtype=torch.int64),
             x.new_empty((1,), dtype=torch.int32))
+
+
+@torch.library.custom_op("fastst::ias_select", mutates_args=())
+def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: torch.Tensor,
+               alpha: float, beta: float, gamma: float, official: bool,
+               group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IAS thresholds and labels from the statistics pass (SPEC 1), on the CPU.
+
+    Args:
+        m: (B, H, W) float32, a: (B, H, W) uint8, counts: (B, C) int64 (from pixel_stats).
+        theta: (C,) float64 threshold before the first instance.
+        official: SPEC 1.2 (float16 values, numpy percentile, clip) instead of 1.1.
+        group: images per instance.
+    Returns:
+        labels (B, H, W) uint8, theta_out (C,) float64, theta_per_instance (G, C) float64.
+    """
+    B, C = counts.shape
+    G = -(-B // group)
+    m, a, counts, theta = m.contiguous(), a.contiguous(), counts.contiguous(), theta.contiguous()
+    labels = torch.empty(m.shape, dtype=torch.uint8, device=m.device)
+    theta_out = torch.empty((C,), dtype=torch.float64, device=m.device)
+    per_instance = torch.empty((G, C), dtype=torch.float64, device=m.device)
+    extension().ias_select_cpu(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C,
+                               m[0].numel(), theta.data_ptr(), theta_out.data_ptr(),
+                               per_instance.data_ptr(), labels.data_ptr(), alpha, beta, gamma,
+                               official, group)
+    return labels, theta_out, per_instance
+
+
+@ias_select.register_fake
+def _ias_select_fake(m, a, counts, theta, alpha, beta, gamma, official, group):
+    B, C = counts.shape
+    G = -(-B // group)
+    return (m.new_empty(m.shape, dtype=torch.uint8), m.new_empty((C,), dtype=torch.float64),
+            m.new_empty((G, C), dtype=torch.float64))

@@ -1,8 +1,9 @@
 """Public `ias_pseudo_label` (SPEC section 1): validation, backend choice, dispatch.
 
-Backends: "torch" runs reference.py end to end. "cpp" and "cuda" run the fused statistics pass of
-fastst._C (softmax, upsample, max, argmax, counts in one read of x) and the reference's
-selection and EMA on its output.
+Backends: "torch" runs reference.py end to end. "cpp" runs the fused statistics pass of fastst._C
+(softmax, upsample, max, argmax, counts in one read of x) and the C++ selection (order
+statistics, sequential EMA, labels). "cuda" runs the CUDA statistics pass and, for now, the
+reference's selection on its output.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from . import _checks, reference
 from ._backend import choose_backend
-from ._library import pixel_stats
+from ._library import ias_select, pixel_stats
 
 MODES = ("paper", "official")
 IMPLEMENTED = ("cuda", "cpp", "torch")
@@ -92,8 +93,10 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
                                           from_logits=from_logits, size=size,
                                           align_corners=align_corners, group=group)
 
-    m, a, _counts, flags = pixel_stats(x, from_logits, out_h, out_w, align_corners)
+    m, a, counts, flags = pixel_stats(x, from_logits, out_h, out_w, align_corners)
     if _checks.value_checks_enabled(x.device):
         _checks.raise_on_stat_flags("x", int(flags.item()), from_logits)
+    if chosen == "cpp":
+        return ias_select(m, a, counts, theta, alpha, beta, gamma, mode == "official", group)
     return reference.ias_from_stats(m, a, theta, num_classes=C, alpha=alpha, beta=beta,
                                     gamma=gamma, mode=mode, group=group)

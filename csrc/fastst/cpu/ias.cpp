@@ -1,0 +1,125 @@
+// IAS selection on the CPU (OpenMP). The per-class arithmetic is kernels/ias.h, shared with the
+// CUDA kernels; this file only organises the data:
+//  - "official": per-instance histograms of the float16 bit patterns of m per class (exact:
+//    sorted(arr)[j] is found by walking the cumulative histogram), built per thread and summed;
+//  - "paper": the float32 bits of m bucketed by class, then std::nth_element per class.
+// Classes are independent within an instance (parallel); instances run in order (the EMA).
+#include "ias.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../kernels/ias.h"
+
+namespace fastst {
+namespace {
+
+constexpr uint32_t kMaxHalfBin = 0x7c00u;  // +inf; NaN/negative patterns (checks off) clamp here
+
+// j-th smallest (0-based) value of one class's histogram of float16 bit patterns.
+double histogram_value(const int32_t* hist, int64_t bins, int64_t j) {
+  int64_t seen = 0;
+  for (int64_t b = 0; b < bins; ++b) {
+    seen += hist[b];
+    if (seen > j) return (double)to_float(Half{(uint16_t)b});
+  }
+  return (double)to_float(Half{(uint16_t)(bins - 1)});
+}
+
+void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double* k, double* theta) {
+  const int64_t C = args.C;
+  const int64_t pixels = (b1 - b0) * args.HW;
+  const float* m = args.m + b0 * args.HW;
+  const uint8_t* a = args.a + b0 * args.HW;
+  // Histogram width: the largest pattern present (m <= 1 gives at most 0x3c00 + 1 bins).
+  uint32_t max_bin = 0;
+#pragma omp parallel for reduction(max : max_bin)
+  for (int64_t p = 0; p < pixels; ++p) {
+    max_bin = std::max<uint32_t>(max_bin, std::min<uint32_t>(half_bits_of(m[p]), kMaxHalfBin));
+  }
+  const int64_t bins = int64_t(max_bin) + 1;
+  const int threads = omp_get_max_threads();
+  std::vector<std::vector<int32_t>> local(static_cast<size_t>(threads));
+  std::vector<int32_t> hist(size_t(C * bins), 0);
+#pragma omp parallel
+  {
+    std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
+    own.assign(size_t(C * bins), 0);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pixels; ++p) {
+      own[size_t(a[p]) * bins + std::min<uint32_t>(half_bits_of(m[p]), kMaxHalfBin)] += 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < C * bins; ++i) {
+      int32_t sum = 0;
+      for (const auto& l : local) sum += l.empty() ? 0 : l[size_t(i)];
+      hist[size_t(i)] = sum;
+    }
+  }
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t c = 0; c < C; ++c) {
+    const int32_t* hc = hist.data() + c * bins;
+    int64_t n = 0;
+    for (int64_t b = b0; b < b1; ++b) n += args.counts[b * C + c];
+    int64_t n_below = 0;  // values strictly smaller than the seed element theta_c
+    for (int64_t b = 0; b < bins && (double)to_float(Half{(uint16_t)b}) < theta[c]; ++b) n_below += hc[b];
+    const PercentilePlan plan = official_plan(k[c], n);
+    const int64_t s_lo = official_source(plan.j_lo, n_below);
+    const int64_t s_hi = official_source(plan.j_hi, n_below);
+    const double lo = s_lo < 0 ? theta[c] : histogram_value(hc, bins, s_lo);
+    const double hi = s_hi < 0 ? theta[c] : histogram_value(hc, bins, s_hi);
+    theta[c] = official_ema(theta[c], official_lerp(lo, hi, plan.t), args.beta);
+  }
+}
+
+void paper_instance(const IasArgs& args, int64_t b, const double* k, double* theta) {
+  const int64_t C = args.C;
+  const int64_t* counts = args.counts + b * C;
+  std::vector<int64_t> start(size_t(C) + 1, 0);
+  for (int64_t c = 0; c < C; ++c) start[c + 1] = start[c] + counts[c];
+  // Bucket the float32 bit patterns by class: the bits of m >= +0 order like the values, and
+  // integers give nth_element a strict weak order whatever the data.
+  std::vector<uint32_t> bits(static_cast<size_t>(args.HW));
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  const float* m = args.m + b * args.HW;
+  const uint8_t* a = args.a + b * args.HW;
+  for (int64_t p = 0; p < args.HW; ++p) bits[size_t(fill[a[p]]++)] = float_to_bits(m[p]);
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t n = counts[c];
+    if (n == 0) continue;  // theta_c unchanged, bit for bit
+    const int64_t r = paper_rank(k[c], n);
+    uint32_t* first = bits.data() + start[c];
+    std::nth_element(first, first + (n - 1 - r), first + n);
+    theta[c] = paper_ema(theta[c], (double)bits_to_float(first[n - 1 - r]), args.beta);
+  }
+}
+
+}  // namespace
+
+void ias_select_cpu(const IasArgs& args) {
+  const int64_t C = args.C;
+  std::vector<double> theta(args.theta_in, args.theta_in + C);
+  std::vector<double> k(static_cast<size_t>(C));
+  const bool strict = !args.official;
+  for (int64_t b0 = 0, g = 0; b0 < args.B; b0 += args.group, ++g) {
+    const int64_t b1 = std::min(b0 + args.group, args.B);
+    for (int64_t c = 0; c < C; ++c) k[c] = dmul(args.alpha, theta_pow(theta[c], args.gamma));
+    if (args.official) {
+      official_instance(args, b0, b1, k.data(), theta.data());
+    } else {
+      paper_instance(args, b0, k.data(), theta.data());
+    }
+    std::copy(theta.begin(), theta.end(), args.theta_per_instance + g * C);
+    const int64_t first = b0 * args.HW;
+    const int64_t last = b1 * args.HW;
+    const double* th = theta.data();
+#pragma omp parallel for schedule(static)
+    for (int64_t p = first; p < last; ++p) args.labels[p] = ias_label(args.m[p], args.a[p], th[args.a[p]], strict);
+  }
+  std::copy(theta.begin(), theta.end(), args.theta_out);
+}
+
+}  // namespace fastst

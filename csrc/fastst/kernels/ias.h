@@ -1,0 +1,155 @@
+// Per-class arithmetic of the IAS selector (SPEC section 1), shared by cpu/ias.cpp and
+// cuda/ias.cu and transcribed operation by operation from fastst/ops/reference.py, so every
+// backend rounds identically. Every floating-point operation goes through dmul/dadd/dsub: on the
+// device these are the _rn intrinsics, which nvcc never contracts into an FMA; on the host the
+// build uses -ffp-contract=off.
+#pragma once
+#include <cmath>
+
+#include "../common.h"
+
+namespace fastst {
+
+#if defined(__CUDA_ARCH__)
+FASTST_HD double dmul(double a, double b) { return __dmul_rn(a, b); }
+FASTST_HD double dadd(double a, double b) { return __dadd_rn(a, b); }
+FASTST_HD double dsub(double a, double b) { return __dsub_rn(a, b); }
+FASTST_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
+#else
+FASTST_HD double dmul(double a, double b) { return a * b; }
+FASTST_HD double dadd(double a, double b) { return a + b; }
+FASTST_HD double dsub(double a, double b) { return a - b; }
+FASTST_HD float fmul(float a, float b) { return a * b; }
+#endif
+
+// ---- theta ** gamma: double-double binary powering, rounded once (reference.theta_pow) ----
+struct DoubleDouble {
+  double hi, lo;
+};
+
+FASTST_HD void veltkamp_split(double a, double& hi, double& lo) {
+  const double c = dmul(a, 134217729.0);
+  hi = dsub(c, dsub(c, a));
+  lo = dsub(a, hi);
+}
+
+FASTST_HD DoubleDouble dd_mul(DoubleDouble a, DoubleDouble b) {
+  const double p = dmul(a.hi, b.hi);
+  double a_hi, a_lo, b_hi, b_lo;
+  veltkamp_split(a.hi, a_hi, a_lo);
+  veltkamp_split(b.hi, b_hi, b_lo);
+  double e = dadd(dadd(dadd(dsub(dmul(a_hi, b_hi), p), dmul(a_hi, b_lo)), dmul(a_lo, b_hi)), dmul(a_lo, b_lo));
+  e = dadd(e, dadd(dmul(a.hi, b.lo), dmul(a.lo, b.hi)));
+  const double hi = dadd(p, e);
+  return DoubleDouble{hi, dsub(e, dsub(hi, p))};
+}
+
+FASTST_HD double theta_pow(double theta, double gamma) {
+  const long long n0 = (long long)gamma;
+  if ((double)n0 != gamma) return pow(theta, gamma);
+  long long n = n0;
+  DoubleDouble r{1.0, 0.0};
+  DoubleDouble b{theta, 0.0};
+  while (n) {
+    if (n & 1) r = dd_mul(r, b);
+    n >>= 1;
+    if (n) b = dd_mul(b, b);
+  }
+  return dadd(r.hi, r.lo);
+}
+
+// ---- mode "paper" (SPEC 1.1) ----
+// Rank r (0-based, in descending order) of psi among the n values of a class; n >= 1.
+FASTST_HD int64_t paper_rank(double k, int64_t n) {
+  double r = floor(dmul(k, (double)n));
+  if (r < 0.0) r = 0.0;
+  if (r > (double)(n - 1)) r = (double)(n - 1);
+  return (int64_t)r;
+}
+
+FASTST_HD double paper_ema(double theta, double psi, double beta) {
+  return dadd(dmul(beta, theta), dmul(dsub(1.0, beta), psi));
+}
+
+// ---- mode "official" (SPEC 1.2): numpy.percentile(arr, q), "linear", arr = [theta] + values ----
+// Where the two order statistics lo = sorted(arr)[j_lo], hi = sorted(arr)[j_hi] come from and how
+// they are mixed; n = number of values (arr has n + 1 elements).
+struct PercentilePlan {
+  int64_t j_lo, j_hi;
+  double t;
+};
+
+FASTST_HD PercentilePlan official_plan(double k, int64_t n) {
+  const double q = dmul(100.0, dsub(1.0, k));
+  const double quantile = q / 100.0;  // IEEE division, correctly rounded on host and device
+  const double v = dmul((double)n, quantile);  // (len(arr) - 1) * quantile
+  PercentilePlan plan;
+  if (v >= (double)n) {  // at or past the last element: lo = hi = max(arr)
+    plan.j_lo = plan.j_hi = n;
+    plan.t = 0.0;
+    return plan;
+  }
+  double i = floor(v);
+  plan.t = dsub(v, i);
+  if (i < 0.0) i = 0.0;
+  plan.j_lo = (int64_t)i;
+  plan.j_hi = plan.j_lo + 1 <= n ? plan.j_lo + 1 : n;
+  return plan;
+}
+
+// Index into the class's sorted values of sorted(arr)[j], or -1 when it is the seed theta,
+// which sits right after the n_below values smaller than it.
+FASTST_HD int64_t official_source(int64_t j, int64_t n_below) {
+  if (j == n_below) return -1;
+  return j < n_below ? j : j - 1;
+}
+
+FASTST_HD double official_lerp(double lo, double hi, double t) {
+  const double diff = dsub(hi, lo);
+  return t < 0.5 ? dadd(lo, dmul(diff, t)) : dsub(hi, dmul(diff, dsub(1.0, t)));
+}
+
+// theta <- fl64(beta * theta) + double(fl32(fl32(1 - beta) * fl32(psi))), then >= 1 -> 0.999.
+FASTST_HD double official_ema(double theta, double psi, double beta) {
+  const float psi32 = (float)psi;
+  const float one_minus_beta = (float)dsub(1.0, beta);
+  double out = dadd(dmul(beta, theta), (double)fmul(psi32, one_minus_beta));
+  return out >= 1.0 ? 0.999 : out;
+}
+
+// ---- labels ----
+FASTST_HD uint8_t ias_label(float m, int a, double theta_a, bool strict) {
+  const double md = (double)m;
+  const bool keep = strict ? md > theta_a : md >= theta_a;
+  return keep ? (uint8_t)a : (uint8_t)255;
+}
+
+// float32 -> float16 bits, round to nearest even (as torch's .half() and NumPy's astype), for
+// the non-negative, finite values m takes. Used by the official mode's histograms.
+FASTST_HD uint16_t half_bits_of(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t magnitude = u & 0x7fffffffu;
+  if (magnitude >= 0x47800000u) {  // >= 65536 (or inf/nan): overflow to inf / keep nan
+    return (uint16_t)(sign | (magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  }
+  if (magnitude < 0x38800000u) {  // below 2^-14, the smallest normal half: subnormal or zero
+    if (magnitude < 0x33000000u) return (uint16_t)sign;  // <= 2^-25 rounds to zero
+    // value = mantissa * 2^(exponent - 150); in units of the half subnormal 2^-24 that is
+    // mantissa * 2^(exponent - 126), a right shift by drop = 126 - exponent (14..24 bits).
+    const uint32_t exponent = magnitude >> 23;
+    const uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u;
+    const uint32_t drop = 126u - exponent;
+    uint32_t half = mantissa >> drop;
+    const uint32_t rest = mantissa & ((1u << drop) - 1u);
+    const uint32_t halfway = 1u << (drop - 1u);
+    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    return (uint16_t)(sign | half);
+  }
+  uint32_t half = ((magnitude >> 13) - (112u << 10));
+  const uint32_t rest = magnitude & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // may carry into the exponent
+  return (uint16_t)(sign | half);
+}
+
+}  // namespace fastst
