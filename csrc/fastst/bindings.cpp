@@ -11,6 +11,7 @@
 #include "cpu/ias.h"
 #include "cpu/stats.h"
 #if defined(FASTST_WITH_CUDA)
+#include "cuda/ias.h"
 #include "cuda/stats.h"
 #endif
 
@@ -110,5 +111,32 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "Fused max/argmax/counts pass on a CUDA device, enqueued on the given stream.");
+
+  mod.attr("ias_official_bins") = fastst::kOfficialBins;
+  mod.def(
+      "ias_official_cuda",
+      [](uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW, int64_t group,
+         uintptr_t hist, uintptr_t theta_in, uintptr_t theta_out, uintptr_t theta_per_instance,
+         uintptr_t labels, double alpha, double beta, double gamma, int device, uintptr_t stream) {
+        fastst::IasCudaArgs args;
+        args.m = ptr<const float>(m);
+        args.a = ptr<const uint8_t>(a);
+        args.counts = ptr<const int64_t>(counts);
+        args.B = B;
+        args.C = C;
+        args.HW = HW;
+        args.group = group;
+        args.hist = ptr<int32_t>(hist);
+        args.theta_in = ptr<const double>(theta_in);
+        args.theta_out = ptr<double>(theta_out);
+        args.theta_per_instance = ptr<double>(theta_per_instance);
+        args.labels = ptr<uint8_t>(labels);
+        args.alpha = alpha;
+        args.beta = beta;
+        args.gamma = gamma;
+        fastst::ias_official_cuda(args, device, stream);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "IAS official-mode histograms, per-class sequential EMA and labels on a CUDA device.");
 #endif
 }

@@ -10,6 +10,15 @@
 #define FASTST_HD inline
 #endif
 
+// Hot CPU loops get an AVX2 clone next to the baseline x86-64 one, chosen at load time
+// (GCC/Clang function multiversioning), so one wheel runs everywhere and uses wide vectors where
+// the CPU has them. -ffp-contract=off still holds: no FMA is introduced.
+#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTST_CPU_CLONES
+#endif
+
 namespace fastst {
 
 // Input dtype codes, as passed from Python (fastst/ops/_library.py::DTYPE_CODES).
@@ -37,6 +46,26 @@ FASTST_HD uint32_t float_to_bits(float f) {
   return u;
 #endif
 }
+
+// Arithmetic that is never contracted into a fused multiply-add: the _rn intrinsics on the device
+// (nvcc contracts plain a * b + c by default), plain operators on the host (built with
+// -ffp-contract=off). Code shared by the CPU and CUDA kernels uses these wherever the CPU twin
+// must round exactly like the GPU.
+#if defined(__CUDA_ARCH__)
+FASTST_HD float fadd(float a, float b) { return __fadd_rn(a, b); }
+FASTST_HD float fsub(float a, float b) { return __fsub_rn(a, b); }
+FASTST_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
+FASTST_HD double dadd(double a, double b) { return __dadd_rn(a, b); }
+FASTST_HD double dsub(double a, double b) { return __dsub_rn(a, b); }
+FASTST_HD double dmul(double a, double b) { return __dmul_rn(a, b); }
+#else
+FASTST_HD float fadd(float a, float b) { return a + b; }
+FASTST_HD float fsub(float a, float b) { return a - b; }
+FASTST_HD float fmul(float a, float b) { return a * b; }
+FASTST_HD double dadd(double a, double b) { return a + b; }
+FASTST_HD double dsub(double a, double b) { return a - b; }
+FASTST_HD double dmul(double a, double b) { return a * b; }
+#endif
 
 FASTST_HD float to_float(float v) { return v; }
 FASTST_HD float to_float(BFloat16 v) { return bits_to_float(uint32_t(v.bits) << 16); }

@@ -59,7 +59,8 @@ def _pixel_stats_fake(x, from_logits, out_h, out_w, align_corners):
 def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: torch.Tensor,
                alpha: float, beta: float, gamma: float, official: bool,
                group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IAS thresholds and labels from the statistics pass (SPEC 1), on the CPU.
+    """IAS thresholds and labels from the statistics pass (SPEC 1): on the CPU both modes; on a
+    CUDA device the official mode (histograms + one block per class, no host sync).
 
     Args:
         m: (B, H, W) float32, a: (B, H, W) uint8, counts: (B, C) int64 (from pixel_stats).
@@ -75,6 +76,16 @@ def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: to
     labels = torch.empty(m.shape, dtype=torch.uint8, device=m.device)
     theta_out = torch.empty((C,), dtype=torch.float64, device=m.device)
     per_instance = torch.empty((G, C), dtype=torch.float64, device=m.device)
+    if m.device.type == "cuda":
+        if not official:
+            raise ValueError("fastst::ias_select on CUDA implements mode='official' only")
+        ext = extension()
+        hist = torch.zeros((G, C, ext.ias_official_bins), dtype=torch.int32, device=m.device)
+        ext.ias_official_cuda(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C, m[0].numel(), group,
+                              hist.data_ptr(), theta.data_ptr(), theta_out.data_ptr(),
+                              per_instance.data_ptr(), labels.data_ptr(), alpha, beta, gamma,
+                              m.device.index, torch.cuda.current_stream(m.device).cuda_stream)
+        return labels, theta_out, per_instance
     extension().ias_select_cpu(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C,
                                m[0].numel(), theta.data_ptr(), theta_out.data_ptr(),
                                per_instance.data_ptr(), labels.data_ptr(), alpha, beta, gamma,

@@ -2,8 +2,10 @@
 
 Backends: "torch" runs reference.py end to end. "cpp" runs the fused statistics pass of fastst._C
 (softmax, upsample, max, argmax, counts in one read of x) and the C++ selection (order
-statistics, sequential EMA, labels). "cuda" runs the CUDA statistics pass and, for now, the
-reference's selection on its output.
+statistics, sequential EMA, labels). "cuda" runs the CUDA statistics pass and, in mode
+"official", the CUDA selection (histograms, one block per class, labels); in mode "paper" it runs
+the reference's selection (torch ops on the device) on the CUDA statistics. "triton" runs the
+Triton statistics pass and the reference's selection.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from ._backend import choose_backend
 from ._library import ias_select, pixel_stats
 
 MODES = ("paper", "official")
-IMPLEMENTED = ("cuda", "cpp", "torch")
+IMPLEMENTED = ("cuda", "triton", "cpp", "torch")
 
 
 def _check_theta(theta: object, C: int, device: torch.device) -> torch.Tensor:
@@ -56,7 +58,7 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
         size: (H, W) to bilinearly upsample logits to before the softmax (logits only).
         align_corners: as in F.interpolate.
         group: images per instance: "official" default 2, "paper" must be None or 1.
-        backend: "cuda", "cpp" or "torch" (default: SPEC section 0).
+        backend: "cuda", "triton", "cpp" or "torch" (default: SPEC section 0).
     Returns:
         labels: (B, H, W) uint8, class id or 255.
         theta_out: (C,) float64, pass it to the next batch.
@@ -93,10 +95,14 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
                                           from_logits=from_logits, size=size,
                                           align_corners=align_corners, group=group)
 
-    m, a, counts, flags = pixel_stats(x, from_logits, out_h, out_w, align_corners)
+    if chosen == "triton":
+        from .triton.stats import pixel_stats_triton as stats_op
+    else:
+        stats_op = pixel_stats
+    m, a, counts, flags = stats_op(x, from_logits, out_h, out_w, align_corners)
     if _checks.value_checks_enabled(x.device):
         _checks.raise_on_stat_flags("x", int(flags.item()), from_logits)
-    if chosen == "cpp":
+    if chosen == "cpp" or (chosen == "cuda" and mode == "official"):
         return ias_select(m, a, counts, theta, alpha, beta, gamma, mode == "official", group)
     return reference.ias_from_stats(m, a, theta, num_classes=C, alpha=alpha, beta=beta,
                                     gamma=gamma, mode=mode, group=group)

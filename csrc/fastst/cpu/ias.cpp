@@ -33,12 +33,12 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   const int64_t pixels = (b1 - b0) * args.HW;
   const float* m = args.m + b0 * args.HW;
   const uint8_t* a = args.a + b0 * args.HW;
-  // Histogram width: the largest pattern present (m <= 1 gives at most 0x3c00 + 1 bins).
-  uint32_t max_bin = 0;
-#pragma omp parallel for reduction(max : max_bin)
-  for (int64_t p = 0; p < pixels; ++p) {
-    max_bin = std::max<uint32_t>(max_bin, std::min<uint32_t>(half_bits_of(m[p]), kMaxHalfBin));
-  }
+  // Histogram width: the pattern of the largest m (float16 rounding is monotonic), at most
+  // 0x3c00 + 1 bins for m <= 1. NaN (checks off) never wins the max and is clamped below.
+  float max_m = 0.0f;
+#pragma omp parallel for reduction(max : max_m)
+  for (int64_t p = 0; p < pixels; ++p) max_m = m[p] > max_m ? m[p] : max_m;
+  const uint32_t max_bin = std::min<uint32_t>(half_bits_of(max_m), kMaxHalfBin);
   const int64_t bins = int64_t(max_bin) + 1;
   const int threads = omp_get_max_threads();
   std::vector<std::vector<int32_t>> local(static_cast<size_t>(threads));
@@ -49,7 +49,7 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
     own.assign(size_t(C * bins), 0);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pixels; ++p) {
-      own[size_t(a[p]) * bins + std::min<uint32_t>(half_bits_of(m[p]), kMaxHalfBin)] += 1;
+      own[size_t(a[p]) * bins + std::min<uint32_t>(half_bits_of(m[p]), max_bin)] += 1;
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < C * bins; ++i) {

@@ -1,9 +1,11 @@
-// CPU (OpenMP) launcher of the fused statistics pass; the per-pixel arithmetic is in
-// kernels/stats.h (the same functions the CUDA kernel calls, in the same channel order).
+// CPU (OpenMP) launcher of the fused statistics pass. The arithmetic is kernels/stats.h, the same
+// functions in the same order as the CUDA kernel, so both give identical bits.
 //
-// Work is split by output rows. Within a row the channel loop is outside the pixel loop, so each
-// channel's row of the input is read contiguously (for the usual W-contiguous layout) instead of
-// striding over C planes per pixel; per-pixel states live in a per-thread row buffer.
+// Organisation (why it is fast): work is split by output rows; a row is processed in tiles of
+// kTile pixels, with the C channel values of the tile gathered into a small buffer (class-major)
+// so the max/argmax and exp-sum loops run over contiguous floats and vectorise. For a resize,
+// the row-wise lerp of a source row (all C channels, all output columns) is computed once and
+// kept while consecutive output rows reuse it (8x upsampling: ~16 output rows per source row).
 #include "stats.h"
 
 #include <omp.h>
@@ -15,56 +17,128 @@
 namespace fastst {
 namespace {
 
+constexpr int64_t kTile = 256;
+
+// Row-wise lerp of source row `y` of every channel at every output column: out[c * W + x].
 template <typename T>
-void stats_cpu_typed(const StatsArgs& args) {
+FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64_t y, const std::vector<LinearTap>& col,
+                     float* out) {
+  for (int64_t c = 0; c < args.C; ++c) {
+    const T* row = xb + c * args.stride_c + y * args.stride_h;
+    float* dst = out + c * args.W;
+    for (int64_t xo = 0; xo < args.W; ++xo) {
+      const LinearTap& t = col[size_t(xo)];
+      dst[xo] = lerp2(t.l0, to_float(row[t.i0 * args.stride_w]), t.l1, to_float(row[t.i1 * args.stride_w]));
+    }
+  }
+}
+
+// Over a tile of n pixels whose C values are values[c * kTile + j]: best = max, arg = argmax
+// (strict '>', lowest index on ties); returns the OR of the value flags. Branch-free.
+template <bool kLogits>
+FASTST_CPU_CLONES int32_t max_argmax(const float* __restrict values, int64_t n, int64_t C, float* __restrict best,
+                   int32_t* __restrict arg) {
+  int32_t flags = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    best[j] = values[j];
+    arg[j] = 0;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict v = values + c * kTile;
+    for (int64_t j = 0; j < n; ++j) {
+      const float value = v[j], current = best[j];
+      flags |= value_flags(value, kLogits);
+      const int32_t greater = -int32_t(value > current);  // all ones where the class wins
+      arg[j] = (arg[j] & ~greater) | (int32_t(c) & greater);
+      best[j] = value > current ? value : current;
+    }
+  }
+  return flags;
+}
+
+// sum[j] = sum_c exp(values[c][j] - best[j]), in class order.
+FASTST_CPU_CLONES void exp_sum(const float* __restrict values, int64_t n, int64_t C, const float* __restrict best,
+             float* __restrict sum) {
+  for (int64_t j = 0; j < n; ++j) sum[j] = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict v = values + c * kTile;
+    for (int64_t j = 0; j < n; ++j) sum[j] = fadd(sum[j], exp_nonpositive(fsub(v[j], best[j])));
+  }
+}
+
+template <typename T>
+FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
   const T* x = static_cast<const T*>(args.x);
-  const int64_t rows = args.B * args.H;
-  const int64_t C = args.C;
-  const int64_t W = args.W;
+  const int64_t C = args.C, W = args.W;
   const bool resize = args.h != args.H || args.w != args.W;
   const bool logits = args.from_logits;
-  // Column taps are the same for every row: compute them once.
-  std::vector<LinearTap> col(size_t(W > 0 ? W : 0));
-  for (int64_t xo = 0; xo < W; ++xo) col[xo] = linear_tap(xo, args.w, W, args.align_corners);
+  std::vector<LinearTap> col(static_cast<size_t>(W));
+  for (int64_t xo = 0; xo < W; ++xo) col[size_t(xo)] = linear_tap(xo, args.w, W, args.align_corners);
   int32_t flags = 0;
 #pragma omp parallel reduction(| : flags)
   {
-    std::vector<int64_t> counts(size_t(args.B * C), 0);  // merged once at the end: no atomics
-    std::vector<StatsState> state(static_cast<size_t>(W));
-    std::vector<float> values(static_cast<size_t>(W));
+    std::vector<int64_t> counts(static_cast<size_t>(args.B * C), 0);  // merged once at the end
+    std::vector<float> values(static_cast<size_t>(C * kTile));
+    std::vector<float> best(kTile), sum(kTile);
+    std::vector<int32_t> arg(kTile);
+    // Two cached lerped source rows (resize only): cached_y[i] is the source row in slot i.
+    std::vector<float> cache(resize ? static_cast<size_t>(2 * C * W) : 0);
+    int64_t cached_b = -1, cached_y[2] = {-1, -1};
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
-      const int64_t b = row / args.H;
-      const int64_t y = row % args.H;
+    for (int64_t row = 0; row < args.B * args.H; ++row) {
+      const int64_t b = row / args.H, y = row % args.H;
       const T* xb = x + b * args.stride_b;
-      const LinearTap ty = resize ? linear_tap(y, args.h, args.H, args.align_corners) : LinearTap{y, y, 1.0f, 0.0f};
-      for (int64_t c = 0; c < C; ++c) {
-        const T* r0 = xb + c * args.stride_c + ty.i0 * args.stride_h;
-        const T* r1 = xb + c * args.stride_c + ty.i1 * args.stride_h;
-        const int64_t sw = args.stride_w;
-        if (resize) {
-          for (int64_t xo = 0; xo < W; ++xo) {
-            const LinearTap& tx = col[xo];
-            values[xo] = ty.l0 * (tx.l0 * to_float(r0[tx.i0 * sw]) + tx.l1 * to_float(r0[tx.i1 * sw])) +
-                         ty.l1 * (tx.l0 * to_float(r1[tx.i0 * sw]) + tx.l1 * to_float(r1[tx.i1 * sw]));
-          }
-        } else {
-          for (int64_t xo = 0; xo < W; ++xo) values[xo] = to_float(r0[xo * sw]);
-        }
-        if (c == 0) {
-          for (int64_t xo = 0; xo < W; ++xo) state[xo] = stats_begin(values[xo], logits);
-        } else {
-          for (int64_t xo = 0; xo < W; ++xo) stats_step(state[xo], values[xo], int(c), logits);
-        }
+      LinearTap ty{y, y, 1.0f, 0.0f};
+      const float* r0 = nullptr;
+      const float* r1 = nullptr;
+      if (resize) {
+        ty = linear_tap(y, args.h, args.H, args.align_corners);
+        if (cached_b != b) cached_y[0] = cached_y[1] = -1, cached_b = b;
+        auto slot_of = [&](int64_t source_row) {
+          return cached_y[0] == source_row ? 0 : cached_y[1] == source_row ? 1 : -1;
+        };
+        auto load = [&](int slot, int64_t source_row) {
+          lerp_source_row(xb, args, source_row, col, cache.data() + slot * C * W);
+          cached_y[slot] = source_row;
+        };
+        int s0 = slot_of(ty.i0);
+        if (s0 < 0) load(s0 = (slot_of(ty.i1) == 0 ? 1 : 0), ty.i0);
+        int s1 = slot_of(ty.i1);
+        if (s1 < 0) load(s1 = 1 - s0, ty.i1);
+        r0 = cache.data() + s0 * C * W;
+        r1 = cache.data() + s1 * C * W;
       }
       int64_t* counts_b = counts.data() + b * C;
-      const int64_t out_row = (b * args.H + y) * W;
-      for (int64_t xo = 0; xo < W; ++xo) {
-        const PixelStats st = stats_end(state[xo], logits);
-        args.m[out_row + xo] = st.m;
-        args.a[out_row + xo] = uint8_t(st.a);
-        counts_b[st.a] += 1;
-        flags |= st.flags;
+      for (int64_t x0 = 0; x0 < W; x0 += kTile) {
+        const int64_t n = W - x0 < kTile ? W - x0 : kTile;
+        for (int64_t c = 0; c < C; ++c) {
+          float* v = values.data() + c * kTile;
+          if (resize) {
+            const float* a0 = r0 + c * W + x0;
+            const float* a1 = r1 + c * W + x0;
+            for (int64_t j = 0; j < n; ++j) v[j] = lerp2(ty.l0, a0[j], ty.l1, a1[j]);
+          } else {
+            const T* src = xb + c * args.stride_c + y * args.stride_h + x0 * args.stride_w;
+            if (args.stride_w == 1) {
+              for (int64_t j = 0; j < n; ++j) v[j] = to_float(src[j]);  // contiguous: vectorises
+            } else {
+              for (int64_t j = 0; j < n; ++j) v[j] = to_float(src[j * args.stride_w]);
+            }
+          }
+        }
+        flags |= logits ? max_argmax<true>(values.data(), n, C, best.data(), arg.data())
+                        : max_argmax<false>(values.data(), n, C, best.data(), arg.data());
+        const int64_t out = (b * args.H + y) * W + x0;
+        if (logits) {
+          exp_sum(values.data(), n, C, best.data(), sum.data());
+          for (int64_t j = 0; j < n; ++j) args.m[out + j] = 1.0f / sum[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) args.m[out + j] = best[j] + 0.0f;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          args.a[out + j] = uint8_t(arg[j]);
+          counts_b[arg[j]] += 1;
+        }
       }
     }
 #pragma omp critical

@@ -10,18 +10,6 @@
 
 namespace fastst {
 
-#if defined(__CUDA_ARCH__)
-FASTST_HD double dmul(double a, double b) { return __dmul_rn(a, b); }
-FASTST_HD double dadd(double a, double b) { return __dadd_rn(a, b); }
-FASTST_HD double dsub(double a, double b) { return __dsub_rn(a, b); }
-FASTST_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
-#else
-FASTST_HD double dmul(double a, double b) { return a * b; }
-FASTST_HD double dadd(double a, double b) { return a + b; }
-FASTST_HD double dsub(double a, double b) { return a - b; }
-FASTST_HD float fmul(float a, float b) { return a * b; }
-#endif
-
 // ---- theta ** gamma: double-double binary powering, rounded once (reference.theta_pow) ----
 struct DoubleDouble {
   double hi, lo;

@@ -1,16 +1,14 @@
-// Per-pixel arithmetic of the fused statistics pass, shared by cpu/stats.cpp and cuda/stats.cu so
-// the CPU twin runs exactly the arithmetic the GPU runs.
+// Per-pixel arithmetic of the fused statistics pass, shared by cpu/stats.cpp and cuda/stats.cu.
+// Every operation that rounds goes through the non-contracting helpers of common.h, so the CPU
+// twin and the GPU produce the same bits (also from logits), whatever their loop organisation.
 //
 // For one output pixel of a (B, C, h, w) input, read the C channel values (bilinearly upsampled
 // to (H, W) on the fly when asked, with the index/weight rules of F.interpolate), and produce
 //   m = max_c p_c (float32), a = argmax_c p_c (lowest index on ties),
-// where p = x (probabilities) or p = softmax(x) computed in float32 (logits).
+// where p = x (probabilities) or p = softmax(x) in float32 (logits): a = argmax of the logits,
+// m = 1 / sum_c exp(x_c - x_a), the sum taken in class order.
 #pragma once
 #include "../common.h"
-
-#if !defined(__CUDA_ARCH__)
-#include <cmath>
-#endif
 
 namespace fastst {
 
@@ -28,103 +26,62 @@ FASTST_HD LinearTap linear_tap(int64_t dst, int64_t in_size, int64_t out_size, b
   } else {
     scale = float(in_size) / float(out_size);
   }
-  float src = align_corners ? scale * float(dst) : scale * (float(dst) + 0.5f) - 0.5f;
+  float src = align_corners ? fmul(scale, float(dst)) : fsub(fmul(scale, fadd(float(dst), 0.5f)), 0.5f);
   if (src < 0.0f) src = 0.0f;
   LinearTap tap;
   tap.i0 = int64_t(src);
   if (tap.i0 > in_size - 1) tap.i0 = in_size - 1;
   tap.i1 = tap.i0 + (tap.i0 < in_size - 1 ? 1 : 0);
-  tap.l1 = src - float(tap.i0);
-  tap.l0 = 1.0f - tap.l1;
+  tap.l1 = fsub(src, float(tap.i0));
+  tap.l0 = fsub(1.0f, tap.l1);
   return tap;
 }
 
-// Where the channel values of one output pixel come from: either one input pixel (offset) or
-// four, mixed with the weights of the two axes' taps. Offsets are in elements, channel excluded.
+// ATen's order: first along the row (w0 * x0 + w1 * x1), then across rows (h0 * r0 + h1 * r1).
+FASTST_HD float lerp2(float l0, float a, float l1, float b) { return fadd(fmul(l0, a), fmul(l1, b)); }
+
+// exp(x) for x <= 0 (0 for x < -87): Cody-Waite reduction by ln 2 and the Cephes polynomial,
+// about 1 ulp. Branch-free, so the CPU loop vectorises; the GPU runs the same operations.
+FASTST_HD float exp_nonpositive(float x) {
+  // Clamp to -87 with a bit mask, not a select: GCC vectorises this form of the CPU loop.
+  const uint32_t in_range = 0u - uint32_t(x > -87.0f);  // all ones unless x <= -87 (or NaN)
+  const float keep = float(in_range & 1u);
+  x = bits_to_float((float_to_bits(x) & in_range) | (0xc2ae0000u & ~in_range));  // -87.0f
+  const float n = fsub(fadd(fmul(x, 1.44269504088896341f), 12582912.0f), 12582912.0f);  // round
+  float r = fsub(x, fmul(n, 0.693359375f));
+  r = fsub(r, fmul(n, -2.12194440e-4f));
+  float p = 1.9875691500e-4f;
+  p = fadd(fmul(p, r), 1.3981999507e-3f);
+  p = fadd(fmul(p, r), 8.3334519073e-3f);
+  p = fadd(fmul(p, r), 4.1665795894e-2f);
+  p = fadd(fmul(p, r), 1.6666665459e-1f);
+  p = fadd(fmul(p, r), 5.0000001201e-1f);
+  const float e = fadd(fadd(fmul(fmul(p, r), r), r), 1.0f);
+  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+  return fmul(fmul(e, scale), keep);
+}
+
+FASTST_HD bool is_finite(float v) { return (float_to_bits(v) & 0x7f800000u) != 0x7f800000u; }
+
+// Flags raised by the pass (bitwise OR across pixels): what the value checks report.
+enum StatsFlag : int { kNonFinite = 1, kOutOfUnitRange = 2 };
+
+// Branch-free (the CPU loops vectorise): NaN/Inf -> kNonFinite; for probabilities, anything not
+// in [0, 1] (NaN included) -> kOutOfUnitRange.
+FASTST_HD int value_flags(float v, bool from_logits) {
+  const int nonfinite = int((float_to_bits(v) & 0x7f800000u) == 0x7f800000u);
+  const int outside = int(!(v >= 0.0f)) | int(!(v <= 1.0f));
+  return nonfinite * kNonFinite + int(!from_logits) * outside * kOutOfUnitRange;
+}
+
+// Where the channel values of one output pixel come from: one input pixel (o00) or four, mixed
+// with the weights of the two axes' taps. Offsets are in elements, channel excluded.
 struct PixelSource {
   int64_t o00, o01, o10, o11;
   float h0, h1, w0, w1;
   bool resize;
 };
 
-template <typename T>
-FASTST_HD float channel_value(const T* x, int64_t channel_offset, const PixelSource& s) {
-  const T* base = x + channel_offset;
-  if (!s.resize) return to_float(base[s.o00]);
-  return s.h0 * (s.w0 * to_float(base[s.o00]) + s.w1 * to_float(base[s.o01])) +
-         s.h1 * (s.w0 * to_float(base[s.o10]) + s.w1 * to_float(base[s.o11]));
-}
-
-FASTST_HD bool is_finite(float v) {
-  return (float_to_bits(v) & 0x7f800000u) != 0x7f800000u;
-}
-
-// Flags raised by the pass (bitwise OR across pixels): what the value checks report.
-enum StatsFlag : int { kNonFinite = 1, kOutOfUnitRange = 2 };
-
-struct PixelStats {
-  float m;
-  int a;
-  int flags;
-};
-
-// Running state of one pixel while its channels are read in order c = 0, 1, ..., C - 1. For
-// logits an online softmax keeps the running max and the sum of exp(v - max), so the input is
-// read once and m = exp(0) / sum = 1 / sum.
-struct StatsState {
-  float best;
-  float sum;
-  int arg;
-  int flags;
-};
-
-FASTST_HD StatsState stats_begin(float v, bool from_logits) {
-  StatsState s;
-  s.best = v;
-  s.sum = 1.0f;
-  s.arg = 0;
-  s.flags = is_finite(v) ? 0 : kNonFinite;
-  if (!from_logits && !(v >= 0.0f && v <= 1.0f)) s.flags |= kOutOfUnitRange;
-  return s;
-}
-
-FASTST_HD void stats_step(StatsState& s, float v, int c, bool from_logits) {
-  if (!is_finite(v)) s.flags |= kNonFinite;
-  if (from_logits) {
-    if (v > s.best) {
-      s.sum = s.sum * expf(s.best - v) + 1.0f;
-      s.best = v;
-      s.arg = c;
-    } else {
-      s.sum += expf(v - s.best);
-    }
-  } else {
-    if (!(v >= 0.0f && v <= 1.0f)) s.flags |= kOutOfUnitRange;
-    if (v > s.best) {  // strict: the lowest index wins ties
-      s.best = v;
-      s.arg = c;
-    }
-  }
-}
-
-FASTST_HD PixelStats stats_end(const StatsState& s, bool from_logits) {
-  PixelStats out;
-  // "+ 0.0f" turns -0 into +0 so the float bits of m sort like its value.
-  out.m = from_logits ? 1.0f / s.sum : s.best + 0.0f;
-  out.a = s.arg;
-  out.flags = s.flags;
-  return out;
-}
-
-template <typename T>
-FASTST_HD PixelStats pixel_stats(const T* x, int64_t C, int64_t stride_c, const PixelSource& src,
-                                 bool from_logits) {
-  StatsState s = stats_begin(channel_value(x, 0, src), from_logits);
-  for (int64_t c = 1; c < C; ++c) stats_step(s, channel_value(x, c * stride_c, src), int(c), from_logits);
-  return stats_end(s, from_logits);
-}
-
-// Where pixel (y, x) of the output reads from, given the input's strides (elements).
 FASTST_HD PixelSource pixel_source(int64_t y, int64_t xo, int64_t h, int64_t w, int64_t H, int64_t W,
                                    int64_t stride_h, int64_t stride_w, bool align_corners) {
   PixelSource s;
@@ -146,6 +103,49 @@ FASTST_HD PixelSource pixel_source(int64_t y, int64_t xo, int64_t h, int64_t w, 
   s.w0 = tx.l0;
   s.w1 = tx.l1;
   return s;
+}
+
+template <typename T>
+FASTST_HD float channel_value(const T* x, int64_t channel_offset, const PixelSource& s) {
+  const T* base = x + channel_offset;
+  if (!s.resize) return to_float(base[s.o00]);
+  return lerp2(s.h0, lerp2(s.w0, to_float(base[s.o00]), s.w1, to_float(base[s.o01])),
+               s.h1, lerp2(s.w0, to_float(base[s.o10]), s.w1, to_float(base[s.o11])));
+}
+
+struct PixelStats {
+  float m;
+  int a;
+  int flags;
+};
+
+// One pixel, two passes over the channels: max/argmax (strict '>': the lowest index wins ties),
+// then, for logits, the sum of exp(x_c - max) in class order.
+template <typename T>
+FASTST_HD PixelStats pixel_stats(const T* x, int64_t C, int64_t stride_c, const PixelSource& src,
+                                 bool from_logits) {
+  PixelStats out;
+  float best = channel_value(x, 0, src);
+  int arg = 0;
+  int flags = value_flags(best, from_logits);
+  for (int64_t c = 1; c < C; ++c) {
+    const float v = channel_value(x, c * stride_c, src);
+    flags |= value_flags(v, from_logits);
+    if (v > best) {
+      best = v;
+      arg = int(c);
+    }
+  }
+  if (from_logits) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < C; ++c) sum = fadd(sum, exp_nonpositive(fsub(channel_value(x, c * stride_c, src), best)));
+    out.m = 1.0f / sum;
+  } else {
+    out.m = best + 0.0f;  // -0 becomes +0, so the float bits of m sort like its value
+  }
+  out.a = arg;
+  out.flags = flags;
+  return out;
 }
 
 // Arguments of the pass, identical for both devices. Strides are in elements.

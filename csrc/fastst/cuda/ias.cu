@@ -1,0 +1,154 @@
+// IAS selection, mode "official", on a CUDA device. The arithmetic per class (theta ** gamma,
+// the numpy-percentile plan, the EMA, the label rule) is kernels/ias.h, shared with the C++ twin
+// in cpu/ias.cpp, which the CPU tests check bit for bit against the reference.
+//
+//  1. histogram: one thread per pixel adds 1 to hist[instance][a][half(m)]. Peaked maps put many
+//     pixels of a warp in the same bin, so lanes with the same (class, bin) are merged with
+//     __match_any_sync and one atomicAdd per group is issued.
+//  2. select: one block per class walks the instances in order; per instance a block-wide scan of
+//     the class's histogram finds n_below (values < theta) and the two order statistics.
+//  3. labels: one thread per pixel compares m with theta after its instance's update.
+#include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
+#include <stdexcept>
+#include <string>
+
+#include "../kernels/ias.h"
+#include "ias.h"
+
+namespace fastst {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kSelectThreads = 512;
+constexpr int kBinsPerThread = int((kOfficialBins + kSelectThreads - 1) / kSelectThreads);
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastst ias_official_cuda: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+__global__ void histogram_kernel(IasCudaArgs args) {
+  const int64_t b = blockIdx.y;
+  const int64_t g = b / args.group;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW + 31;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    // Whole warps stay in the loop (the tail lanes carry no pixel) so __match_any_sync sees them.
+    const bool valid = p < args.HW;
+    uint32_t key = 0xffffffffu;
+    if (valid) {
+      uint32_t bin = half_bits_of(args.m[b * args.HW + p]);
+      bin = bin < uint32_t(kOfficialBins - 1) ? bin : uint32_t(kOfficialBins - 1);
+      key = (uint32_t(args.a[b * args.HW + p]) << 16) | bin;
+    }
+    const unsigned active = __ballot_sync(0xffffffffu, true);
+    const unsigned same = __match_any_sync(active, key);
+    const int leader = __ffs(same) - 1;
+    if (valid && int(threadIdx.x % 32) == leader) {
+      atomicAdd(args.hist + (g * args.C + (key >> 16)) * kOfficialBins + (key & 0xffffu), __popc(same));
+    }
+    if (p >= args.HW) break;
+  }
+}
+
+// j-th smallest value (0-based) of the class histogram `hist`, given each thread's inclusive
+// prefix `before` (count of the bins before its range). Returns through shared memory.
+__device__ void find_value(const int32_t* hist, int64_t j, int64_t before, int first_bin, double* out) {
+  if (j < 0) return;
+  int64_t seen = before;
+  for (int i = 0; i < kBinsPerThread; ++i) {
+    const int bin = first_bin + i;
+    if (bin >= kOfficialBins) break;
+    const int32_t n = hist[bin];
+    if (n > 0 && seen <= j && j < seen + n) *out = (double)to_float(Half{(uint16_t)bin});
+    seen += n;
+  }
+}
+
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(IasCudaArgs args) {
+  using Scan = cub::BlockScan<int64_t, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ double theta, lo, hi;
+  __shared__ int64_t n_below_shared;
+  __shared__ int theta_bin;
+  const int64_t c = blockIdx.x;
+  const int64_t G = (args.B + args.group - 1) / args.group;
+  const int first_bin = int(threadIdx.x) * kBinsPerThread;
+  if (threadIdx.x == 0) theta = args.theta_in[c];
+  __syncthreads();
+  for (int64_t g = 0; g < G; ++g) {
+    const int32_t* hist = args.hist + (g * args.C + c) * kOfficialBins;
+    int64_t mine = 0;
+    for (int i = 0; i < kBinsPerThread && first_bin + i < kOfficialBins; ++i) mine += hist[first_bin + i];
+    int64_t before = 0;
+    Scan(scan_storage).ExclusiveSum(mine, before);
+    if (threadIdx.x == 0) {
+      // First pattern whose value is >= theta (patterns order like values for m >= +0).
+      int left = 0, right = int(kOfficialBins);
+      while (left < right) {
+        const int mid = (left + right) / 2;
+        if ((double)to_float(Half{(uint16_t)mid}) < theta) left = mid + 1; else right = mid;
+      }
+      theta_bin = left;
+      n_below_shared = 0;
+    }
+    __syncthreads();
+    int64_t below = 0;
+    for (int i = 0; i < kBinsPerThread && first_bin + i < theta_bin; ++i) below += hist[first_bin + i];
+    if (below) atomicAdd(reinterpret_cast<unsigned long long*>(&n_below_shared), (unsigned long long)below);
+    __syncthreads();
+    int64_t n = 0;
+    for (int64_t b = g * args.group; b < args.B && b < (g + 1) * args.group; ++b) n += args.counts[b * args.C + c];
+    const double k = dmul(args.alpha, theta_pow(theta, args.gamma));
+    const PercentilePlan plan = official_plan(k, n);
+    const int64_t s_lo = official_source(plan.j_lo, n_below_shared);
+    const int64_t s_hi = official_source(plan.j_hi, n_below_shared);
+    if (threadIdx.x == 0) {
+      lo = theta;
+      hi = theta;
+    }
+    __syncthreads();
+    find_value(hist, s_lo, before, first_bin, &lo);
+    find_value(hist, s_hi, before, first_bin, &hi);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      theta = official_ema(theta, official_lerp(lo, hi, plan.t), args.beta);
+      args.theta_per_instance[g * args.C + c] = theta;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) args.theta_out[c] = theta;
+}
+
+__global__ void label_kernel(IasCudaArgs args) {
+  const int64_t b = blockIdx.y;
+  const double* theta = args.theta_per_instance + (b / args.group) * args.C;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    const int a = args.a[b * args.HW + p];
+    args.labels[b * args.HW + p] = ias_label(args.m[b * args.HW + p], a, theta[a], /*strict=*/false);
+  }
+}
+
+}  // namespace
+
+void ias_official_cuda(const IasCudaArgs& args, int device, uintptr_t stream) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  int64_t blocks = (args.HW + kThreads - 1) / kThreads;
+  if (blocks > 65535) blocks = 65535;
+  const dim3 grid(unsigned(blocks), unsigned(args.B));
+  histogram_kernel<<<grid, kThreads, 0, s>>>(args);
+  check(cudaGetLastError(), "histogram kernel launch");
+  select_kernel<<<unsigned(args.C), kSelectThreads, 0, s>>>(args);
+  check(cudaGetLastError(), "select kernel launch");
+  label_kernel<<<grid, kThreads, 0, s>>>(args);
+  check(cudaGetLastError(), "label kernel launch");
+  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+}
+
+}  // namespace fastst
