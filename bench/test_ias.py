@@ -1,51 +1,98 @@
-"""ias_pseudo_label: each backend against the reference op and the released NumPy loop."""
+"""ias_pseudo_label: every backend against the reference op, the released NumPy loop and (on a
+GPU) a naive torch port, from full-resolution probabilities and from 1/8-resolution logits.
+
+Shapes (issue 4): C = 19, 512x1024, B in {1, 2, 8}; FASTST_BENCH_QUICK=1: 128x256, B = 2.
+"""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastst.ops as ops
 from conftest import QUICK
 from fastst.ops import reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H, W = (128, 256) if QUICK else (512, 1024)
-B = 2
-IMPLS = [b for b in ops.available_backends() if b in ("cpp",)] + ["torch", "released_numpy"]
+BATCHES = [2] if QUICK else [1, 2, 8]
+C = 19
+# On the CPU the Triton backend runs in its interpreter: not a speed to report.
+BACKENDS = [b for b in ops.available_backends() if b != "torch" and not (b == "triton" and DEVICE == "cpu")]
+IMPLS = BACKENDS + ["reference", "released_numpy"] + (["naive_torch"] if DEVICE == "cuda" else [])
 
 
-def _released_numpy(probs, alpha=0.2, beta=0.9, gamma=8.0):
-    """The released IAST pseudo-label loop for one pair of images (SPEC 1.2), with its per-pixel
-    threshold lookup, on NumPy arrays."""
-    C = probs.shape[1]
+def _released_numpy(probs, alpha=0.2, beta=0.9, gamma=8.0, group=2):
+    """The released IAST pseudo-label loop (SPEC 1.2) on NumPy arrays, per group of images,
+    with its per-pixel threshold lookup."""
     cls_thresh = np.ones(C) * 0.9
-    logits_pred = probs.max(axis=1)
-    label_pred = probs.argmax(axis=1)
-    conf = {c: [cls_thresh[c]] for c in range(C)}
-    for cls in range(C):
-        conf[cls].extend(logits_pred[label_pred == cls].astype(np.float16))
-    tmp = np.ones(C, dtype=np.float32)
-    for c in range(C):
-        tmp[c] = np.percentile(np.array(conf[c]), 100 * (1 - alpha * cls_thresh[c] ** gamma))
-    cls_thresh = beta * cls_thresh + (1 - beta) * tmp
-    cls_thresh[cls_thresh >= 1] = 0.999
-    labels = label_pred.copy()
-    labels[logits_pred < cls_thresh[labels]] = 255
-    return labels.astype(np.uint8)
+    out = []
+    for g0 in range(0, probs.shape[0], group):
+        p = probs[g0:g0 + group]
+        logits_pred, label_pred = p.max(axis=1), p.argmax(axis=1)
+        conf = {c: [cls_thresh[c]] for c in range(C)}
+        for cls in range(C):
+            conf[cls].extend(logits_pred[label_pred == cls].astype(np.float16))
+        tmp = np.ones(C, dtype=np.float32)
+        for c in range(C):
+            tmp[c] = np.percentile(np.array(conf[c]), 100 * (1 - alpha * cls_thresh[c] ** gamma))
+        cls_thresh = beta * cls_thresh + (1 - beta) * tmp
+        cls_thresh[cls_thresh >= 1] = 0.999
+        labels = label_pred.copy()
+        labels[logits_pred < cls_thresh[labels]] = 255
+        out.append(labels.astype(np.uint8))
+    return np.concatenate(out)
 
 
+def _naive_torch(p, alpha=0.2, beta=0.9, gamma=8.0):
+    """A straightforward GPU port: per image, per class a boolean mask and kthvalue."""
+    theta = torch.full((C,), 0.9, dtype=torch.float64, device=p.device)
+    labels = []
+    for b in range(p.shape[0]):
+        m, a = p[b].max(0)
+        for c in range(C):
+            values = m[a == c]
+            if values.numel():
+                k = int(alpha * float(theta[c]) ** gamma * values.numel())
+                psi = values.kthvalue(max(values.numel() - k, 1)).values.double()
+                theta[c] = beta * theta[c] + (1 - beta) * psi
+        labels.append(torch.where(m.double() > theta[a], a, 255).to(torch.uint8))
+    return torch.stack(labels)
+
+
+def _inputs(B, source):
+    g = torch.Generator().manual_seed(0)
+    if source == "logits_x8":
+        return (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
+    return torch.softmax(torch.randn(B, C, H, W, generator=g) * 3, 1).to(DEVICE)
+
+
+@pytest.mark.parametrize("source", ["probs", "logits_x8"])
+@pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("mode", ["official", "paper"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ias_from_probabilities(benchmark, run, impl, mode):
+def test_ias(benchmark, run, impl, mode, B, source):
     if impl == "released_numpy" and mode == "paper":
         pytest.skip("the released code has only the official mode")
-    g = torch.Generator().manual_seed(0)
-    x = torch.softmax(torch.randn(B, 19, H, W, generator=g) * 3, 1)
-    group = f"ias_pseudo_label {mode} probs B={B} C=19 {H}x{W}"
-    if impl == "released_numpy":
-        x_np = x.numpy()
-        labels = run(benchmark, group, impl, lambda: _released_numpy(x_np))
-        assert labels.shape == (B, H, W)
-        return
-    fn = (lambda: reference.ias_pseudo_label(x, None, alpha=0.2, mode=mode)) if impl == "torch" else \
-        (lambda: ops.ias_pseudo_label(x, None, alpha=0.2, mode=mode, backend=impl))
-    labels, _, _ = run(benchmark, group, impl, fn)
-    assert labels.shape == (B, H, W)
+    if impl == "naive_torch" and mode == "official":
+        pytest.skip("the naive port follows the paper's rule")
+    x = _inputs(B, source)
+    from_logits = source == "logits_x8"
+    kw = dict(alpha=0.2, mode=mode, from_logits=from_logits, size=(H, W) if from_logits else None)
+    group = f"ias_pseudo_label {mode} {source} B={B} C={C} {H}x{W} {DEVICE}"
+    rounds = 2 if (impl == "released_numpy" and B == 8) else None
+
+    def softmax_input():
+        if not from_logits:
+            return x
+        return torch.softmax(F.interpolate(x, size=(H, W), mode="bilinear", align_corners=True), 1)
+
+    if impl == "released_numpy":  # the released pipeline: torch softmax, then the NumPy loop
+        fn = lambda: _released_numpy(softmax_input().cpu().numpy())  # noqa: E731
+    elif impl == "naive_torch":
+        fn = lambda: _naive_torch(softmax_input())  # noqa: E731
+    elif impl == "reference":
+        fn = lambda: reference.ias_pseudo_label(x, None, **kw)[0]  # noqa: E731
+    else:
+        fn = lambda: ops.ias_pseudo_label(x, None, backend=impl, **kw)[0]  # noqa: E731
+    labels = run(benchmark, group, impl, fn, device=DEVICE, rounds=rounds)
+    assert tuple(labels.shape) == (B, H, W)
