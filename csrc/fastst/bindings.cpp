@@ -138,5 +138,34 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "IAS official-mode histograms, per-class sequential EMA and labels on a CUDA device.");
+
+  mod.def("ias_paper_temp_bytes", &fastst::ias_paper_temp_bytes,
+          "Bytes of CUB workspace ias_paper_cuda needs for `items` pixels in `segments` (image, class) runs.");
+  mod.def(
+      "ias_paper_cuda",
+      [](uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW, uintptr_t keys,
+         uintptr_t sorted_keys, uintptr_t temp, size_t temp_bytes, uintptr_t theta_in,
+         uintptr_t theta_out, uintptr_t theta_per_instance, uintptr_t labels, double alpha,
+         double beta, double gamma, int device, uintptr_t stream) {
+        fastst::IasCudaArgs args{};
+        args.m = ptr<const float>(m);
+        args.a = ptr<const uint8_t>(a);
+        args.counts = ptr<const int64_t>(counts);
+        args.B = B;
+        args.C = C;
+        args.HW = HW;
+        args.group = 1;
+        args.theta_in = ptr<const double>(theta_in);
+        args.theta_out = ptr<double>(theta_out);
+        args.theta_per_instance = ptr<double>(theta_per_instance);
+        args.labels = ptr<uint8_t>(labels);
+        args.alpha = alpha;
+        args.beta = beta;
+        args.gamma = gamma;
+        fastst::IasPaperWorkspace ws{ptr<uint64_t>(keys), ptr<uint64_t>(sorted_keys), ptr<void>(temp), temp_bytes};
+        fastst::ias_paper_cuda(args, ws, device, stream);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "IAS paper-mode radix sort, per-class sequential EMA and labels on a CUDA device.");
 #endif
 }

@@ -59,8 +59,9 @@ def _pixel_stats_fake(x, from_logits, out_h, out_w, align_corners):
 def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: torch.Tensor,
                alpha: float, beta: float, gamma: float, official: bool,
                group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IAS thresholds and labels from the statistics pass (SPEC 1): on the CPU both modes; on a
-    CUDA device the official mode (histograms + one block per class, no host sync).
+    """IAS thresholds and labels from the statistics pass (SPEC 1), both modes, on the CPU or a
+    CUDA device (no host sync there: official = histograms + one block per class, paper = one
+    radix sort of packed keys + one thread per class).
 
     Args:
         m: (B, H, W) float32, a: (B, H, W) uint8, counts: (B, C) int64 (from pixel_stats).
@@ -77,14 +78,20 @@ def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: to
     theta_out = torch.empty((C,), dtype=torch.float64, device=m.device)
     per_instance = torch.empty((G, C), dtype=torch.float64, device=m.device)
     if m.device.type == "cuda":
-        if not official:
-            raise ValueError("fastst::ias_select on CUDA implements mode='official' only")
         ext = extension()
-        hist = torch.zeros((G, C, ext.ias_official_bins), dtype=torch.int32, device=m.device)
-        ext.ias_official_cuda(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C, m[0].numel(), group,
-                              hist.data_ptr(), theta.data_ptr(), theta_out.data_ptr(),
-                              per_instance.data_ptr(), labels.data_ptr(), alpha, beta, gamma,
-                              m.device.index, torch.cuda.current_stream(m.device).cuda_stream)
+        stream = torch.cuda.current_stream(m.device).cuda_stream
+        common = (m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C, m[0].numel())
+        outputs = (theta.data_ptr(), theta_out.data_ptr(), per_instance.data_ptr(), labels.data_ptr(),
+                   alpha, beta, gamma, m.device.index, stream)
+        if official:
+            hist = torch.zeros((G, C, ext.ias_official_bins), dtype=torch.int32, device=m.device)
+            ext.ias_official_cuda(*common, group, hist.data_ptr(), *outputs)
+        else:
+            keys = torch.empty((2, m.numel()), dtype=torch.int64, device=m.device)
+            temp_bytes = ext.ias_paper_temp_bytes(m.numel(), B * C)
+            temp = torch.empty((max(temp_bytes, 1),), dtype=torch.uint8, device=m.device)
+            ext.ias_paper_cuda(*common, keys[0].data_ptr(), keys[1].data_ptr(), temp.data_ptr(),
+                               temp_bytes, *outputs)
         return labels, theta_out, per_instance
     extension().ias_select_cpu(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C,
                                m[0].numel(), theta.data_ptr(), theta_out.data_ptr(),

@@ -2,10 +2,8 @@
 
 Backends: "torch" runs reference.py end to end. "cpp" runs the fused statistics pass of fastst._C
 (softmax, upsample, max, argmax, counts in one read of x) and the C++ selection (order
-statistics, sequential EMA, labels). "cuda" runs the CUDA statistics pass and, in mode
-"official", the CUDA selection (histograms, one block per class, labels); in mode "paper" it runs
-the reference's selection (torch ops on the device) on the CUDA statistics. "triton" runs the
-Triton statistics pass and the reference's selection.
+statistics, sequential EMA, labels). "cuda" runs the CUDA statistics pass and the CUDA selection
+(no host sync). "triton" runs the Triton statistics pass and the reference's selection.
 """
 from __future__ import annotations
 
@@ -102,7 +100,7 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
     m, a, counts, flags = stats_op(x, from_logits, out_h, out_w, align_corners)
     if _checks.value_checks_enabled(x.device):
         _checks.raise_on_stat_flags("x", int(flags.item()), from_logits)
-    if chosen == "cpp" or (chosen == "cuda" and mode == "official"):
+    if chosen in ("cpp", "cuda"):
         return ias_select(m, a, counts, theta, alpha, beta, gamma, mode == "official", group)
     return reference.ias_from_stats(m, a, theta, num_classes=C, alpha=alpha, beta=beta,
                                     gamma=gamma, mode=mode, group=group)

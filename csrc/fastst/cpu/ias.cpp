@@ -17,6 +17,24 @@ namespace fastst {
 namespace {
 
 constexpr uint32_t kMaxHalfBin = 0x7c00u;  // +inf; NaN/negative patterns (checks off) clamp here
+constexpr int64_t kChunk = 4096;
+
+// Histogram slots a * bins + min(half(m), max_bin) of a chunk of pixels (vectorised: the float16
+// conversion is branch-free; the scatter that follows is not).
+FASTST_CPU_CLONES void half_bins(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
+                                 uint32_t max_bin, uint32_t bins, uint32_t* __restrict index) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bin = half_bits_of(m[j]);
+    index[j] = uint32_t(a[j]) * bins + (bin < max_bin ? bin : max_bin);
+  }
+}
+
+// labels = a where m passes the class's float32 threshold (see float_threshold), else 255.
+template <bool kStrict>
+FASTST_CPU_CLONES void label_pixels(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
+                                    const float* __restrict threshold, uint8_t* __restrict labels) {
+  for (int64_t p = 0; p < n; ++p) labels[p] = ias_label_f32(m[p], a[p], threshold[a[p]], kStrict);
+}
 
 // j-th smallest (0-based) value of one class's histogram of float16 bit patterns.
 double histogram_value(const int32_t* hist, int64_t bins, int64_t j) {
@@ -37,7 +55,7 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   // 0x3c00 + 1 bins for m <= 1. NaN (checks off) never wins the max and is clamped below.
   float max_m = 0.0f;
 #pragma omp parallel for reduction(max : max_m)
-  for (int64_t p = 0; p < pixels; ++p) max_m = m[p] > max_m ? m[p] : max_m;
+  for (int64_t p = 0; p < pixels; ++p) max_m = std::max(max_m, m[p]);
   const uint32_t max_bin = std::min<uint32_t>(half_bits_of(max_m), kMaxHalfBin);
   const int64_t bins = int64_t(max_bin) + 1;
   const int threads = omp_get_max_threads();
@@ -47,9 +65,12 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   {
     std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
     own.assign(size_t(C * bins), 0);
+    uint32_t index[kChunk];
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < pixels; ++p) {
-      own[size_t(a[p]) * bins + std::min<uint32_t>(half_bits_of(m[p]), max_bin)] += 1;
+    for (int64_t p0 = 0; p0 < pixels; p0 += kChunk) {
+      const int64_t n = std::min<int64_t>(kChunk, pixels - p0);
+      half_bins(m + p0, a + p0, n, max_bin, uint32_t(bins), index);
+      for (int64_t j = 0; j < n; ++j) own[index[j]] += 1;
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < C * bins; ++i) {
@@ -82,10 +103,25 @@ void paper_instance(const IasArgs& args, int64_t b, const double* k, double* the
   // Bucket the float32 bit patterns by class: the bits of m >= +0 order like the values, and
   // integers give nth_element a strict weak order whatever the data.
   std::vector<uint32_t> bits(static_cast<size_t>(args.HW));
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
   const float* m = args.m + b * args.HW;
   const uint8_t* a = args.a + b * args.HW;
-  for (int64_t p = 0; p < args.HW; ++p) bits[size_t(fill[a[p]]++)] = float_to_bits(m[p]);
+  // Parallel counting sort: each thread counts its slice per class, then writes its pixels after
+  // the earlier threads' pixels of the same class.
+  const int threads = omp_get_max_threads();
+  std::vector<int64_t> slice_counts(static_cast<size_t>(threads * C), 0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t first = args.HW * t / nt, last = args.HW * (t + 1) / nt;
+    int64_t* own = slice_counts.data() + t * C;
+    for (int64_t p = first; p < last; ++p) own[a[p]] += 1;
+#pragma omp barrier
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int u = 0; u < t; ++u) {
+      for (int64_t c = 0; c < C; ++c) fill[size_t(c)] += slice_counts[size_t(u * C + c)];
+    }
+    for (int64_t p = first; p < last; ++p) bits[size_t(fill[a[p]]++)] = float_to_bits(m[p]);
+  }
 #pragma omp parallel for schedule(dynamic)
   for (int64_t c = 0; c < C; ++c) {
     const int64_t n = counts[c];
@@ -113,11 +149,18 @@ void ias_select_cpu(const IasArgs& args) {
       paper_instance(args, b0, k.data(), theta.data());
     }
     std::copy(theta.begin(), theta.end(), args.theta_per_instance + g * C);
-    const int64_t first = b0 * args.HW;
-    const int64_t last = b1 * args.HW;
-    const double* th = theta.data();
+    float threshold[256];
+    for (int64_t c = 0; c < C; ++c) threshold[c] = float_threshold(theta[c], strict);
+    const int64_t first = b0 * args.HW, last = b1 * args.HW;
 #pragma omp parallel for schedule(static)
-    for (int64_t p = first; p < last; ++p) args.labels[p] = ias_label(args.m[p], args.a[p], th[args.a[p]], strict);
+    for (int64_t p0 = first; p0 < last; p0 += kChunk) {
+      const int64_t n = std::min<int64_t>(kChunk, last - p0);
+      if (strict) {
+        label_pixels<true>(args.m + p0, args.a + p0, n, threshold, args.labels + p0);
+      } else {
+        label_pixels<false>(args.m + p0, args.a + p0, n, threshold, args.labels + p0);
+      }
+    }
   }
   std::copy(theta.begin(), theta.end(), args.theta_out);
 }

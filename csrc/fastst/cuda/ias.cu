@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
 #include <stdexcept>
 #include <string>
 
@@ -122,13 +123,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(IasCudaArgs args
   if (threadIdx.x == 0) args.theta_out[c] = theta;
 }
 
-__global__ void label_kernel(IasCudaArgs args) {
+__global__ void label_kernel(IasCudaArgs args, bool strict) {
   const int64_t b = blockIdx.y;
   const double* theta = args.theta_per_instance + (b / args.group) * args.C;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW;
        p += int64_t(gridDim.x) * blockDim.x) {
     const int a = args.a[b * args.HW + p];
-    args.labels[b * args.HW + p] = ias_label(args.m[b * args.HW + p], a, theta[a], /*strict=*/false);
+    args.labels[b * args.HW + p] = ias_label(args.m[b * args.HW + p], a, theta[a], strict);
   }
 }
 
@@ -146,7 +147,80 @@ void ias_official_cuda(const IasCudaArgs& args, int device, uintptr_t stream) {
   check(cudaGetLastError(), "histogram kernel launch");
   select_kernel<<<unsigned(args.C), kSelectThreads, 0, s>>>(args);
   check(cudaGetLastError(), "select kernel launch");
-  label_kernel<<<grid, kThreads, 0, s>>>(args);
+  label_kernel<<<grid, kThreads, 0, s>>>(args, /*strict=*/false);
+  check(cudaGetLastError(), "label kernel launch");
+  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+}
+
+// ---- mode "paper" ----
+namespace {
+
+int key_bits(int64_t segments) {
+  int bits = 32;
+  while ((int64_t(1) << (bits - 32)) < segments) ++bits;
+  return bits;
+}
+
+// key = ((b * C + a) << 32) | float_bits(m): sorting orders pixels by image, class, then value.
+__global__ void pack_keys_kernel(IasCudaArgs args, uint64_t* keys) {
+  const int64_t total = args.B * args.HW;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / args.HW;
+    keys[i] = (uint64_t(b * args.C + args.a[i]) << 32) | float_to_bits(args.m[i]);
+  }
+}
+
+// One thread per class walks the images in order (group is 1 in this mode).
+__global__ void paper_select_kernel(IasCudaArgs args, const uint64_t* sorted_keys) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= args.C) return;
+  double theta = args.theta_in[c];
+  int64_t start = 0;  // offset of segment (b, c) = pixels of earlier images + earlier classes of b
+  for (int64_t b = 0; b < args.B; ++b) {
+    int64_t offset = start;
+    for (int64_t j = 0; j < c; ++j) offset += args.counts[b * args.C + j];
+    const int64_t n = args.counts[b * args.C + c];
+    if (n > 0) {
+      const double k = dmul(args.alpha, theta_pow(theta, args.gamma));
+      const int64_t r = paper_rank(k, n);
+      const float psi = bits_to_float(uint32_t(sorted_keys[offset + n - 1 - r] & 0xffffffffu));
+      theta = paper_ema(theta, (double)psi, args.beta);
+    }
+    args.theta_per_instance[b * args.C + c] = theta;
+    start += args.HW;
+  }
+  args.theta_out[c] = theta;
+}
+
+}  // namespace
+
+size_t ias_paper_temp_bytes(int64_t items, int64_t segments) {
+  size_t bytes = 0;
+  check(cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
+                                       static_cast<uint64_t*>(nullptr), items, 0, key_bits(segments)),
+        "radix sort workspace query");
+  return bytes;
+}
+
+void ias_paper_cuda(const IasCudaArgs& args, const IasPaperWorkspace& ws, int device, uintptr_t stream) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t items = args.B * args.HW;
+  int64_t blocks = (items + kThreads - 1) / kThreads;
+  if (blocks > 65535) blocks = 65535;
+  pack_keys_kernel<<<unsigned(blocks), kThreads, 0, s>>>(args, ws.keys);
+  check(cudaGetLastError(), "pack kernel launch");
+  size_t temp_bytes = ws.temp_bytes;
+  check(cub::DeviceRadixSort::SortKeys(ws.temp, temp_bytes, ws.keys, ws.sorted_keys, items, 0,
+                                       key_bits(args.B * args.C), s),
+        "radix sort");
+  paper_select_kernel<<<unsigned((args.C + 63) / 64), 64, 0, s>>>(args, ws.sorted_keys);
+  check(cudaGetLastError(), "paper select kernel launch");
+  int64_t pixel_blocks = (args.HW + kThreads - 1) / kThreads;
+  if (pixel_blocks > 65535) pixel_blocks = 65535;
+  label_kernel<<<dim3(unsigned(pixel_blocks), unsigned(args.B)), kThreads, 0, s>>>(args, /*strict=*/true);
   check(cudaGetLastError(), "label kernel launch");
   if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
 }

@@ -113,31 +113,34 @@ FASTST_HD uint8_t ias_label(float m, int a, double theta_a, bool strict) {
 }
 
 // float32 -> float16 bits, round to nearest even (as torch's .half() and NumPy's astype), for
-// the non-negative, finite values m takes. Used by the official mode's histograms.
+// every input. Branch-free (the three cases are computed and selected with masks), so the CPU
+// loop vectorises: overflow/inf/nan, subnormal (via a float add that rounds at 2^-24), normal
+// (integer rounding of the mantissa with ties to even).
 FASTST_HD uint16_t half_bits_of(float f) {
   const uint32_t u = float_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t magnitude = u & 0x7fffffffu;
-  if (magnitude >= 0x47800000u) {  // >= 65536 (or inf/nan): overflow to inf / keep nan
-    return (uint16_t)(sign | (magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  }
-  if (magnitude < 0x38800000u) {  // below 2^-14, the smallest normal half: subnormal or zero
-    if (magnitude < 0x33000000u) return (uint16_t)sign;  // <= 2^-25 rounds to zero
-    // value = mantissa * 2^(exponent - 150); in units of the half subnormal 2^-24 that is
-    // mantissa * 2^(exponent - 126), a right shift by drop = 126 - exponent (14..24 bits).
-    const uint32_t exponent = magnitude >> 23;
-    const uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u;
-    const uint32_t drop = 126u - exponent;
-    uint32_t half = mantissa >> drop;
-    const uint32_t rest = mantissa & ((1u << drop) - 1u);
-    const uint32_t halfway = 1u << (drop - 1u);
-    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
-    return (uint16_t)(sign | half);
-  }
-  uint32_t half = ((magnitude >> 13) - (112u << 10));
-  const uint32_t rest = magnitude & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // may carry into the exponent
+  const uint32_t big = magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u;  // nan : overflow or inf
+  const uint32_t subnormal = float_to_bits(fadd(bits_to_float(magnitude), 0.5f)) - 0x3f000000u;
+  const uint32_t normal = (magnitude + 0xc8000fffu + ((magnitude >> 13) & 1u)) >> 13;
+  const uint32_t half = magnitude >= 0x47800000u ? big : magnitude < 0x38800000u ? subnormal : normal;
   return (uint16_t)(sign | half);
+}
+
+// The float32 threshold equivalent to comparing a float32 m with the float64 theta in double:
+// m >= theta  <=>  m >= smallest float32 >= theta   (official, `>=`),
+// m >  theta  <=>  m >  largest float32 <= theta    (paper, `>`).
+// Lets the label pass compare in float32 against a per-class table.
+FASTST_HD float float_threshold(double theta, bool strict) {
+  float f = (float)theta;
+  if (!strict && (double)f < theta) f = nextafterf(f, INFINITY);
+  if (strict && (double)f > theta) f = nextafterf(f, -INFINITY);
+  return f;
+}
+
+FASTST_HD uint8_t ias_label_f32(float m, int a, float threshold_a, bool strict) {
+  const bool keep = strict ? m > threshold_a : m >= threshold_a;
+  return keep ? (uint8_t)a : (uint8_t)255;
 }
 
 }  // namespace fastst
