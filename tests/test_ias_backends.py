@@ -137,3 +137,33 @@ def test_gpu_backends_equal_cpp_bit_for_bit_from_logits(backend, mode, size):
     got = ops.ias_pseudo_label(logits.to(_device(backend)), None, backend=backend, **kw)
     for w, g in zip(want, got):
         assert torch.equal(w, g.cpu()), mismatch(w, g)
+
+
+def _float16_midpoints():
+    """float32 values exactly halfway between two float16 neighbours (ties to even both ways),
+    normal and subnormal, plus values just off the midpoint."""
+    values = []
+    for lower in (0.5, 0.5 + 2 ** -11, 0.75, 0.999, 2 ** -14 * 3, 2 ** -20, 2 ** -24, 5 * 2 ** -24):
+        low = torch.tensor(lower, dtype=torch.float16)
+        high = torch.nextafter(low, torch.tensor(1.0, dtype=torch.float16))
+        mid = (low.double() + high.double()) / 2
+        for v in (mid, mid * (1 + 2 ** -20), mid * (1 - 2 ** -20)):
+            values.append(float(torch.tensor(float(v), dtype=torch.float32)))
+    return values
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("value", _float16_midpoints())
+def test_official_float16_rounding_of_m(backend, value):
+    """With beta = 0 the threshold is float32(percentile) of float16(m) values: any error in
+    the kernels' float16 rounding (ties to even, subnormals) shows in theta."""
+    x = torch.zeros(2, 3, 4, 5)
+    x[:, 0] = value
+    x[1, 0, 0, 0] = 0.0  # one pixel of another class
+    x[1, 1, 0, 0] = value / 2
+    x = x.to(_device(backend))
+    want = reference.ias_pseudo_label(x, None, alpha=0.5, beta=0.0, mode="official")
+    got = ops.ias_pseudo_label(x, None, alpha=0.5, beta=0.0, mode="official", backend=backend)
+    assert want[1][0].item() == float(torch.tensor(value).half().float())
+    for w, g in zip(want, got):
+        assert torch.equal(w, g.cpu()), mismatch(w, g)
