@@ -10,6 +10,7 @@
 
 #include <omp.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../kernels/stats.h"
@@ -36,15 +37,15 @@ FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64
 // Over a tile of n pixels whose C values are values[c * kTile + j]: best = max, arg = argmax
 // (strict '>', lowest index on ties); returns the OR of the value flags. Branch-free.
 template <bool kLogits>
-FASTST_CPU_CLONES int32_t max_argmax(const float* __restrict values, int64_t n, int64_t C, float* __restrict best,
-                   int32_t* __restrict arg) {
+FASTST_CPU_CLONES int32_t max_argmax(const float* const* rows, int64_t n, int64_t C, float* __restrict best,
+                                     int32_t* __restrict arg) {
   int32_t flags = 0;
   for (int64_t j = 0; j < n; ++j) {
-    best[j] = values[j];
+    best[j] = rows[0][j];
     arg[j] = 0;
   }
   for (int64_t c = 0; c < C; ++c) {
-    const float* __restrict v = values + c * kTile;
+    const float* __restrict v = rows[c];
     for (int64_t j = 0; j < n; ++j) {
       const float value = v[j], current = best[j];
       flags |= value_flags(value, kLogits);
@@ -80,6 +81,7 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
     std::vector<int64_t> counts(static_cast<size_t>(args.B * C), 0);  // merged once at the end
     std::vector<float> values(static_cast<size_t>(C * kTile));
     std::vector<float> best(kTile), sum(kTile);
+    std::vector<const float*> rows(static_cast<size_t>(C));
     std::vector<int32_t> arg(kTile);
     // Two cached lerped source rows (resize only): cached_y[i] is the source row in slot i.
     std::vector<float> cache(resize ? static_cast<size_t>(2 * C * W) : 0);
@@ -113,21 +115,24 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
         const int64_t n = W - x0 < kTile ? W - x0 : kTile;
         for (int64_t c = 0; c < C; ++c) {
           float* v = values.data() + c * kTile;
+          rows[size_t(c)] = v;
           if (resize) {
             const float* a0 = r0 + c * W + x0;
             const float* a1 = r1 + c * W + x0;
             for (int64_t j = 0; j < n; ++j) v[j] = lerp2(ty.l0, a0[j], ty.l1, a1[j]);
           } else {
             const T* src = xb + c * args.stride_c + y * args.stride_h + x0 * args.stride_w;
-            if (args.stride_w == 1) {
+            if (args.stride_w == 1 && !logits && std::is_same<T, float>::value) {
+              rows[size_t(c)] = reinterpret_cast<const float*>(src);  // probabilities: read in place
+            } else if (args.stride_w == 1) {
               for (int64_t j = 0; j < n; ++j) v[j] = to_float(src[j]);  // contiguous: vectorises
             } else {
               for (int64_t j = 0; j < n; ++j) v[j] = to_float(src[j * args.stride_w]);
             }
           }
         }
-        flags |= logits ? max_argmax<true>(values.data(), n, C, best.data(), arg.data())
-                        : max_argmax<false>(values.data(), n, C, best.data(), arg.data());
+        flags |= logits ? max_argmax<true>(rows.data(), n, C, best.data(), arg.data())
+                        : max_argmax<false>(rows.data(), n, C, best.data(), arg.data());
         const int64_t out = (b * args.H + y) * W + x0;
         if (logits) {
           exp_sum(values.data(), n, C, best.data(), sum.data());
