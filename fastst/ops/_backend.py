@@ -8,7 +8,6 @@ fallback.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from types import ModuleType
@@ -19,9 +18,7 @@ import torch
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 
 
-@functools.lru_cache(maxsize=None)
-def extension() -> Optional[ModuleType]:
-    """The compiled module fastst._C, or None when the package was not built."""
+def _load_extension() -> Optional[ModuleType]:
     try:
         from fastst import _C
     except ImportError:
@@ -29,9 +26,18 @@ def extension() -> Optional[ModuleType]:
     return _C
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: plain module constants (no lru_cache) keep torch.compile tracing clean.
+_EXTENSION = _load_extension()
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def extension() -> Optional[ModuleType]:
+    """The compiled module fastst._C, or None when the package was not built."""
+    return _EXTENSION
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def _backend_usable(name: str) -> bool:
