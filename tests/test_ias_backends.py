@@ -26,7 +26,10 @@ def test_available_backends_on_this_machine():
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @pytest.mark.parametrize("name,p", CASES, ids=[c[0] for c in CASES])
 def test_backend_equals_reference_from_probabilities(backend, mode, name, p):
-    p = p.to(_device(backend))
+    _assert_equals_reference(p.to(_device(backend)), mode, backend)
+
+
+def _assert_equals_reference(p, mode, backend):
     want = reference.ias_pseudo_label(p, None, alpha=0.2, mode=mode)
     got = ops.ias_pseudo_label(p, None, alpha=0.2, mode=mode, backend=backend)
     for w, g in zip(want, got):
@@ -38,11 +41,8 @@ def test_backend_equals_reference_from_probabilities(backend, mode, name, p):
 def test_backend_equals_reference_large_image(backend, mode):
     if backend == "triton" and not GPU:
         pytest.skip("no GPU: the Triton interpreter is too slow for 512x1024 (runs where a GPU is)")
-    p = probs(2, 19, 512, 1024, seed=21, dtype=torch.bfloat16).to(_device(backend))
-    want = reference.ias_pseudo_label(p, None, alpha=0.2, mode=mode)
-    got = ops.ias_pseudo_label(p, None, alpha=0.2, mode=mode, backend=backend)
-    for w, g in zip(want, got):
-        assert torch.equal(w, g), mismatch(w, g)
+    _assert_equals_reference(probs(2, 19, 512, 1024, seed=21, dtype=torch.bfloat16).to(_device(backend)),
+                             mode, backend)
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -52,6 +52,29 @@ StatsArgs make_stats_args(uintptr_t x, int dtype, std::array<int64_t, 4> shape_i
   return args;
 }
 
+fastst::IasArgs make_ias_args(uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW,
+                              int64_t group, uintptr_t theta_in, uintptr_t theta_out,
+                              uintptr_t theta_per_instance, uintptr_t labels, double alpha, double beta,
+                              double gamma, bool official) {
+  fastst::IasArgs args{};
+  args.m = ptr<const float>(m);
+  args.a = ptr<const uint8_t>(a);
+  args.counts = ptr<const int64_t>(counts);
+  args.B = B;
+  args.C = C;
+  args.HW = HW;
+  args.group = group;
+  args.theta_in = ptr<const double>(theta_in);
+  args.theta_out = ptr<double>(theta_out);
+  args.theta_per_instance = ptr<double>(theta_per_instance);
+  args.labels = ptr<uint8_t>(labels);
+  args.alpha = alpha;
+  args.beta = beta;
+  args.gamma = gamma;
+  args.official = official;
+  return args;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -78,22 +101,8 @@ PYBIND11_MODULE(_C, mod) {
       [](uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW,
          uintptr_t theta_in, uintptr_t theta_out, uintptr_t theta_per_instance, uintptr_t labels,
          double alpha, double beta, double gamma, bool official, int64_t group) {
-        fastst::IasArgs args;
-        args.m = ptr<const float>(m);
-        args.a = ptr<const uint8_t>(a);
-        args.counts = ptr<const int64_t>(counts);
-        args.B = B;
-        args.C = C;
-        args.HW = HW;
-        args.theta_in = ptr<const double>(theta_in);
-        args.theta_out = ptr<double>(theta_out);
-        args.theta_per_instance = ptr<double>(theta_per_instance);
-        args.labels = ptr<uint8_t>(labels);
-        args.alpha = alpha;
-        args.beta = beta;
-        args.gamma = gamma;
-        args.official = official;
-        args.group = group;
+        const fastst::IasArgs args = make_ias_args(m, a, counts, B, C, HW, group, theta_in, theta_out,
+                                                   theta_per_instance, labels, alpha, beta, gamma, official);
         fastst::ias_select_cpu(args);
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -118,22 +127,9 @@ PYBIND11_MODULE(_C, mod) {
       [](uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW, int64_t group,
          uintptr_t hist, uintptr_t theta_in, uintptr_t theta_out, uintptr_t theta_per_instance,
          uintptr_t labels, double alpha, double beta, double gamma, int device, uintptr_t stream) {
-        fastst::IasCudaArgs args;
-        args.m = ptr<const float>(m);
-        args.a = ptr<const uint8_t>(a);
-        args.counts = ptr<const int64_t>(counts);
-        args.B = B;
-        args.C = C;
-        args.HW = HW;
-        args.group = group;
+        fastst::IasArgs args = make_ias_args(m, a, counts, B, C, HW, group, theta_in, theta_out,
+                                             theta_per_instance, labels, alpha, beta, gamma, true);
         args.hist = ptr<int32_t>(hist);
-        args.theta_in = ptr<const double>(theta_in);
-        args.theta_out = ptr<double>(theta_out);
-        args.theta_per_instance = ptr<double>(theta_per_instance);
-        args.labels = ptr<uint8_t>(labels);
-        args.alpha = alpha;
-        args.beta = beta;
-        args.gamma = gamma;
         fastst::ias_official_cuda(args, device, stream);
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -147,21 +143,8 @@ PYBIND11_MODULE(_C, mod) {
          uintptr_t sorted_keys, uintptr_t temp, size_t temp_bytes, uintptr_t theta_in,
          uintptr_t theta_out, uintptr_t theta_per_instance, uintptr_t labels, double alpha,
          double beta, double gamma, int device, uintptr_t stream) {
-        fastst::IasCudaArgs args{};
-        args.m = ptr<const float>(m);
-        args.a = ptr<const uint8_t>(a);
-        args.counts = ptr<const int64_t>(counts);
-        args.B = B;
-        args.C = C;
-        args.HW = HW;
-        args.group = 1;
-        args.theta_in = ptr<const double>(theta_in);
-        args.theta_out = ptr<double>(theta_out);
-        args.theta_per_instance = ptr<double>(theta_per_instance);
-        args.labels = ptr<uint8_t>(labels);
-        args.alpha = alpha;
-        args.beta = beta;
-        args.gamma = gamma;
+        const fastst::IasArgs args = make_ias_args(m, a, counts, B, C, HW, 1, theta_in, theta_out,
+                                                   theta_per_instance, labels, alpha, beta, gamma, false);
         fastst::IasPaperWorkspace ws{ptr<uint64_t>(keys), ptr<uint64_t>(sorted_keys), ptr<void>(temp), temp_bytes};
         fastst::ias_paper_cuda(args, ws, device, stream);
       },

@@ -13,6 +13,21 @@ from ._backend import extension
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def new_stats_outputs(x: torch.Tensor, out_h: int, out_w: int):
+    """Fresh outputs of a statistics pass over x (B, C, h, w): m (B, H, W) float32 and a
+    (B, H, W) uint8 left uninitialised, counts (B, C) int64 and flags (1,) int32 zeroed."""
+    B, C = x.shape[0], x.shape[1]
+    return (torch.empty((B, out_h, out_w), dtype=torch.float32, device=x.device),
+            torch.empty((B, out_h, out_w), dtype=torch.uint8, device=x.device),
+            torch.zeros((B, C), dtype=torch.int64, device=x.device),
+            torch.zeros((1,), dtype=torch.int32, device=x.device))
+
+
+def stats_fake(x, from_logits, out_h, out_w, align_corners):
+    """The fake (meta) kernel of every statistics-pass op: shapes and dtypes only."""
+    return new_stats_outputs(x, out_h, out_w)
+
+
 @torch.library.custom_op("fastst::pixel_stats", mutates_args=())
 def pixel_stats(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
                 align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,10 +46,7 @@ def pixel_stats(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
         flags: (1,) int32, bit 0 set if x had NaN/Inf, bit 1 if a probability was outside [0, 1].
     """
     B, C, h, w = x.shape
-    m = torch.empty((B, out_h, out_w), dtype=torch.float32, device=x.device)
-    a = torch.empty((B, out_h, out_w), dtype=torch.uint8, device=x.device)
-    counts = torch.zeros((B, C), dtype=torch.int64, device=x.device)
-    flags = torch.zeros((1,), dtype=torch.int32, device=x.device)
+    m, a, counts, flags = new_stats_outputs(x, out_h, out_w)
     ext = extension()
     common = (x.data_ptr(), DTYPE_CODES[x.dtype], (B, C, h, w), (out_h, out_w), tuple(x.stride()),
               from_logits, align_corners, m.data_ptr(), a.data_ptr(), counts.data_ptr(), flags.data_ptr())
@@ -46,13 +58,7 @@ def pixel_stats(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
     return m, a, counts, flags
 
 
-@pixel_stats.register_fake
-def _pixel_stats_fake(x, from_logits, out_h, out_w, align_corners):
-    B, C = x.shape[0], x.shape[1]
-    return (x.new_empty((B, out_h, out_w), dtype=torch.float32),
-            x.new_empty((B, out_h, out_w), dtype=torch.uint8),
-            x.new_empty((B, C), dtype=torch.int64),
-            x.new_empty((1,), dtype=torch.int32))
+pixel_stats.register_fake(stats_fake)
 
 
 @torch.library.custom_op("fastst::ias_select", mutates_args=())

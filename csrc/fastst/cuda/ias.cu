@@ -31,7 +31,7 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
-__global__ void histogram_kernel(IasCudaArgs args) {
+__global__ void histogram_kernel(IasArgs args) {
   const int64_t b = blockIdx.y;
   const int64_t g = b / args.group;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW + 31;
@@ -68,7 +68,7 @@ __device__ void find_value(const int32_t* hist, int64_t j, int64_t before, int f
   }
 }
 
-__global__ void __launch_bounds__(kSelectThreads) select_kernel(IasCudaArgs args) {
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(IasArgs args) {
   using Scan = cub::BlockScan<int64_t, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ double theta, lo, hi;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(IasCudaArgs args
   if (threadIdx.x == 0) args.theta_out[c] = theta;
 }
 
-__global__ void label_kernel(IasCudaArgs args, bool strict) {
+__global__ void label_kernel(IasArgs args, bool strict) {
   const int64_t b = blockIdx.y;
   const double* theta = args.theta_per_instance + (b / args.group) * args.C;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW;
@@ -135,7 +135,7 @@ __global__ void label_kernel(IasCudaArgs args, bool strict) {
 
 }  // namespace
 
-void ias_official_cuda(const IasCudaArgs& args, int device, uintptr_t stream) {
+void ias_official_cuda(const IasArgs& args, int device, uintptr_t stream) {
   int previous = 0;
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
@@ -162,7 +162,7 @@ int key_bits(int64_t segments) {
 }
 
 // key = ((b * C + a) << 32) | float_bits(m): sorting orders pixels by image, class, then value.
-__global__ void pack_keys_kernel(IasCudaArgs args, uint64_t* keys) {
+__global__ void pack_keys_kernel(IasArgs args, uint64_t* keys) {
   const int64_t total = args.B * args.HW;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / args.HW;
@@ -171,7 +171,7 @@ __global__ void pack_keys_kernel(IasCudaArgs args, uint64_t* keys) {
 }
 
 // One thread per class walks the images in order (group is 1 in this mode).
-__global__ void paper_select_kernel(IasCudaArgs args, const uint64_t* sorted_keys) {
+__global__ void paper_select_kernel(IasArgs args, const uint64_t* sorted_keys) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= args.C) return;
   double theta = args.theta_in[c];
@@ -202,7 +202,7 @@ size_t ias_paper_temp_bytes(int64_t items, int64_t segments) {
   return bytes;
 }
 
-void ias_paper_cuda(const IasCudaArgs& args, const IasPaperWorkspace& ws, int device, uintptr_t stream) {
+void ias_paper_cuda(const IasArgs& args, const IasPaperWorkspace& ws, int device, uintptr_t stream) {
   int previous = 0;
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");

@@ -10,6 +10,23 @@
 
 namespace fastst {
 
+// Arguments of the selection (order statistics, EMA, labels), identical for both devices.
+struct IasArgs {
+  const float* m;            // (B, HW) max probability, >= +0
+  const uint8_t* a;          // (B, HW) argmax
+  const int64_t* counts;     // (B, C) pixels per (image, argmax class)
+  int64_t B, C, HW;
+  const double* theta_in;    // (C,)
+  double* theta_out;         // (C,)
+  double* theta_per_instance;// (G, C), G = ceil(B / group)
+  uint8_t* labels;           // (B, HW)
+  double alpha, beta, gamma;
+  bool official;             // SPEC 1.2 when true, else 1.1 ("paper")
+  int64_t group;             // images per instance (1 in paper mode)
+  int32_t* hist;             // CUDA official mode: (G, C, kOfficialBins) workspace, zeroed
+};
+
+
 // ---- theta ** gamma: double-double binary powering, rounded once (reference.theta_pow) ----
 struct DoubleDouble {
   double hi, lo;

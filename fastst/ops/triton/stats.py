@@ -22,6 +22,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from .._library import new_stats_outputs, stats_fake
+
 try:
     import triton
     import triton.language as tl
@@ -204,26 +206,12 @@ def _resize_scale(in_size: int, out_size: int, align_corners: bool) -> float:
 @torch.library.custom_op("fastst::pixel_stats_triton", mutates_args=())
 def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
                        align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused per-pixel statistics pass (Triton), same contract as `fastst::pixel_stats`.
-
-    Args:
-        x: (B, C, h, w) float32/float16/bfloat16 probabilities, or logits if `from_logits`;
-            any strides (read in place, never copied). CUDA, or CPU under TRITON_INTERPRET=1.
-        from_logits: compute p = softmax(x) in float32 (after the upsample) instead of p = x.
-        out_h, out_w: output size (H, W); when it differs from (h, w), x is bilinearly upsampled
-            on the fly exactly as F.interpolate(mode="bilinear", align_corners=align_corners).
-        align_corners: as in F.interpolate.
-    Returns:
-        m: (B, H, W) float32, max_c p (+0.0 for a zero maximum).
-        a: (B, H, W) uint8, argmax_c p, lowest index on ties.
-        counts: (B, C) int64, pixels per (image, argmax class).
-        flags: (1,) int32, bit 0 set if x had NaN/Inf, bit 1 if a probability was outside [0, 1].
-    """
+    """Fused per-pixel statistics pass (Triton): arguments, outputs (m, a, counts, flags) and
+    bits exactly those of `fastst::pixel_stats` (fastst/ops/_library.py). x may have any strides
+    (read in place); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+"""
     B, C, h, w = x.shape
-    m = torch.empty((B, out_h, out_w), dtype=torch.float32, device=x.device)
-    a = torch.empty((B, out_h, out_w), dtype=torch.uint8, device=x.device)
-    counts = torch.zeros((B, C), dtype=torch.int64, device=x.device)
-    flags = torch.zeros((1,), dtype=torch.int32, device=x.device)
+    m, a, counts, flags = new_stats_outputs(x, out_h, out_w)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type != "cuda" and not INTERPRETED:
@@ -253,10 +241,4 @@ def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: in
     return m, a, counts, flags
 
 
-@pixel_stats_triton.register_fake
-def _pixel_stats_triton_fake(x, from_logits, out_h, out_w, align_corners):
-    B, C = x.shape[0], x.shape[1]
-    return (x.new_empty((B, out_h, out_w), dtype=torch.float32),
-            x.new_empty((B, out_h, out_w), dtype=torch.uint8),
-            x.new_empty((B, C), dtype=torch.int64),
-            x.new_empty((1,), dtype=torch.int32))
+pixel_stats_triton.register_fake(stats_fake)
