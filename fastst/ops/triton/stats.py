@@ -209,7 +209,6 @@ def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: in
     """Fused per-pixel statistics pass (Triton): arguments, outputs (m, a, counts, flags) and
     bits exactly those of `fastst::pixel_stats` (fastst/ops/_library.py). x may have any strides
     (read in place); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-"""
     B, C, h, w = x.shape
     m, a, counts, flags = new_stats_outputs(x, out_h, out_w)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
