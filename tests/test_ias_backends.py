@@ -167,3 +167,16 @@ def test_official_float16_rounding_of_m(backend, value):
     assert want[1][0].item() == float(torch.tensor(value).half().float())
     for w, g in zip(want, got):
         assert torch.equal(w, g.cpu()), mismatch(w, g)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.5, 8.0, 1e3, 1e30])
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_gamma_values_match_reference(backend, gamma, mode):
+    """Integer gammas use the shared double-double powering, others (and huge ones) pow."""
+    p = probs(4, 7, 9, 9, seed=41).to(_device(backend))
+    theta = torch.linspace(0.5, 0.99, 7, dtype=torch.float64, device=p.device)
+    want = reference.ias_pseudo_label(p, theta, alpha=0.5, gamma=gamma, mode=mode)
+    got = ops.ias_pseudo_label(p, theta, alpha=0.5, gamma=gamma, mode=mode, backend=backend)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g.cpu()), mismatch(w, g)

@@ -43,10 +43,9 @@ def _dd_mul(a_hi, a_lo, b_hi, b_lo):
 
 def theta_pow(theta: torch.Tensor, gamma: float) -> torch.Tensor:
     """theta ** gamma for a float64 tensor: double-double binary powering when gamma is an
-    integer (correctly rounded in practice, equal to libm's pow on every tested input), else
-    torch.pow."""
+    integer up to 2**62 (correctly rounded in practice), else torch.pow."""
     theta = theta.to(torch.float64)
-    if float(gamma) != int(gamma):
+    if float(gamma) != int(gamma) or float(gamma) > 2.0 ** 62:
         return torch.pow(theta, float(gamma))
     n = int(gamma)
     r_hi, r_lo = torch.ones_like(theta), torch.zeros_like(theta)

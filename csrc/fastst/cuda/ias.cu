@@ -34,9 +34,12 @@ void check(cudaError_t err, const char* what) {
 __global__ void histogram_kernel(IasArgs args) {
   const int64_t b = blockIdx.y;
   const int64_t g = b / args.group;
-  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW + 31;
-       p += int64_t(gridDim.x) * blockDim.x) {
-    // Whole warps stay in the loop (the tail lanes carry no pixel) so __match_any_sync sees them.
+  const int lane = int(threadIdx.x % 32);
+  // The loop runs per warp (all lanes share `base`, blockDim is a multiple of 32), so every lane
+  // reaches __match_any_sync together; lanes past the end carry no pixel.
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x + threadIdx.x - lane; base < args.HW;
+       base += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = base + lane;
     const bool valid = p < args.HW;
     uint32_t key = 0xffffffffu;
     if (valid) {
@@ -44,13 +47,10 @@ __global__ void histogram_kernel(IasArgs args) {
       bin = bin < uint32_t(kOfficialBins - 1) ? bin : uint32_t(kOfficialBins - 1);
       key = (uint32_t(args.a[b * args.HW + p]) << 16) | bin;
     }
-    const unsigned active = __ballot_sync(0xffffffffu, true);
-    const unsigned same = __match_any_sync(active, key);
-    const int leader = __ffs(same) - 1;
-    if (valid && int(threadIdx.x % 32) == leader) {
+    const unsigned same = __match_any_sync(0xffffffffu, key);
+    if (valid && lane == __ffs(same) - 1) {
       atomicAdd(args.hist + (g * args.C + (key >> 16)) * kOfficialBins + (key & 0xffffu), __popc(same));
     }
-    if (p >= args.HW) break;
   }
 }
 

@@ -50,8 +50,10 @@ FASTST_HD DoubleDouble dd_mul(DoubleDouble a, DoubleDouble b) {
 }
 
 FASTST_HD double theta_pow(double theta, double gamma) {
+  // Integer exponents up to 2^62 use binary powering; others (and larger ones, which would
+  // overflow the integer) use pow, exactly as reference.theta_pow decides.
+  if (!(gamma <= 4611686018427387904.0) || gamma != floor(gamma)) return pow(theta, gamma);
   const long long n0 = (long long)gamma;
-  if ((double)n0 != gamma) return pow(theta, gamma);
   long long n = n0;
   DoubleDouble r{1.0, 0.0};
   DoubleDouble b{theta, 0.0};
