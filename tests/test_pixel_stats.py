@@ -96,18 +96,30 @@ def test_flags_nan_and_range(device):
     assert _stats(z, from_logits=True)[3].item() & 1
 
 
-def test_opcheck():
-    x = probs(2, 5, 6, 7)
-    torch.library.opcheck(pixel_stats, (x, False, 6, 7, True))
-    torch.library.opcheck(pixel_stats, (x.to(torch.bfloat16), True, 11, 13, False))
+def _stats_ops():
+    """(op, device) pairs: the C++/CUDA op, and the Triton op where Triton can run."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ops = [pytest.param(pixel_stats, "cpu", id="cpp")]
+    if "triton" in _backend.available_backends():
+        from fastst.ops.triton.stats import pixel_stats_triton
+        ops.append(pytest.param(pixel_stats_triton, device, id="triton"))
+    return ops
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("op,device", _stats_ops())
+def test_opcheck(op, device):
+    x = probs(2, 5, 3, 4).to(device)
+    torch.library.opcheck(op, (x, False, 3, 4, True))
+    torch.library.opcheck(op, (x.to(torch.bfloat16), True, 5, 7, False))
+
+
+@pytest.mark.parametrize("op,device", _stats_ops())
+def test_torch_compile_fullgraph(op, device):
     def f(x):
-        m, a, counts, _ = pixel_stats(x, True, 12, 14, True)
+        m, a, counts, _ = op(x, True, 12, 14, True)
         return m * 2, a, counts.sum(1)
 
-    x = torch.randn(2, 5, 6, 7, generator=gen(5))
+    x = torch.randn(2, 5, 6, 7, generator=gen(5)).to(device)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(x), f(x)):
         assert torch.equal(got, want)

@@ -190,20 +190,3 @@ def test_flags_nan_inf_and_range():
     z = torch.randn(1, 4, 3, 3, generator=gen(8)).to(torch.bfloat16).to(DEVICE)
     z[0, 3, 2, 1] = float("inf")
     assert _stats(z, from_logits=True, size=(5, 6))[3].item() == 1
-
-
-def test_opcheck():
-    x = probs(2, 5, 3, 4).to(DEVICE)
-    torch.library.opcheck(pixel_stats_triton, (x, False, 3, 4, True))
-    torch.library.opcheck(pixel_stats_triton, (x.to(torch.bfloat16), True, 5, 7, False))
-
-
-def test_torch_compile_fullgraph():
-    def f(x):
-        m, a, counts, _ = pixel_stats_triton(x, True, 12, 14, True)
-        return m * 2, a, counts.sum(1)
-
-    x = torch.randn(2, 5, 6, 7, generator=gen(5)).to(DEVICE)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(x), f(x)):
-        assert torch.equal(got, want)
