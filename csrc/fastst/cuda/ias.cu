@@ -129,7 +129,7 @@ __global__ void label_kernel(IasArgs args, bool strict) {
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < args.HW;
        p += int64_t(gridDim.x) * blockDim.x) {
     const int a = args.a[b * args.HW + p];
-    args.labels[b * args.HW + p] = ias_label(args.m[b * args.HW + p], a, theta[a], strict);
+    args.labels[b * args.HW + p] = ias_label_f32(args.m[b * args.HW + p], a, float_threshold(theta[a], strict), strict);
   }
 }
 

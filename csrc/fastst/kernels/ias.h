@@ -124,13 +124,6 @@ FASTST_HD double official_ema(double theta, double psi, double beta) {
   return out >= 1.0 ? 0.999 : out;
 }
 
-// ---- labels ----
-FASTST_HD uint8_t ias_label(float m, int a, double theta_a, bool strict) {
-  const double md = (double)m;
-  const bool keep = strict ? md > theta_a : md >= theta_a;
-  return keep ? (uint8_t)a : (uint8_t)255;
-}
-
 // float32 -> float16 bits, round to nearest even (as torch's .half() and NumPy's astype), for
 // every input. Branch-free (the three cases are computed and selected with masks), so the CPU
 // loop vectorises: overflow/inf/nan, subnormal (via a float add that rounds at 2^-24), normal
