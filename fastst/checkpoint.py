@@ -1,0 +1,244 @@
+"""Checkpoint files: atomic saving, loading with clear errors, and rebuilding the model.
+
+A checkpoint is a dict saved with ``torch.save`` holding at least::
+
+    {"format": "fastst-checkpoint-v1",
+     "model": state_dict of a fastst.models.DeepLabV2,
+     "model_config": {"num_classes": int, "backbone": str}}
+
+Trainers add more keys (optimizer state, iteration, thresholds, ...). Files are read with
+``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, tuples and dicts only) and
+fall back, with a warning, to full unpickling when a file holds other Python objects, since such
+a file can run code when loaded; only load checkpoints you trust in that case.
+"""
+import os
+import pickle
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model",
+           "checkpoint_state", "read_torch_file", "load_state_dict_checked"]
+
+CHECKPOINT_FORMAT = "fastst-checkpoint-v1"
+
+PathLike = Union[str, "os.PathLike[str]"]
+MapLocation = Union[str, torch.device, None, Dict[str, str]]
+
+# How many key names an error message lists per category before summarising with a count.
+_KEYS_SHOWN = 10
+
+
+def save_checkpoint(path: PathLike, state: Mapping) -> Path:
+    """Write ``state`` to ``path`` atomically and return the path.
+
+    The dict is written to a temporary file in the same directory, flushed to disk and moved
+    over ``path`` with ``os.replace``, so a crash never leaves a half-written checkpoint under
+    the final name. Parent directories are created. ``state`` must hold ``"model"`` and
+    ``"model_config"``; ``"format"`` is set to ``CHECKPOINT_FORMAT`` (a different value is an
+    error).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+    fmt = state.get("format", CHECKPOINT_FORMAT)
+    if fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint state has format {fmt!r}; save_checkpoint writes "
+                         f"{CHECKPOINT_FORMAT!r} (drop the 'format' key or set it to that)")
+    missing = [key for key in ("model", "model_config") if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}; build it with "
+                         "fastst.checkpoint.checkpoint_state(model, **extra)")
+    _check_model_config(state["model_config"], source="checkpoint state")
+    payload = {"format": CHECKPOINT_FORMAT, **{k: v for k, v in state.items() if k != "format"}}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file private (0600); a checkpoint should read like any saved file.
+        os.chmod(tmp_name, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def checkpoint_state(model: nn.Module, /, **extra: Any) -> Dict[str, Any]:
+    """A checkpoint dict for ``model`` (a DeepLabV2, possibly wrapped by DataParallel/DDP or
+    ``torch.compile``) plus ``extra`` keys, ready for ``save_checkpoint``."""
+    model = _unwrap(model)
+    config = getattr(model, "model_config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no model_config; checkpoints hold "
+                        "fastst.models.DeepLabV2 models")
+    for key in ("format", "model", "model_config"):
+        if key in extra:
+            raise ValueError(f"extra key {key!r} is reserved for the checkpoint itself")
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+            "model_config": dict(config), **extra}
+
+
+def read_torch_file(path: PathLike, map_location: MapLocation = "cpu",
+                    weights_only: Optional[bool] = None, *, what: str = "checkpoint") -> Any:
+    """``torch.load`` with clear errors for missing and unreadable files.
+
+    ``weights_only=None`` tries the safe loader first and falls back to full unpickling, with a
+    warning, for files holding other Python objects; ``True``/``False`` force one of them.
+    ``what`` names the kind of file in error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} file {str(path)!r} {problem}")
+    try:
+        return torch.load(path, map_location=map_location,
+                          weights_only=True if weights_only is None else weights_only)
+    except pickle.UnpicklingError as safe_error:
+        if weights_only is not None:
+            raise _corrupt(path, safe_error, what) from safe_error
+        first_error = safe_error
+    except Exception as error:
+        raise _corrupt(path, error, what) from error
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:
+        raise _corrupt(path, error, what) from first_error
+    warnings.warn(f"{path} holds Python objects other than tensors, numbers, strings and "
+                  "containers, so it was loaded with weights_only=False (full unpickling, which "
+                  "can run code): load only files you trust", stacklevel=2)
+    return state
+
+
+def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu",
+                    weights_only: Optional[bool] = None) -> Dict[str, Any]:
+    """Read a fastst checkpoint written by ``save_checkpoint``; tensors go to ``map_location``.
+
+    Raises FileNotFoundError (missing file), RuntimeError (corrupt or truncated file) or
+    ValueError (a readable file that is not a fastst checkpoint), each naming the file.
+    """
+    state = read_torch_file(path, map_location, weights_only)
+    _check_checkpoint(state, source=str(path))
+    return state
+
+
+def load_model(path_or_state: Union[PathLike, Mapping],
+               map_location: MapLocation = "cpu") -> nn.Module:
+    """Rebuild the DeepLabV2 of a checkpoint (a path or an already loaded dict).
+
+    The model is built from ``state["model_config"]`` and ``state["model"]`` is loaded strictly
+    (every key present, none extra, equal shapes). When ``map_location`` is a device (string or
+    ``torch.device``) the model is moved there; it is returned in training mode like any new
+    module, so call ``.eval()`` for inference.
+    """
+    from fastst.models import deeplabv2  # imported here: fastst.models reads files through us
+
+    if isinstance(path_or_state, Mapping):
+        state, source = path_or_state, "checkpoint dict"
+        _check_checkpoint(state, source=source)
+    else:
+        state, source = load_checkpoint(path_or_state, map_location), str(path_or_state)
+    config = _check_model_config(state["model_config"], source=source)
+    model = deeplabv2(**config)
+    load_state_dict_checked(model, state["model"], source=source)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(torch.device(map_location))
+    return model
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping, *, source: str,
+                            ignore_prefixes: Sequence[str] = ()) -> None:
+    """Load ``state_dict`` into ``module`` after checking that its keys and shapes match.
+
+    Keys starting with one of ``ignore_prefixes`` are dropped first (e.g. ``"fc."`` of an
+    ImageNet classifier). Missing ``*.num_batches_tracked`` buffers are tolerated because
+    torchvision's older ImageNet files predate them and BatchNorm with a fixed momentum never
+    reads them. Anything else missing, any unexpected key or any shape mismatch raises a
+    ValueError that lists them (the first few of each, with counts) and names ``source``.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{source}: expected a state_dict (dict of tensors), "
+                        f"got {type(state_dict).__name__}")
+    non_tensors = [str(k) for k, v in state_dict.items()
+                   if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise ValueError(f"{source}: not a state_dict, {len(non_tensors)} entries are not "
+                         f"str -> tensor: {_first(non_tensors)}")
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not any(k.startswith(p) for p in ignore_prefixes)}
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items()
+                  if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_first(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches: {_first(mismatched)}")
+        raise ValueError(f"{source} does not fit {type(module).__name__} (whose state_dict "
+                         f"has {len(expected)} entries): " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=False)
+
+
+def _first(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_KEYS_SHOWN])
+    return shown + (f", ... ({len(items) - _KEYS_SHOWN} more)" if len(items) > _KEYS_SHOWN else "")
+
+
+def _corrupt(path: Path, error: BaseException, what: str) -> RuntimeError:
+    detail = str(error).splitlines()[0] if str(error) else "no detail"
+    return RuntimeError(
+        f"cannot read {what} file {str(path)!r}: it is corrupt or truncated "
+        f"({type(error).__name__}: {detail}). Delete it and use an earlier checkpoint, "
+        "or re-create it")
+
+
+def _check_checkpoint(state: Any, *, source: str) -> None:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source} is not a fastst checkpoint: it holds a "
+                         f"{type(state).__name__}, not a dict")
+    fmt = state.get("format")
+    if fmt != CHECKPOINT_FORMAT:
+        hint = ("a plain state_dict or another program's file; pass it as "
+                "deeplabv2(pretrained=...) instead" if fmt is None else f"format {fmt!r}")
+        raise ValueError(f"{source} is not a fastst checkpoint (no 'format': "
+                         f"{CHECKPOINT_FORMAT!r}; looks like {hint})")
+    for key in ("model", "model_config"):
+        if key not in state:
+            raise ValueError(f"{source}: fastst checkpoint lacks the {key!r} entry")
+
+
+def _check_model_config(config: Any, *, source: str) -> Dict[str, Any]:
+    if (not isinstance(config, Mapping) or set(config) != {"num_classes", "backbone"}
+            or not isinstance(config["backbone"], str)
+            or isinstance(config["num_classes"], bool)
+            or not isinstance(config["num_classes"], int)):
+        raise ValueError(f"{source}: model_config must be {{'num_classes': int, 'backbone': str}}, "
+                         f"got {config!r}")
+    return dict(config)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside ``torch.compile`` (``_orig_mod``) and DataParallel/DDP (``module``)
+    wrappers, whose state_dict keys carry extra prefixes."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
