@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "cpu/ias.h"
+#include "cpu/region_loss.h"
 #include "cpu/stats.h"
 #if defined(FASTST_WITH_CUDA)
 #include "cuda/ias.h"
@@ -107,6 +108,39 @@ PYBIND11_MODULE(_C, mod) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "IAS order statistics, sequential EMA and labels from the statistics pass, on the CPU.");
+
+  mod.def(
+      "region_loss_cpu",
+      [](uintptr_t logits, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
+         std::array<int64_t, 4> strides, uintptr_t target, bool target_is_u8, int ignore_index,
+         float lambda_kld, float lambda_ent, bool align_corners, uintptr_t parts, uintptr_t grad) {
+        if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
+        fastst::RegionLossArgs args{};
+        args.logits = ptr<const void>(logits);
+        args.dtype = dtype;
+        args.B = shape_in[0];
+        args.C = shape_in[1];
+        args.h = shape_in[2];
+        args.w = shape_in[3];
+        args.H = size_out[0];
+        args.W = size_out[1];
+        args.stride_b = strides[0];
+        args.stride_c = strides[1];
+        args.stride_h = strides[2];
+        args.stride_w = strides[3];
+        args.target = ptr<const void>(target);
+        args.target_is_u8 = target_is_u8;
+        args.ignore_index = ignore_index;
+        args.lambda_kld = lambda_kld;
+        args.lambda_ent = lambda_ent;
+        args.align_corners = align_corners;
+        args.parts = ptr<float>(parts);
+        args.grad = ptr<float>(grad);
+        fastst::region_loss_cpu(args);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused region loss (SPEC 2) with on-the-fly bilinear upsample: parts (loss, ce, kld, ent) "
+      "and, when grad != 0, d loss / d logits in the low-resolution layout, on the CPU.");
 
 #if defined(FASTST_WITH_CUDA)
   mod.def(

@@ -1,7 +1,9 @@
 """Public `region_loss` (SPEC section 2): validation, backend choice and dispatch.
 
-Only the "torch" backend (reference.py: F.interpolate + log_softmax + masked sums, autograd for
-the gradient) exists so far; the fused kernels come with the region-loss issue.
+Backends: "cpp" (C++/OpenMP, the CPU default) and "triton" (the CUDA default) are fused: one pass
+reads the low-resolution logits and the labels, upsamples on the fly, and yields the parts and
+d loss / d logits in the low-resolution layout; no (B, C, H, W) tensor is made, forward or
+backward. "torch" is reference.py (F.interpolate + log_softmax + masked sums, autograd).
 """
 from __future__ import annotations
 
@@ -11,8 +13,16 @@ import torch
 
 from . import _checks, reference
 from ._backend import choose_backend
+from ._region_loss_ops import region_loss_cpp
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("triton", "cpp", "torch")
+
+
+def _fused_op(backend: str):
+    if backend == "cpp":
+        return region_loss_cpp
+    from .triton.region_loss import region_loss_triton  # imports triton only when asked
+    return region_loss_triton
 
 
 def _check_args(logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts=False):
@@ -44,7 +54,8 @@ def _check_args(logits, target, lambda_kld, lambda_ent, ignore_index, size, alig
 def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float = 0.1,
                 lambda_ent: float = 3.0, ignore_index: int = 255,
                 size: Optional[Sequence[int]] = None, align_corners: bool = True,
-                return_parts: bool = False, backend: Optional[str] = None):
+                return_parts: bool = False, deterministic: bool = False,
+                backend: Optional[str] = None):
     """IAST's self-training loss: CE + lambda_kld * KLD-to-uniform on labelled pixels, plus
     lambda_ent * entropy on ignored pixels, with the released normalisation (SPEC 2).
 
@@ -54,14 +65,28 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
         target: (B, H, W) uint8 or int64 labels in 0..C-1, `ignore_index` = unlabelled.
         lambda_kld, lambda_ent: weights of the KLD and entropy terms, finite and >= 0.
         size: None or the target's (H, W) (checked).
-        return_parts: also return the unweighted (ce, kld, ent), for logging.
-        backend: only "torch" so far.
+        return_parts: also return the unweighted (ce, kld, ent), for logging; the fused
+            backends compute them in the same pass and return them detached (only `loss`
+            carries a gradient there).
+        deterministic: ask for bit-identical gradients from run to run. Every fused backend
+            already is (no atomics: each low-resolution gradient cell is summed by one owner in
+            a fixed order), so this is a promise kept, not a slower path.
+        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
     Returns:
         a float32 0-dim tensor, or (loss, ce, kld, ent). A part with no pixels is 0.
     """
     lambda_kld, lambda_ent, ignore_index = _check_args(
         logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts)
-    choose_backend("region_loss", logits.device, IMPLEMENTED, backend)
-    return reference.region_loss(logits, target, lambda_kld=lambda_kld, lambda_ent=lambda_ent,
-                                 ignore_index=ignore_index, align_corners=align_corners,
-                                 return_parts=return_parts)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    name = choose_backend("region_loss", logits.device, IMPLEMENTED, backend)
+    if name == "torch":
+        return reference.region_loss(logits, target, lambda_kld=lambda_kld, lambda_ent=lambda_ent,
+                                     ignore_index=ignore_index, align_corners=align_corners,
+                                     return_parts=return_parts)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    parts, _ = _fused_op(name)(logits, target, lambda_kld, lambda_ent, ignore_index,
+                               target.shape[1], target.shape[2], align_corners, compute_grad)
+    if return_parts:
+        return parts[0], parts[1].detach(), parts[2].detach(), parts[3].detach()
+    return parts[0]

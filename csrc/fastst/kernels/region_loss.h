@@ -1,0 +1,52 @@
+// Per-pixel arithmetic of the fused region loss (SPEC 2), for the CPU kernel and any device twin.
+//
+// For one full-resolution pixel with (upsampled) logits v_c, u_c = v_c - max_c v_c,
+// e_c = exp(u_c), s = sum_c e_c, p_c = e_c / s and E = sum_c p_c u_c (all relative to the max, so
+// that no large logit cancels against another):
+//   -log p_y                  = log s - u_y                    (CE, labelled pixels)
+//   -(1/C) sum_c log p_c      = log s - (1/C) sum_c u_c        (KLD to uniform, labelled pixels)
+//   -sum_c p_c log p_c        = log s - E                      (entropy, ignored pixels)
+// and the gradient of loss = ce + lambda_kld kld + lambda_ent ent with respect to v_c is
+//   labelled: p_c (1 + lambda_kld / C) / n_v - [c = y] / n_v - lambda_kld / (C^2 n_v)
+//   ignored:  -lambda_ent p_c (u_c - E) / (C n_i)           (since log p_c + H = u_c - E).
+#pragma once
+#include "../common.h"
+
+namespace fastst {
+
+struct RegionLossArgs {
+  const void* logits;  // (B, C, h, w), any strides, dtype code `dtype`
+  int dtype;
+  int64_t B, C, h, w, H, W;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+  const void* target;  // (B, H, W) contiguous, uint8 or int64
+  bool target_is_u8;
+  int ignore_index;
+  float lambda_kld, lambda_ent;
+  bool align_corners;
+  float* parts;  // out (4,): loss, ce, kld, ent
+  float* grad;   // out (B, C, h, w) contiguous float32 d loss / d logits, or null (no gradient)
+};
+
+// Per-pixel coefficients of the gradient, set once per pixel from its label and the counts:
+// grad_c = p_c * (scale_p + scale_pv * (u_c - E)) + shift - [c = y] * onehot.
+struct PixelGradCoef {
+  float scale_p, scale_pv, shift, onehot;
+};
+
+FASTST_HD PixelGradCoef pixel_grad_coef(bool labelled, float inv_nv, float inv_c_ni, float lambda_kld,
+                                        float lambda_ent, float inv_c) {
+  PixelGradCoef k;
+  const float lab = labelled ? 1.0f : 0.0f;
+  k.scale_p = lab * (1.0f + lambda_kld * inv_c) * inv_nv;
+  k.scale_pv = (1.0f - lab) * -lambda_ent * inv_c_ni;
+  k.shift = lab * -lambda_kld * inv_c * inv_c * inv_nv;
+  k.onehot = lab * inv_nv;
+  return k;
+}
+
+FASTST_HD float pixel_grad(float p, float u, float expected_u, const PixelGradCoef& k) {
+  return p * (k.scale_p + k.scale_pv * (u - expected_u)) + k.shift;
+}
+
+}  // namespace fastst

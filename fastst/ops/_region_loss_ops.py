@@ -1,0 +1,75 @@
+"""torch.library custom ops of the fused region loss (SPEC 2) and their autograd.
+
+Each fused backend is one op with the signature of `region_loss_cpp` below. It returns the four
+parts and, when `compute_grad`, d loss / d logits in float32 in the low-resolution layout: the
+fused kernels produce the gradient in the same pass as the loss (the softmax of every
+full-resolution pixel is computed once), so the backward is a scale by the incoming gradient and
+no full-resolution tensor is ever kept. Only `loss` (parts[0]) is differentiable: the public op
+returns ce, kld and ent detached, for logging.
+"""
+from typing import Tuple
+
+import torch
+
+from ._backend import extension
+from ._library import DTYPE_CODES
+
+
+def new_region_loss_outputs(logits: torch.Tensor, compute_grad: bool):
+    """parts (4,) float32 and grad (B, C, h, w) float32 contiguous, or (0,) without gradient."""
+    parts = logits.new_empty((4,), dtype=torch.float32)
+    grad_shape = tuple(logits.shape) if compute_grad else (0,)
+    return parts, logits.new_empty(grad_shape, dtype=torch.float32)
+
+
+def region_loss_fake(logits, target, lambda_kld, lambda_ent, ignore_index, out_h, out_w,
+                     align_corners, compute_grad):
+    """The fake (meta) kernel of every fused region-loss op: shapes and dtypes only."""
+    return new_region_loss_outputs(logits, compute_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.logits_dtype = inputs[0].dtype
+    ctx.has_grad = inputs[-1]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_parts, _grad_of_grad):
+    if not ctx.has_grad:
+        raise RuntimeError("fastst region_loss: the forward ran with compute_grad=False, so there is "
+                           "no gradient to return; call the public fastst.ops.region_loss, which sets it")
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_parts[0]).to(ctx.logits_dtype), None, None, None, None, None, None, None, None
+
+
+def register_region_loss_op(op) -> None:
+    """Give a fused region-loss custom op its fake kernel and autograd formula."""
+    op.register_fake(region_loss_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastst::region_loss_cpp", mutates_args=())
+def region_loss_cpp(logits: torch.Tensor, target: torch.Tensor, lambda_kld: float, lambda_ent: float,
+                    ignore_index: int, out_h: int, out_w: int, align_corners: bool,
+                    compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused region loss on the CPU (C++/OpenMP, deterministic for any thread count).
+
+    Args:
+        logits: (B, C, h, w) float32/float16/bfloat16, any strides.
+        target: (B, out_h, out_w) uint8 or int64.
+        out_h, out_w: the target's size; logits are upsampled to it on the fly when it differs.
+        compute_grad: also produce d loss / d logits.
+    Returns:
+        parts (4,) float32 = (loss, ce, kld, ent); grad (B, C, h, w) float32 or (0,).
+    """
+    B, C, h, w = logits.shape
+    parts, grad = new_region_loss_outputs(logits, compute_grad)
+    target = target.contiguous()
+    extension().region_loss_cpu(
+        logits.data_ptr(), DTYPE_CODES[logits.dtype], (B, C, h, w), (out_h, out_w),
+        tuple(logits.stride()), target.data_ptr(), target.dtype == torch.uint8, ignore_index,
+        lambda_kld, lambda_ent, align_corners, parts.data_ptr(), grad.data_ptr() if compute_grad else 0)
+    return parts, grad
+
+
+register_region_loss_op(region_loss_cpp)
