@@ -1,0 +1,42 @@
+"""SYNTHIA RAND_CITYSCAPES (Ros et al. 2016): root/RGB/*.png with root/GT/LABELS/*.png of the same
+name, 16-bit PNGs whose first channel holds the SYNTHIA class id."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from .ids import SYNTHIA_ID_TO_TRAIN_ID
+from .io import FileDataset, Layout, png_files
+
+# SYNTHIA's classes are 0 (void) .. 22 (lane marking); 19 of them map to Cityscapes train ids.
+SYNTHIA_LABEL_IDS = frozenset(range(23))
+
+
+class SynthiaLayout(Layout):
+    name = "SYNTHIA"
+    splits = ("train", "all")
+
+    def describe(self, split: str) -> str:
+        return f"{self.root}/RGB/*.png and {self.root}/GT/LABELS/*.png (RAND_CITYSCAPES)"
+
+    def image_files(self, split: str) -> List[Path]:
+        return png_files(self.root / "RGB")
+
+    def label_files(self, split: str) -> List[Path]:
+        return png_files(self.root / "GT" / "LABELS")
+
+    def id_map(self, label: Path) -> dict:
+        return SYNTHIA_ID_TO_TRAIN_ID
+
+    def valid_ids(self, label: Path) -> frozenset:
+        return SYNTHIA_LABEL_IDS
+
+
+class Synthia(FileDataset):
+    """SYNTHIA RAND_CITYSCAPES images with train-id labels; split "train" or "all" (both: every
+    image, or those of `list_file`). See `FileDataset` for the arguments."""
+
+    layout_class = SynthiaLayout
+
+    def __init__(self, root, split: str = "train", **kwargs):
+        super().__init__(root, split, **kwargs)
