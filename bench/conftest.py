@@ -12,6 +12,7 @@ import torch
 
 QUICK = os.environ.get("FASTST_BENCH_QUICK") == "1"
 _RESULTS = defaultdict(dict)  # group -> impl -> median seconds
+_NOTES = defaultdict(list)  # title -> lines printed after the speed-up tables
 
 
 def _sync(device):
@@ -36,10 +37,23 @@ def run():
     return _run
 
 
+@pytest.fixture
+def note():
+    """note(title, line): a line for the summary, under `title` (e.g. a memory table)."""
+    def _note(title, line):
+        _NOTES[title].append(line)
+
+    return _note
+
+
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    for title, lines in sorted(_NOTES.items()):
+        tr.section(title)
+        for line in lines:
+            tr.write_line(line)
     if not _RESULTS:
         return
-    tr = terminalreporter
     tr.section("fastst speed-ups (median time; ratio = other impl's time / this impl's time)")
     tr.write_line(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
                   f"threads: {torch.get_num_threads()}, quick: {QUICK}")

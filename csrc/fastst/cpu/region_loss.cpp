@@ -82,9 +82,10 @@ FASTST_CPU_CLONES void process_tile(Scratch& s, int64_t n, const Constants& k, P
     for (int64_t t = 0; t < n; ++t) {
       const float u = v[t] - s.m[t];
       e[t] = exp_nonpositive(u);
-      const bool one = e[t] == 1.0f;
-      rest_small[t] += one ? 0.0f : e[t];
-      rest[t] += one ? 1.0f : 0.0f;  // starts at -1: (number of ones) - 1, exact
+      // 1.0f where e == 1, else 0, through a bit mask: GCC vectorises this, not float(bool)
+      const float one = bits_to_float((0u - uint32_t(e[t] == 1.0f)) & 0x3f800000u);
+      rest_small[t] += e[t] - one;            // e is 1 exactly where one is
+      rest[t] += one;                         // starts at -1: (number of ones) - 1, exact
       sum_u[t] += u;
       sum_eu[t] += e[t] * u;
     }
@@ -156,12 +157,51 @@ void run_same_size(const RegionLossArgs& a, const Constants& k, std::vector<Part
   }
 }
 
+// The column taps of a resize, one array per field (int32 indices: AVX2 gathers them).
+struct ColumnTaps {
+  std::vector<int32_t> i0, i1;
+  std::vector<float> l0, l1;
+  ColumnTaps(int64_t w, int64_t W, bool align_corners)
+      : i0(static_cast<size_t>(W)), i1(static_cast<size_t>(W)), l0(static_cast<size_t>(W)), l1(static_cast<size_t>(W)) {
+    for (int64_t x = 0; x < W; ++x) {
+      const LinearTap tap = linear_tap(x, w, W, align_corners);
+      i0[x] = int32_t(tap.i0);
+      i1[x] = int32_t(tap.i1);
+      l0[x] = tap.l0;
+      l1[x] = tap.l1;
+    }
+  }
+};
+
+// v[t] = l0[t] src[i0[t]] + l1[t] src[i1[t]]: one channel of a tile of upsampled pixels.
+FASTST_CPU_CLONES void gather_columns(const float* src, const int32_t* i0, const int32_t* i1, const float* l0,
+                                      const float* l1, float* v, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) v[t] = l0[t] * src[i0[t]] + l1[t] * src[i1[t]];
+}
+
+// The adjoint: row_grad[i0[t]] += l0[t] g[t], row_grad[i1[t]] += l1[t] g[t]. The upper taps are
+// non-decreasing, so runs of equal i0 (about W / w pixels) are summed in registers and added once,
+// instead of a read-modify-write of memory per pixel.
+void scatter_columns(const float* g, const int32_t* i0, const int32_t* i1, const float* l0, const float* l1,
+                     float* row_grad, int64_t n) {
+  int64_t t = 0;
+  while (t < n) {
+    const int32_t run = i0[t];
+    float to0 = 0.0f, to1 = 0.0f;
+    for (; t < n && i0[t] == run; ++t) {
+      to0 += l0[t] * g[t];
+      to1 += l1[t] * g[t];
+    }
+    row_grad[run] += to0;
+    row_grad[i1[t - 1]] += to1;
+  }
+}
+
 // Bilinear upsample: task (b, i) owns the rows whose upper source row is i.
 template <typename T>
 void run_resized(const RegionLossArgs& a, const Constants& k, std::vector<PartialSums>& partial) {
   const int64_t B = a.B, C = a.C, h = a.h, w = a.w, H = a.H, W = a.W;
-  std::vector<LinearTap> col(static_cast<size_t>(W));
-  for (int64_t x = 0; x < W; ++x) col[x] = linear_tap(x, w, W, a.align_corners);
+  const ColumnTaps col(w, W, a.align_corners);
   std::vector<int64_t> first_row(static_cast<size_t>(h + 1), H);  // rows of band i: [first_row[i], first_row[i+1])
   for (int64_t y = H - 1; y >= 0; --y) first_row[linear_tap(y, h, H, a.align_corners).i0] = y;
   for (int64_t i = h - 1; i >= 0; --i) first_row[i] = std::min(first_row[i], first_row[i + 1]);
@@ -191,23 +231,15 @@ void run_resized(const RegionLossArgs& a, const Constants& k, std::vector<Partia
         if (k.grad) std::fill(s.row_grad.begin(), s.row_grad.end(), 0.0f);
         for (int64_t x0 = 0; x0 < W; x0 += kTile) {
           const int64_t n = std::min(kTile, W - x0);
-          const LinearTap* tx = &col[x0];
-          for (int64_t c = 0; c < C; ++c) {
-            const float* src = &s.source_row[c * w];
-            float* v = &s.vals[c * kTile];
-            for (int64_t t = 0; t < n; ++t) v[t] = tx[t].l0 * src[tx[t].i0] + tx[t].l1 * src[tx[t].i1];
-          }
+          const int32_t* i0 = &col.i0[x0];
+          const int32_t* i1 = &col.i1[x0];
+          const float* l0 = &col.l0[x0];
+          const float* l1 = &col.l1[x0];
+          for (int64_t c = 0; c < C; ++c) gather_columns(&s.source_row[c * w], i0, i1, l0, l1, &s.vals[c * kTile], n);
           load_labels(a, (b * H + y) * W + x0, n, s.label);
           process_tile(s, n, k, sums);
           if (!k.grad) continue;
-          for (int64_t c = 0; c < C; ++c) {
-            float* rg = &s.row_grad[c * w];
-            const float* g = &s.work[c * kTile];
-            for (int64_t t = 0; t < n; ++t) {
-              rg[tx[t].i0] += tx[t].l0 * g[t];
-              rg[tx[t].i1] += tx[t].l1 * g[t];
-            }
-          }
+          for (int64_t c = 0; c < C; ++c) scatter_columns(&s.work[c * kTile], i0, i1, l0, l1, &s.row_grad[c * w], n);
         }
         if (!k.grad) continue;
         // At the last source row i1 == i0: both weights belong to row i.
