@@ -8,9 +8,12 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "cpu/bootstrap_loss.h"
+#include "cpu/cbst.h"
 #include "cpu/ias.h"
 #include "cpu/region_loss.h"
 #include "cpu/stats.h"
+#include "cpu/tpld.h"
 #if defined(FASTST_WITH_CUDA)
 #include "cuda/ias.h"
 #include "cuda/stats.h"
@@ -141,6 +144,106 @@ PYBIND11_MODULE(_C, mod) {
       py::call_guard<py::gil_scoped_release>(),
       "Fused region loss (SPEC 2) with on-the-fly bilinear upsample: parts (loss, ce, kld, ent) "
       "and, when grad != 0, d loss / d logits in the low-resolution layout, on the CPU.");
+
+  mod.def(
+      "cbst_collect_cpu",
+      [](uintptr_t m, uintptr_t a, int64_t B, int64_t HW, int64_t C, int64_t subsample, uintptr_t values,
+         uintptr_t classes) {
+        fastst::cbst_collect_cpu(ptr<const float>(m), ptr<const uint8_t>(a), B, HW, C, subsample,
+                                 ptr<float>(values), ptr<uint8_t>(classes));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "CBST: append the subsampled (per image and class, every s-th in row-major order) max "
+      "probabilities and their classes, on the CPU.");
+
+  mod.def(
+      "cbst_thresholds_cpu",
+      [](uintptr_t values, uintptr_t classes, int64_t n, int64_t C, double portion, uintptr_t lambdas) {
+        fastst::cbst_thresholds_cpu(ptr<const float>(values), ptr<const uint8_t>(classes), n, C, portion,
+                                    ptr<float>(lambdas));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "CBST class-balanced thresholds (exact per-class order statistics) on the CPU.");
+
+  mod.def(
+      "tpld_pixels_cpu",
+      [](uintptr_t probs, int dtype, std::array<int64_t, 4> shape, std::array<int64_t, 4> strides,
+         uintptr_t lambdas, uintptr_t labels, uintptr_t k1, uintptr_t k2, uintptr_t q1, uintptr_t q2,
+         uintptr_t confidence) {
+        if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
+        fastst::TpldPixelArgs args{};
+        args.probs = ptr<const void>(probs);
+        args.dtype = dtype;
+        args.B = shape[0];
+        args.C = shape[1];
+        args.H = shape[2];
+        args.W = shape[3];
+        args.stride_b = strides[0];
+        args.stride_c = strides[1];
+        args.stride_h = strides[2];
+        args.stride_w = strides[3];
+        args.lambdas = ptr<const float>(lambdas);
+        args.labels = ptr<uint8_t>(labels);
+        args.k1 = ptr<uint8_t>(k1);
+        args.k2 = ptr<uint8_t>(k2);
+        args.q1 = ptr<float>(q1);
+        args.q2 = ptr<float>(q2);
+        args.confidence = ptr<double>(confidence);
+        fastst::tpld_pixels_cpu(args);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "TPLD/CBST per-pixel pass: confident labels and, when the pointers are non-zero, the top-2 "
+      "voting candidates and the image confidence, on the CPU.");
+
+  mod.def(
+      "tpld_vote_cpu",
+      [](uintptr_t labels, uintptr_t k1, uintptr_t k2, uintptr_t q1, uintptr_t q2, int64_t B, int64_t H,
+         int64_t W, int64_t window, double weight, int64_t iterations) {
+        fastst::tpld_vote_cpu(ptr<uint8_t>(labels), ptr<const uint8_t>(k1), ptr<const uint8_t>(k2),
+                              ptr<const float>(q1), ptr<const float>(q2), B, H, W, window, weight, iterations);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "TPLD sliding-window top-2 voting, in place on the confident map, on the CPU.");
+
+  mod.def(
+      "st_loss_cpu",
+      [](uintptr_t logits, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
+         std::array<int64_t, 4> strides, uintptr_t target, bool target_is_u8, int ignore_index, int mode,
+         uintptr_t lambdas, uintptr_t soft_target, uintptr_t is_target, float beta, float mrkld_weight,
+         bool sum_reduction, bool align_corners, uintptr_t loss, uintptr_t grad) {
+        if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
+        if (mode < fastst::kBootstrapHard || mode > fastst::kMrkld) throw std::invalid_argument("fastst._C: unknown loss mode");
+        fastst::StLossArgs args{};
+        args.logits = ptr<const void>(logits);
+        args.dtype = dtype;
+        args.B = shape_in[0];
+        args.C = shape_in[1];
+        args.h = shape_in[2];
+        args.w = shape_in[3];
+        args.H = size_out[0];
+        args.W = size_out[1];
+        args.stride_b = strides[0];
+        args.stride_c = strides[1];
+        args.stride_h = strides[2];
+        args.stride_w = strides[3];
+        args.target = ptr<const void>(target);
+        args.target_is_u8 = target_is_u8;
+        args.ignore_index = ignore_index;
+        args.mode = mode;
+        args.lambdas = ptr<const float>(lambdas);
+        args.soft_target = ptr<const float>(soft_target);
+        args.is_target = ptr<const uint8_t>(is_target);
+        args.beta = beta;
+        args.mrkld_weight = mrkld_weight;
+        args.sum_reduction = sum_reduction;
+        args.align_corners = align_corners;
+        args.loss = ptr<float>(loss);
+        args.grad = ptr<float>(grad);
+        fastst::st_loss_cpu(args);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused bootstrapping (mode 0 hard, 1 soft) or CRST-MRKLD (mode 2) loss with on-the-fly "
+      "bilinear upsample: the loss and, when grad != 0, d loss / d logits, on the CPU.");
 
 #if defined(FASTST_WITH_CUDA)
   mod.def(

@@ -14,7 +14,8 @@ torchvision refuses dilation in ``BasicBlock``; ours supports it so ResNet-18/34
 stride 8 too (both 3x3 convs of a block use the block's dilation, padding = dilation).
 
 Shapes: input float (B, 3, H, W) -> features (B, out_channels, ceil(H/8), ceil(W/8)), e.g.
-321x321 -> 41x41; out_channels is 2048 for Bottleneck nets and 512 for BasicBlock nets.
+321x321 -> 41x41; out_channels is 8 * width * expansion: 2048 for Bottleneck nets and 512 for
+BasicBlock nets at torchvision's width 64 (128 for the demo's "resnet18_w16").
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -84,12 +85,16 @@ class Bottleneck(nn.Module):
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
-# name -> (block type, blocks per layer), as torchvision's resnet18/34/50/101.
-RESNET_SPECS: Dict[str, Tuple[Block, Tuple[int, int, int, int]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+# name -> (block type, blocks per layer, channels of conv1 and layer1). The first four are
+# torchvision's resnet18/34/50/101 (width 64). "resnet18_w16" is ResNet-18 at a quarter of the
+# width (16/32/64/128 channels, 0.7 M parameters): not a published net and never pretrained, it
+# exists so that the CPU demo (fastst/presets/demo.yaml) trains all its stages in minutes.
+RESNET_SPECS: Dict[str, Tuple[Block, Tuple[int, int, int, int], int]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 64),
+    "resnet18_w16": (BasicBlock, (2, 2, 2, 2), 16),
 }
 
 
@@ -101,30 +106,38 @@ class ResNet(nn.Module):
         layers: number of blocks in layer1..layer4.
         replace_stride_with_dilation: for layer2..layer4, whether to dilate instead of striding
             (torchvision's argument); the default gives output stride 8.
+        width: channels of conv1 and layer1; layer2..layer4 have 2, 4 and 8 times as many
+            (times the block's expansion). torchvision's nets have 64.
 
     Attributes:
-        out_channels: channels of the returned feature map (512 * block.expansion).
+        out_channels: channels of the returned feature map (8 * width * block.expansion).
     """
 
     def __init__(self, block: Block, layers: Sequence[int],
-                 replace_stride_with_dilation: Sequence[bool] = (False, True, True)) -> None:
+                 replace_stride_with_dilation: Sequence[bool] = (False, True, True),
+                 width: int = 64) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 block counts, got {list(layers)}")
         if len(replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation must have 3 entries (layer2..layer4), "
                              f"got {list(replace_stride_with_dilation)}")
-        self.inplanes = 64
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        self.inplanes = width
         self.dilation = 1
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, replace_stride_with_dilation[2])
-        self.out_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2,
+                                       replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2,
+                                       replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2,
+                                       replace_stride_with_dilation[2])
+        self.out_channels = 8 * width * block.expansion
         # torchvision's initialisation, so an un-pretrained net starts from the same distribution.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -167,5 +180,5 @@ def build_resnet(name: str) -> ResNet:
     initialised as torchvision does."""
     if name not in RESNET_SPECS:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {sorted(RESNET_SPECS)}")
-    block, layers = RESNET_SPECS[name]
-    return ResNet(block, layers)
+    block, layers, width = RESNET_SPECS[name]
+    return ResNet(block, layers, width=width)

@@ -5,6 +5,7 @@ sequential by definition). See SPEC sections 1 and 2.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -279,3 +280,266 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
                                            lambda_ent=lambda_ent, ignore_index=ignore_index,
                                            align_corners=align_corners)
     return (loss, ce, kld, ent) if return_parts else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# CBST / CRST (SPEC 5) and TPLD (SPEC 6)
+# ---------------------------------------------------------------------------------------------
+def tpld_q(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """q_k = float32(p_k) / float32(lambda_k) (IEEE division), (B, C, H, W) float32."""
+    C = probs.shape[1]
+    return probs.float() / lambdas.to(device=probs.device, dtype=torch.float32).view(1, C, 1, 1)
+
+
+def _confident(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(labels int64 (B, H, W): argmax_k q (lowest index on ties) where max q >= 1, else 255;
+    argmax int64 (B, H, W))."""
+    best, arg = q.max(dim=1)
+    return torch.where(best >= 1.0, arg, torch.full_like(arg, IGNORE)), arg
+
+
+def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """CBST labels (SPEC 5): w = p / lambda; argmax w where max w >= 1, else 255.
+
+    Args:
+        probs: (B, C, H, W) float32/float16/bfloat16. lambdas: (C,) thresholds.
+    Returns:
+        (B, H, W) uint8.
+    """
+    return _confident(tpld_q(probs, lambdas))[0].to(torch.uint8)
+
+
+def cbst_keep_mask(a: torch.Tensor, num_classes: int, subsample: int) -> torch.Tensor:
+    """Which pixels a class-balanced threshold keeps (SPEC 5): per image and per class, the
+    pixels of that class at positions 0, s, 2s, ... in row-major order.
+
+    Args:
+        a: (B, N) integer argmax per pixel (row-major pixels of each image).
+    Returns:
+        (B, N) bool.
+    """
+    if subsample == 1:
+        return torch.ones_like(a, dtype=torch.bool)
+    B, N = a.shape
+    a = a.long()
+    order = torch.sort(a, dim=1, stable=True)
+    counts = torch.zeros((B, num_classes), dtype=torch.int64, device=a.device)
+    counts.scatter_add_(1, a, torch.ones_like(a))
+    starts = torch.cumsum(counts, 1) - counts
+    positions = torch.arange(N, device=a.device).expand(B, N)
+    rank_sorted = positions - starts.gather(1, order.values)
+    rank = torch.empty_like(rank_sorted).scatter_(1, order.indices, rank_sorted)
+    return rank % subsample == 0
+
+
+def class_balanced_thresholds(values: torch.Tensor, classes: torch.Tensor, num_classes: int,
+                              portion: float) -> torch.Tensor:
+    """lambda_k = (values of class k sorted descending)[floor(len_k * portion) - 1], or 1 where
+    that count is 0 (SPEC 5).
+
+    Args:
+        values: (n,) float32 max probabilities kept by `cbst_keep_mask`. classes: (n,) their argmax.
+    Returns:
+        (C,) float32.
+    """
+    lambdas = torch.ones(num_classes, dtype=torch.float32, device=values.device)
+    for k in range(num_classes):
+        v = values[classes == k]
+        n_k = int(math.floor(v.numel() * portion))
+        if n_k > 0:
+            lambdas[k] = torch.sort(v, descending=True).values[n_k - 1]
+    return lambdas
+
+
+def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, weight: float = 0.7,
+              iterations: int = 3) -> torch.Tensor:
+    """Sliding-window top-2 voting (SPEC 6), reference version.
+
+    Each iteration decides every pixel from the previous map: for an unlabelled pixel, with k1, k2
+    its two largest q (lower index first on ties), pool_k = mean of q_k(y) over the labelled
+    pixels y of class k in its window (clipped at the border; float64 sum in row-major window
+    order; 0 without any), s_k = weight * q_k + (1 - weight) * pool_k in float64; it takes k1 if
+    s_k1 >= s_k2 and s_k1 > 1, k2 if s_k2 > s_k1 and s_k2 > 1.
+
+    Args:
+        probs: (B, C, H, W) float32/float16/bfloat16. lambdas: (C,).
+    Returns:
+        (B, H, W) uint8, 255 = unlabelled.
+    """
+    q = tpld_q(probs, lambdas)
+    labels, k1 = _confident(q)
+    if iterations == 0:
+        return labels.to(torch.uint8)
+    B, C, H, W = q.shape
+    others = q.scatter(1, k1.unsqueeze(1), float("-inf"))
+    k2 = others.argmax(dim=1)
+    q1 = q.gather(1, k1.unsqueeze(1)).squeeze(1).double()
+    q2 = q.gather(1, k2.unsqueeze(1)).squeeze(1).double()
+    r = window // 2
+    one_minus_weight = 1.0 - weight
+    for _ in range(iterations):
+        labelled = labels != IGNORE
+        own_q = q.gather(1, torch.where(labelled, labels, 0).unsqueeze(1)).squeeze(1).double()
+        own_q = torch.where(labelled, own_q, 0.0)
+        lab_pad = F.pad(labels, (r, r, r, r), value=IGNORE)
+        q_pad = F.pad(own_q, (r, r, r, r), value=0.0)
+        sums = [torch.zeros_like(q1), torch.zeros_like(q2)]
+        counts = [torch.zeros_like(k1), torch.zeros_like(k2)]
+        for dy in range(window):
+            for dx in range(window):
+                lab_s = lab_pad[:, dy:dy + H, dx:dx + W]
+                q_s = q_pad[:, dy:dy + H, dx:dx + W]
+                for i, k in enumerate((k1, k2)):
+                    hit = lab_s == k
+                    sums[i] = sums[i] + torch.where(hit, q_s, 0.0)
+                    counts[i] = counts[i] + hit.long()
+        scores = []
+        for i, qk in enumerate((q1, q2)):
+            pool = torch.where(counts[i] > 0, sums[i] / counts[i].clamp(min=1).double(), 0.0)
+            scores.append(weight * qk + one_minus_weight * pool)
+        first = scores[0] >= scores[1]
+        best = torch.where(first, scores[0], scores[1])
+        choice = torch.where(first, k1, k2)
+        labels = torch.where(~labelled & (best > 1.0), choice, labels)
+    return labels.to(torch.uint8)
+
+
+def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """conf_t = (sum over classes k ascending with N_k > 0 of (N*_k / N_k) / lambda_k) / |K'|
+    in float64 (SPEC 6); N_k = pixels whose argmax p is k, N*_k = those with q_k >= 1.
+
+    Returns:
+        (B,) float64, 0 for an image with no class (impossible for H, W >= 1).
+    """
+    B, C = probs.shape[:2]
+    q = tpld_q(probs, lambdas)
+    a = probs.max(dim=1).indices.reshape(B, -1)
+    sure = (q.gather(1, a.view(B, 1, *probs.shape[2:])).reshape(B, -1) >= 1.0).long()
+    n = torch.zeros((B, C), dtype=torch.int64, device=probs.device).scatter_add_(1, a, torch.ones_like(a))
+    n_sure = torch.zeros_like(n).scatter_add_(1, a, sure)
+    lam = lambdas.to(device=probs.device, dtype=torch.float32).double()
+    total = torch.zeros(B, dtype=torch.float64, device=probs.device)
+    present = torch.zeros(B, dtype=torch.int64, device=probs.device)
+    for k in range(C):
+        ratio = n_sure[:, k].double() / n[:, k].clamp(min=1).double() / lam[k]
+        total = total + torch.where(n[:, k] > 0, ratio, 0.0)
+        present = present + (n[:, k] > 0).long()
+    return torch.where(present > 0, total / present.clamp(min=1).double(), 0.0)
+
+
+def split_easy_hard(conf: torch.Tensor, easy_portion: float = 0.3) -> torch.Tensor:
+    """Easy (True) = the first floor(easy_portion * N) images by conf descending, ties by
+    ascending index (SPEC 6). conf: (N,). Returns (N,) bool."""
+    N = conf.numel()
+    order = torch.sort(conf, descending=True, stable=True).indices
+    easy = torch.zeros(N, dtype=torch.bool, device=conf.device)
+    easy[order[: int(math.floor(easy_portion * N))]] = True
+    return easy
+
+
+def tpld_soft_targets(probs: torch.Tensor, lambdas: torch.Tensor, *, gamma: float = 2.0) -> torch.Tensor:
+    """Full soft targets of easy images (SPEC 6): the one-hot vector of the confident class at
+    confident pixels, y_k = q_k ** gamma (float32, not normalised) elsewhere.
+
+    Returns:
+        (B, C, H, W) float32.
+    """
+    q = tpld_q(probs, lambdas)
+    labels, _ = _confident(q)
+    confident = labels != IGNORE
+    onehot = F.one_hot(torch.where(confident, labels, 0), q.shape[1]).permute(0, 3, 1, 2).float()
+    return torch.where(confident.unsqueeze(1), onehot, torch.pow(q, gamma))
+
+
+def self_information(probs: torch.Tensor) -> torch.Tensor:
+    """ADVENT's weighted self-information I = -p * log2(p + 1e-30) / log2(C), (B, C, H, W),
+    in the dtype of `probs` (differentiable)."""
+    C = probs.shape[1]
+    return -probs * torch.log2(probs + 1e-30) / math.log2(C)
+
+
+def _upsample(x: torch.Tensor, H: int, W: int, align_corners: bool) -> torch.Tensor:
+    if tuple(x.shape[2:]) != (H, W):
+        return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=align_corners)
+    return x
+
+
+def bootstrap_loss_terms(x: torch.Tensor, target: torch.Tensor, lambdas: torch.Tensor, *,
+                         beta: float, soft_target: Optional[torch.Tensor], ignore_index: int,
+                         align_corners: bool, reduction: str = "mean") -> torch.Tensor:
+    """The computation of `bootstrap_loss` in the floating dtype of `x` (no validation).
+
+    Per pixel with a target: -sum_k (beta * y_k + (1 - beta) * stopgrad(q_k)) * log q_k with
+    log q_k = log_softmax(x)_k - log lambda_k and q = p / lambda (detached). Hard targets
+    (soft_target None): y = onehot(target), pixels with target == ignore_index have none. Soft
+    targets: every pixel has one, y = onehot(target) where target != ignore_index, else
+    soft_target. Gradient w.r.t. the upsampled logits per pixel: p * sum_k c_k - c.
+
+    Returns:
+        0-dim: the sum over pixels with a target, divided by their number for "mean" (0 when
+        there are none).
+    """
+    B, C = x.shape[:2]
+    H, W = target.shape[1:]
+    logp = torch.log_softmax(_upsample(x, H, W, align_corners), dim=1)
+    lam = lambdas.to(device=x.device, dtype=torch.float32)
+    q = (logp.detach().exp().float() / lam.view(1, C, 1, 1)).to(x.dtype)
+    log_q = logp - torch.log(lam).to(x.dtype).view(1, C, 1, 1)
+    t = target.long()
+    labelled = t != ignore_index
+    onehot = F.one_hot(torch.where(labelled, t, 0), C).permute(0, 3, 1, 2).to(x.dtype)
+    if soft_target is None:
+        y, has_target = onehot, labelled
+    else:
+        y = torch.where(labelled.unsqueeze(1), onehot, soft_target.to(x.dtype))
+        has_target = torch.ones_like(labelled)
+    per_pixel = -((beta * y + (1.0 - beta) * q) * log_q).sum(dim=1)
+    total = torch.where(has_target, per_pixel, torch.zeros_like(per_pixel)).sum()
+    if reduction == "sum":
+        return total
+    return total / has_target.sum().clamp(min=1).to(x.dtype)
+
+
+def bootstrap_loss(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tensor, *,
+                   beta: float = 0.95, soft_target: Optional[torch.Tensor] = None,
+                   ignore_index: int = 255, size: Optional[Sequence[int]] = None,
+                   align_corners: bool = True, reduction: str = "mean") -> torch.Tensor:
+    """TPLD's bootstrapping loss (SPEC 6), reference: `bootstrap_loss_terms` on float32 logits
+    (upsampled with F.interpolate to the target's (H, W)). Returns a float32 0-dim tensor."""
+    soft = None if soft_target is None else soft_target.float()
+    return bootstrap_loss_terms(logits.float(), target, lambdas, beta=beta, soft_target=soft,
+                                ignore_index=ignore_index, align_corners=align_corners,
+                                reduction=reduction)
+
+
+def mrkld_loss_terms(x: torch.Tensor, target: torch.Tensor, is_target: torch.Tensor, *,
+                     mrkld_weight: float, ignore_index: int, align_corners: bool) -> torch.Tensor:
+    """CRST-MRKLD (SPEC 5) in the dtype of `x`: ce_sum / n_valid + w * kld_sum / n_valid_tgt,
+    kld_sum = sum over valid pixels of target crops of -(1/C) sum_c log p_c; the KLD term is
+    dropped when n_valid_tgt = 0 and the loss is 0 when n_valid = 0.
+
+    Args:
+        x: (B, C, h, w) logits. target: (B, H, W). is_target: (B,) bool, target-domain crops.
+    """
+    C = x.shape[1]
+    H, W = target.shape[1:]
+    logp = torch.log_softmax(_upsample(x, H, W, align_corners), dim=1)
+    t = target.long()
+    valid = t != ignore_index
+    valid_tgt = valid & is_target.to(device=x.device, dtype=torch.bool).view(-1, 1, 1)
+    nll = -logp.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+    ce_sum = torch.where(valid, nll, torch.zeros_like(nll)).sum()
+    kl_pix = -logp.sum(dim=1) / C
+    kld_sum = torch.where(valid_tgt, kl_pix, torch.zeros_like(kl_pix)).sum()
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    n_valid = torch.maximum(valid.sum().to(x.dtype), one)
+    n_tgt = torch.maximum(valid_tgt.sum().to(x.dtype), one)
+    return ce_sum / n_valid + mrkld_weight * kld_sum / n_tgt
+
+
+def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tensor, *,
+               mrkld_weight: float = 0.01, ignore_index: int = 255,
+               size: Optional[Sequence[int]] = None, align_corners: bool = True) -> torch.Tensor:
+    """CRST-MRKLD loss, reference: `mrkld_loss_terms` on float32 logits. float32 0-dim."""
+    return mrkld_loss_terms(logits.float(), target, is_target, mrkld_weight=mrkld_weight,
+                            ignore_index=ignore_index, align_corners=align_corners)
