@@ -169,7 +169,7 @@ PYBIND11_MODULE(_C, mod) {
       "tpld_pixels_cpu",
       [](uintptr_t probs, int dtype, std::array<int64_t, 4> shape, std::array<int64_t, 4> strides,
          uintptr_t lambdas, uintptr_t labels, uintptr_t k1, uintptr_t k2, uintptr_t q1, uintptr_t q2,
-         uintptr_t confidence) {
+         uintptr_t confidence, uintptr_t flags) {
         if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
         fastst::TpldPixelArgs args{};
         args.probs = ptr<const void>(probs);
@@ -189,6 +189,7 @@ PYBIND11_MODULE(_C, mod) {
         args.q1 = ptr<float>(q1);
         args.q2 = ptr<float>(q2);
         args.confidence = ptr<double>(confidence);
+        args.flags = ptr<int32_t>(flags);
         fastst::tpld_pixels_cpu(args);
       },
       py::call_guard<py::gil_scoped_release>(),

@@ -1,7 +1,12 @@
 """fastst operators (SPEC section 7). Every op takes `backend=` ("cuda", "triton", "cpp",
 "torch"); see `available_backends()` and SPEC section 0 for the default choice."""
 from ._backend import available_backends
+from .cbst import ClassBalancedThresholds, cbst_pseudo_label, mrkld_loss
 from .ias import ias_pseudo_label
 from .region_loss import region_loss
+from .tpld import (bootstrap_loss, image_confidence, self_information, split_easy_hard, tpld_soft_targets,
+                   tpld_vote)
 
-__all__ = ["available_backends", "ias_pseudo_label", "region_loss"]
+__all__ = ["available_backends", "ias_pseudo_label", "region_loss", "ClassBalancedThresholds",
+           "cbst_pseudo_label", "mrkld_loss", "tpld_vote", "image_confidence", "split_easy_hard",
+           "tpld_soft_targets", "bootstrap_loss", "self_information"]

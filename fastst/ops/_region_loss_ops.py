@@ -28,24 +28,30 @@ def region_loss_fake(logits, target, lambda_kld, lambda_ent, ignore_index, out_h
     return new_region_loss_outputs(logits, compute_grad)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.logits_dtype = inputs[0].dtype
-    ctx.has_grad = inputs[-1]
-    ctx.save_for_backward(output[1])
+def register_fused_loss_op(op, fake, num_inputs: int, public_name: str) -> None:
+    """Give a fused-loss custom op (outputs: values whose [0] is the loss, and the gradient of
+    that loss with respect to input 0, made in the forward pass when its last input,
+    compute_grad, is set) its fake kernel and autograd formula: the backward scales the saved
+    gradient by the incoming one. Only input 0 (the logits) gets a gradient."""
+    def setup_context(ctx, inputs, output):
+        ctx.logits_dtype = inputs[0].dtype
+        ctx.has_grad = inputs[-1]
+        ctx.save_for_backward(output[1])
 
+    def backward(ctx, grad_values, _grad_of_grad):
+        if not ctx.has_grad:
+            raise RuntimeError(f"{op}: the forward ran with compute_grad=False, so there is no gradient "
+                               f"to return; call the public {public_name}, which sets it")
+        (grad,) = ctx.saved_tensors
+        return ((grad * grad_values[0]).to(ctx.logits_dtype),) + (None,) * (num_inputs - 1)
 
-def _backward(ctx, grad_parts, _grad_of_grad):
-    if not ctx.has_grad:
-        raise RuntimeError("fastst region_loss: the forward ran with compute_grad=False, so there is "
-                           "no gradient to return; call the public fastst.ops.region_loss, which sets it")
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_parts[0]).to(ctx.logits_dtype), None, None, None, None, None, None, None, None
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 def register_region_loss_op(op) -> None:
     """Give a fused region-loss custom op its fake kernel and autograd formula."""
-    op.register_fake(region_loss_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
+    register_fused_loss_op(op, region_loss_fake, 9, "fastst.ops.region_loss")
 
 
 @torch.library.custom_op("fastst::region_loss_cpp", mutates_args=())

@@ -1,0 +1,110 @@
+"""TPLD / CBST operators: every backend against the reference op and a direct torch
+implementation of the vote (per-class box filters with conv2d), and the streamed thresholds.
+
+Shapes (issue 8): tpld_vote C = 19, 512x1024, B in {1, 4}; thresholds over 100 batches of
+256x512 images; the fused bootstrapping loss (forward + backward) from 1/8-resolution logits.
+FASTST_BENCH_QUICK=1: 128x256, B = 1, 10 batches.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastst.ops as ops
+from conftest import QUICK
+from fastst.ops import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+C = 19
+H, W = (128, 256) if QUICK else (512, 1024)
+BATCHES = [1] if QUICK else [1, 4]
+# On the CPU the Triton backend runs in its interpreter: not a speed to report.
+VOTE_IMPLS = [b for b in ops.available_backends() if b in ("cuda", "triton", "cpp")
+              and not (b == "triton" and DEVICE == "cpu")] + ["reference", "torch_boxfilter"]
+
+
+def _inputs(B, h=H, w=W):
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(B, C, h, w, generator=g) * 3, 1).to(DEVICE)
+    lam = (torch.rand(C, generator=g) * 0.4 + 0.5).to(DEVICE)
+    return p, lam
+
+
+def torch_boxfilter_vote(p, lam, window=7, weight=0.7, iterations=3):
+    """A direct torch implementation: per-class box sums of q and of counts over the labelled
+    map (depthwise conv2d with a window x window kernel of ones, float64), then the top-2 rule."""
+    q = p.float() / lam.float().view(1, -1, 1, 1)
+    best, k1 = q.max(1)
+    labels = torch.where(best >= 1, k1, torch.full_like(k1, 255))
+    k2 = q.scatter(1, k1.unsqueeze(1), -1.0).argmax(1)
+    ones = torch.ones(C, 1, window, window, dtype=torch.float64, device=p.device)
+    q64 = q.double()
+    for _ in range(iterations):
+        onehot = F.one_hot(torch.where(labels == 255, C, labels), C + 1)[..., :C].permute(0, 3, 1, 2).double()
+        sums = F.conv2d(onehot * q64, ones, padding=window // 2, groups=C)
+        counts = F.conv2d(onehot, ones, padding=window // 2, groups=C)
+        pool = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+        s = weight * q64 + (1 - weight) * pool
+        s1, s2 = s.gather(1, k1.unsqueeze(1)).squeeze(1), s.gather(1, k2.unsqueeze(1)).squeeze(1)
+        choice = torch.where(s1 >= s2, k1, k2)
+        labels = torch.where((labels == 255) & (torch.maximum(s1, s2) > 1.0), choice, labels)
+    return labels.to(torch.uint8)
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("impl", VOTE_IMPLS)
+def test_tpld_vote(benchmark, run, impl, B):
+    p, lam = _inputs(B)
+    group = f"tpld_vote window 7, 3 iterations, B={B} C={C} {H}x{W} {DEVICE}"
+    if impl == "reference":
+        fn = lambda: reference.tpld_vote(p, lam)  # noqa: E731
+    elif impl == "torch_boxfilter":
+        fn = lambda: torch_boxfilter_vote(p, lam)  # noqa: E731
+    else:
+        fn = lambda: ops.tpld_vote(p, lam, backend=impl)  # noqa: E731
+    labels = run(benchmark, group, impl, fn, device=DEVICE, rounds=2 if impl != VOTE_IMPLS[0] else None)
+    assert tuple(labels.shape) == (B, H, W)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["torch"])
+def test_thresholds_stream(benchmark, run, impl):
+    n = 10 if QUICK else 100
+    h, w = (64, 128) if QUICK else (256, 512)
+    p, _ = _inputs(1, h, w)
+
+    def stream():
+        acc = ops.ClassBalancedThresholds(C, 4, backend=impl)
+        for _ in range(n):
+            acc.update(p)
+        return acc.thresholds(0.2)
+
+    group = f"ClassBalancedThresholds subsample 4, {n} batches of 1x{C}x{h}x{w} + thresholds {DEVICE}"
+    lam = run(benchmark, group, impl, stream, device=DEVICE, rounds=1 if not QUICK else 2)
+    assert lam.shape == (C,)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["torch"])
+def test_image_confidence(benchmark, run, impl):
+    p, lam = _inputs(1)
+    group = f"image_confidence B=1 C={C} {H}x{W} {DEVICE}"
+    conf = run(benchmark, group, impl, lambda: ops.image_confidence(p, lam, backend=impl), device=DEVICE)
+    assert conf.shape == (1,)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["torch"])
+def test_bootstrap_loss_forward_backward(benchmark, run, impl):
+    B = 2
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
+    target = torch.randint(0, C, (B, H, W), generator=g)
+    target[torch.rand(B, H, W, generator=g) < 0.3] = 255
+    target = target.to(DEVICE)
+    lam = (torch.rand(C, generator=g) * 0.4 + 0.5).to(DEVICE)
+
+    def step():
+        x = logits.clone().requires_grad_(True)
+        ops.bootstrap_loss(x, target, lam, backend=impl).backward()
+        return x.grad
+
+    group = f"bootstrap_loss fwd+bwd hard, logits {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
+    grad = run(benchmark, group, impl, step, device=DEVICE)
+    assert grad.shape == logits.shape

@@ -1,0 +1,195 @@
+"""Public TPLD operators (SPEC 6): `tpld_vote`, `image_confidence`, `split_easy_hard`,
+`tpld_soft_targets`, `bootstrap_loss`, `self_information`; validation, backend choice, dispatch.
+
+Backends: "cpp" (C++/OpenMP, the CPU default) for the vote, the confidence and the fused loss;
+"triton" (the CUDA default) for the vote; "torch" (reference.py) for all (the loss on CUDA too).
+`split_easy_hard`, `tpld_soft_targets` and `self_information` are elementwise or O(N) torch
+expressions (one fused kernel each under torch.compile), so they have only "torch".
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks, reference
+from ._backend import choose_backend
+from ._tpld_ops import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, image_confidence_cpp, st_loss_cpp, tpld_vote_cpp
+from .cbst import check_lambdas, check_prob_values, check_probs, raise_on_flags
+
+VOTE_BACKENDS = ("triton", "cpp", "torch")
+CONFIDENCE_BACKENDS = ("cpp", "torch")
+LOSS_BACKENDS = ("cpp", "torch")
+TORCH_ONLY = ("torch",)
+REDUCTIONS = ("mean", "sum")
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, weight: float = 0.7,
+              iterations: int = 3, backend: Optional[str] = None) -> torch.Tensor:
+    """TPLD's sliding-window two-phase voting (SPEC 6): densify the confident map.
+
+    q = p / lambda; the confident map labels argmax q where max q >= 1. Each iteration gives
+    every unlabelled pixel x, with candidates k1, k2 (its two largest q, lower index first on
+    ties), s_k = weight * q_k(x) + (1 - weight) * pool_k(x), pool_k = the mean q_k over the
+    pixels labelled k in the window around x (clipped at the border; float64 sum in row-major
+    window order; 0 if none), and labels x with the larger s (k1 on ties) if it exceeds 1. All
+    pixels of an iteration read the previous map.
+
+    Args:
+        probs: (B, C, H, W) float32/float16/bfloat16 probabilities, any strides.
+        lambdas: (C,) class thresholds, > 0.
+        window: odd window side >= 1. weight: in [0, 1]. iterations: >= 0 (0: the confident map).
+        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
+    Returns:
+        (B, H, W) uint8, 255 = unlabelled.
+    """
+    probs = check_probs("probs", probs)
+    lambdas = check_lambdas(lambdas, probs.shape[1], probs.device)
+    window = _check_int("window", window, 1)
+    if window % 2 == 0:
+        raise ValueError(f"window must be odd (the window is centred on the pixel), got {window}")
+    weight = _checks.check_real("weight", weight, low=0.0, high=1.0)
+    iterations = _check_int("iterations", iterations, 0)
+    name = choose_backend("tpld_vote", probs.device, VOTE_BACKENDS, backend)
+    if name == "torch":
+        check_prob_values("probs", probs)
+        return reference.tpld_vote(probs, lambdas, window=window, weight=weight, iterations=iterations)
+    if name == "triton":
+        from .triton.tpld import tpld_vote_triton
+        labels, flags = tpld_vote_triton(probs, lambdas, window, weight, iterations)
+    else:
+        labels, flags = tpld_vote_cpp(probs, lambdas, window, weight, iterations)
+    raise_on_flags("probs", flags)
+    return labels
+
+
+def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """TPLD's image confidence conf_t (SPEC 6), fused with the confident-label pass in "cpp":
+    the mean over the classes k present as argmax p of (N*_k / N_k) / lambda_k, float64, with
+    N_k the pixels whose argmax p is k and N*_k those of them with q_k >= 1.
+
+    Args:
+        probs: (B, C, H, W) float32/float16/bfloat16. lambdas: (C,) > 0.
+    Returns:
+        (B,) float64.
+    """
+    probs = check_probs("probs", probs)
+    lambdas = check_lambdas(lambdas, probs.shape[1], probs.device)
+    name = choose_backend("image_confidence", probs.device, CONFIDENCE_BACKENDS, backend)
+    if name == "torch":
+        check_prob_values("probs", probs)
+        return reference.image_confidence(probs, lambdas)
+    _, conf, flags = image_confidence_cpp(probs, lambdas)
+    raise_on_flags("probs", flags)
+    return conf
+
+
+def split_easy_hard(conf: torch.Tensor, easy_portion: float = 0.3, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Easy/hard split (SPEC 6): sort by conf descending (ties: ascending index); the first
+    floor(easy_portion * N) images are easy.
+
+    Args:
+        conf: (N,) floating confidences (image_confidence over the target set).
+        easy_portion: in [0, 1].
+    Returns:
+        (N,) bool, True = easy.
+    """
+    if not isinstance(conf, torch.Tensor) or conf.dim() != 1 or not conf.is_floating_point():
+        raise ValueError(f"conf must be a 1-D floating tensor (N,), got "
+                         f"{tuple(conf.shape) if isinstance(conf, torch.Tensor) else type(conf).__name__}")
+    easy_portion = _checks.check_real("easy_portion", easy_portion, low=0.0, high=1.0)
+    choose_backend("split_easy_hard", conf.device, TORCH_ONLY, backend)
+    if _checks.value_checks_enabled(conf.device) and not bool(torch.isfinite(conf).all()):
+        raise ValueError("conf contains NaN or Inf values")
+    return reference.split_easy_hard(conf, easy_portion)
+
+
+def tpld_soft_targets(probs: torch.Tensor, lambdas: torch.Tensor, *, gamma: float = 2.0,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """Full soft targets of an easy image (SPEC 6): the one-hot vector of the confident class at
+    confident pixels, y_k = q_k ** gamma (not normalised) elsewhere.
+
+    Args:
+        probs: (B, C, H, W) float32/float16/bfloat16. lambdas: (C,) > 0. gamma: finite >= 0.
+    Returns:
+        (B, C, H, W) float32.
+    """
+    probs = check_probs("probs", probs)
+    lambdas = check_lambdas(lambdas, probs.shape[1], probs.device)
+    gamma = _checks.check_real("gamma", gamma, low=0.0)
+    choose_backend("tpld_soft_targets", probs.device, TORCH_ONLY, backend)
+    check_prob_values("probs", probs)
+    return reference.tpld_soft_targets(probs, lambdas, gamma=gamma)
+
+
+def self_information(probs: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Weighted self-information I = -p * log2(p + 1e-30) / log2(C) (SPEC 6, ADVENT), the input
+    of the intra-domain discriminator; differentiable, in the dtype of probs (float64 too),
+    (B, C, H, W)."""
+    probs = _checks.check_tensor("probs", probs, ndim=4, dtypes=_checks.FLOAT_DTYPES + (torch.float64,),
+                                 layout="(B, C, H, W)")
+    choose_backend("self_information", probs.device, TORCH_ONLY, backend)
+    return reference.self_information(probs)
+
+
+def bootstrap_loss(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tensor, *, beta: float = 0.95,
+                   soft_target: Optional[torch.Tensor] = None, ignore_index: int = 255,
+                   size: Optional[Sequence[int]] = None, align_corners: bool = True, reduction: str = "mean",
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """TPLD's bootstrapping loss (SPEC 6), fused forward and backward in "cpp".
+
+    With p = softmax(upsample(logits)) and q = p / lambda, each pixel with a target adds
+    -sum_k (beta * y_k + (1 - beta) * stopgrad(q_k)) * log q_k.
+    Hard targets (soft_target None, phase 1): y = onehot(target); pixels equal to ignore_index
+    have no target. Soft targets (easy images, phase 2): every pixel has one; y = onehot(target)
+    where target != ignore_index (the confident map), else soft_target (q_teacher ** gamma from
+    `tpld_soft_targets`, whose confident pixels hold the same one-hot vectors).
+
+    Args:
+        logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled bilinearly (as
+            F.interpolate with align_corners) to the target's (H, W) on the fly.
+        target: (B, H, W) uint8/int64, classes or ignore_index.
+        lambdas: (C,) class thresholds > 0.
+        beta: in [0, 1]. soft_target: None or (B, C, H, W) float tensor (a constant: no gradient).
+        size: None or the target's (H, W) (checked).
+        reduction: "mean" (divide by the number of pixels with a target; 0 if none) or "sum"
+            (for callers with their own normaliser, e.g. phase 1's n_valid over all crops).
+        backend: "cpp" or "torch".
+    Returns:
+        float32 0-dim loss, differentiable w.r.t. logits.
+    """
+    from .region_loss import _check_args
+    _check_args(logits, target, 0.0, 0.0, ignore_index, size, align_corners)
+    B, C = logits.shape[:2]
+    lambdas = check_lambdas(lambdas, C, logits.device)
+    beta = _checks.check_real("beta", beta, low=0.0, high=1.0)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if soft_target is not None:
+        shape = (B, C) + tuple(target.shape[1:])
+        soft_target = _checks.check_tensor("soft_target", soft_target, ndim=4, dtypes=_checks.FLOAT_DTYPES,
+                                           layout="(B, C, H, W)")
+        if tuple(soft_target.shape) != shape:
+            raise ValueError(f"soft_target must have shape {shape} (the target's size, C classes), "
+                             f"got {tuple(soft_target.shape)}")
+        if soft_target.device != logits.device:
+            raise ValueError(f"soft_target is on {soft_target.device} but logits are on {logits.device}")
+        soft_target = soft_target.detach()
+    name = choose_backend("bootstrap_loss", logits.device, LOSS_BACKENDS, backend)
+    if name == "torch":
+        return reference.bootstrap_loss(logits, target, lambdas, beta=beta, soft_target=soft_target,
+                                        ignore_index=ignore_index, align_corners=align_corners,
+                                        reduction=reduction)
+    op = st_loss_cpp
+    soft = None if soft_target is None else soft_target.float()
+    mode = BOOTSTRAP_HARD if soft is None else BOOTSTRAP_SOFT
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = op(logits, target, lambdas, soft, None, mode, beta, 0.0, reduction == "sum", ignore_index,
+                 target.shape[1], target.shape[2], align_corners, compute_grad)
+    return loss[0]
