@@ -1,0 +1,125 @@
+"""Confusion matrix and IoU for semantic segmentation (SPEC section 3).
+
+Rows are ground-truth classes, columns predicted classes. mIoU-16 and mIoU-13 (SYNTHIA) are read
+off the 19-class matrix with `fastst.data.ids.CLASSES_16` / `CLASSES_13`."""
+import math
+
+import torch
+import torch.distributed as dist
+
+from .data.ids import CLASS_NAMES, CLASSES_13, CLASSES_16, NUM_CLASSES
+
+__all__ = ["ConfusionMatrix"]
+
+
+class ConfusionMatrix:
+    """Accumulates an int64 (C, C) confusion matrix, `matrix[target, pred]`.
+
+    `device=None` keeps the matrix on the CPU; give the evaluation device (e.g. "cuda") to keep
+    updates free of host synchronisation. Counts are computed with `torch.bincount` on the device
+    of the inputs and added to the matrix (moved if the devices differ)."""
+
+    def __init__(self, num_classes, device=None):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64,
+                                  device=torch.device("cpu") if device is None else device)
+
+    def update(self, pred, target):
+        """Count the pixels of `pred` against `target`: integer tensors of the same shape (any
+        rank, any device). Pixels whose target is outside [0, C) (255 = ignore) or whose
+        prediction is outside [0, C) are left out."""
+        for name, tensor in (("pred", pred), ("target", target)):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            if tensor.dtype.is_floating_point or tensor.dtype.is_complex or \
+                    tensor.dtype == torch.bool:
+                raise TypeError(f"{name} must hold integer class ids, got {tensor.dtype}; take "
+                                f"the argmax of scores first")
+        if pred.shape != target.shape:
+            raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} "
+                             f"and {tuple(target.shape)}")
+        if pred.device != target.device:
+            raise ValueError(f"pred and target must be on the same device, got {pred.device} "
+                             f"and {target.device}")
+        C = self.num_classes
+        pred = pred.reshape(-1).long()
+        target = target.reshape(-1).long()
+        valid = (target >= 0) & (target < C) & (pred >= 0) & (pred < C)
+        counts = torch.bincount(target[valid] * C + pred[valid], minlength=C * C)
+        self.matrix += counts.reshape(C, C).to(self.matrix.device)
+        return self
+
+    def reset(self):
+        self.matrix.zero_()
+        return self
+
+    def merge(self, other):
+        """Add the counts of another ConfusionMatrix with the same number of classes."""
+        if not isinstance(other, ConfusionMatrix) or other.num_classes != self.num_classes:
+            raise ValueError("merge needs a ConfusionMatrix with the same num_classes")
+        self.matrix += other.matrix.to(self.matrix.device)
+        return self
+
+    def all_reduce(self):
+        """Sum the matrix over all processes when torch.distributed is initialised (the matrix
+        must be on a device the process group's backend supports); no-op otherwise."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+        return self
+
+    def iou(self):
+        """float64 (C,) intersection over union per class on the CPU; NaN for classes absent from
+        both prediction and target."""
+        matrix = self.matrix.detach().to("cpu", torch.float64)
+        intersection = matrix.diagonal()
+        union = matrix.sum(0) + matrix.sum(1) - intersection
+        return torch.where(union > 0, intersection / union.clamp_min(1),
+                           torch.full_like(union, math.nan))
+
+    def miou(self, classes=None):
+        """Mean IoU (a float in [0, 1]) over `classes` (a sequence of class ids; all classes when
+        None), leaving out NaN classes; NaN if every class left is NaN."""
+        iou = self.iou()
+        if classes is not None:
+            classes = [int(c) for c in classes]
+            bad = [c for c in classes if not 0 <= c < self.num_classes]
+            if bad:
+                raise ValueError(f"classes {bad} are outside 0..{self.num_classes - 1}")
+            iou = iou[classes]
+        present = iou[~iou.isnan()]
+        return float(present.mean()) if present.numel() else math.nan
+
+    def summary(self):
+        """{"miou", "miou16", "miou13" (19 classes only), "iou": [per-class floats or NaN]}."""
+        result = {"miou": self.miou(), "iou": self.iou().tolist()}
+        if self.num_classes == NUM_CLASSES:
+            result["miou16"] = self.miou(CLASSES_16)
+            result["miou13"] = self.miou(CLASSES_13)
+        return result
+
+    def table(self, class_names=None):
+        """Per-class IoU in percent, one line a class, then the mIoU lines (mIoU-19/16/13 for the
+        19 Cityscapes classes, mIoU otherwise). 'n/a' marks classes absent from both."""
+        if class_names is None:
+            class_names = CLASS_NAMES if self.num_classes == NUM_CLASSES else \
+                [f"class {c}" for c in range(self.num_classes)]
+        if len(class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for "
+                             f"{self.num_classes} classes")
+        width = max(len("mIoU-19"), *(len(name) for name in class_names)) + 2
+        lines = [f"{'class':<{width}}IoU"]
+        for name, value in zip(class_names, self.iou().tolist()):
+            lines.append(f"{name:<{width}}{_percent(value)}")
+        if self.num_classes == NUM_CLASSES:
+            for label, classes in (("mIoU-19", None), ("mIoU-16", CLASSES_16),
+                                   ("mIoU-13", CLASSES_13)):
+                lines.append(f"{label:<{width}}{_percent(self.miou(classes))}")
+        else:
+            lines.append(f"{'mIoU':<{width}}{_percent(self.miou())}")
+        return "\n".join(lines)
+
+
+def _percent(value):
+    return "  n/a" if math.isnan(value) else f"{100.0 * value:5.2f}"
