@@ -79,6 +79,30 @@ fastst::IasArgs make_ias_args(uintptr_t m, uintptr_t a, uintptr_t counts, int64_
   return args;
 }
 
+// The fields every fused loss shares: logits (dtype, shape, strides), output size, labels.
+template <typename Args>
+void set_loss_inputs(Args& args, uintptr_t logits, int dtype, const std::array<int64_t, 4>& shape_in,
+                     const std::array<int64_t, 2>& size_out, const std::array<int64_t, 4>& strides,
+                     uintptr_t target, bool target_is_u8, int ignore_index, bool align_corners) {
+  if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
+  args.logits = ptr<const void>(logits);
+  args.dtype = dtype;
+  args.B = shape_in[0];
+  args.C = shape_in[1];
+  args.h = shape_in[2];
+  args.w = shape_in[3];
+  args.H = size_out[0];
+  args.W = size_out[1];
+  args.stride_b = strides[0];
+  args.stride_c = strides[1];
+  args.stride_h = strides[2];
+  args.stride_w = strides[3];
+  args.target = ptr<const void>(target);
+  args.target_is_u8 = target_is_u8;
+  args.ignore_index = ignore_index;
+  args.align_corners = align_corners;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -117,26 +141,11 @@ PYBIND11_MODULE(_C, mod) {
       [](uintptr_t logits, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
          std::array<int64_t, 4> strides, uintptr_t target, bool target_is_u8, int ignore_index,
          float lambda_kld, float lambda_ent, bool align_corners, uintptr_t parts, uintptr_t grad) {
-        if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
         fastst::RegionLossArgs args{};
-        args.logits = ptr<const void>(logits);
-        args.dtype = dtype;
-        args.B = shape_in[0];
-        args.C = shape_in[1];
-        args.h = shape_in[2];
-        args.w = shape_in[3];
-        args.H = size_out[0];
-        args.W = size_out[1];
-        args.stride_b = strides[0];
-        args.stride_c = strides[1];
-        args.stride_h = strides[2];
-        args.stride_w = strides[3];
-        args.target = ptr<const void>(target);
-        args.target_is_u8 = target_is_u8;
-        args.ignore_index = ignore_index;
+        set_loss_inputs(args, logits, dtype, shape_in, size_out, strides, target, target_is_u8, ignore_index,
+                        align_corners);
         args.lambda_kld = lambda_kld;
         args.lambda_ent = lambda_ent;
-        args.align_corners = align_corners;
         args.parts = ptr<float>(parts);
         args.grad = ptr<float>(grad);
         fastst::region_loss_cpu(args);
@@ -212,24 +221,10 @@ PYBIND11_MODULE(_C, mod) {
          std::array<int64_t, 4> strides, uintptr_t target, bool target_is_u8, int ignore_index, int mode,
          uintptr_t lambdas, uintptr_t soft_target, uintptr_t is_target, float beta, float mrkld_weight,
          bool sum_reduction, bool align_corners, uintptr_t loss, uintptr_t grad) {
-        if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");
         if (mode < fastst::kBootstrapHard || mode > fastst::kMrkld) throw std::invalid_argument("fastst._C: unknown loss mode");
         fastst::StLossArgs args{};
-        args.logits = ptr<const void>(logits);
-        args.dtype = dtype;
-        args.B = shape_in[0];
-        args.C = shape_in[1];
-        args.h = shape_in[2];
-        args.w = shape_in[3];
-        args.H = size_out[0];
-        args.W = size_out[1];
-        args.stride_b = strides[0];
-        args.stride_c = strides[1];
-        args.stride_h = strides[2];
-        args.stride_w = strides[3];
-        args.target = ptr<const void>(target);
-        args.target_is_u8 = target_is_u8;
-        args.ignore_index = ignore_index;
+        set_loss_inputs(args, logits, dtype, shape_in, size_out, strides, target, target_is_u8, ignore_index,
+                        align_corners);
         args.mode = mode;
         args.lambdas = ptr<const float>(lambdas);
         args.soft_target = ptr<const float>(soft_target);
@@ -237,7 +232,6 @@ PYBIND11_MODULE(_C, mod) {
         args.beta = beta;
         args.mrkld_weight = mrkld_weight;
         args.sum_reduction = sum_reduction;
-        args.align_corners = align_corners;
         args.loss = ptr<float>(loss);
         args.grad = ptr<float>(grad);
         fastst::st_loss_cpu(args);
