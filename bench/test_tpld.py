@@ -2,7 +2,8 @@
 implementation of the vote (per-class box filters with conv2d), and the streamed thresholds.
 
 Shapes (issue 8): tpld_vote C = 19, 512x1024, B in {1, 4}; thresholds over 100 batches of
-256x512 images; the fused bootstrapping loss (forward + backward) from 1/8-resolution logits.
+256x512 images; the fused bootstrapping (hard and soft targets) and MRKLD losses (forward +
+backward) from 1/8-resolution logits (cpp on the CPU, triton on CUDA, against the reference).
 FASTST_BENCH_QUICK=1: 128x256, B = 1, 10 batches.
 """
 import pytest
@@ -90,8 +91,14 @@ def test_image_confidence(benchmark, run, impl):
     assert conf.shape == (1,)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["torch"])
-def test_bootstrap_loss_forward_backward(benchmark, run, impl):
+# The fused losses: cpp on the CPU; triton on CUDA only (its interpreter is not a speed to report).
+LOSS_IMPLS = (["cpp", "torch"] if DEVICE == "cpu"
+              else [b for b in ("triton",) if b in ops.available_backends()] + ["torch"])
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft", "mrkld"])
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+def test_bootstrap_loss_forward_backward(benchmark, run, impl, mode):
     B = 2
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
@@ -99,12 +106,22 @@ def test_bootstrap_loss_forward_backward(benchmark, run, impl):
     target[torch.rand(B, H, W, generator=g) < 0.3] = 255
     target = target.to(DEVICE)
     lam = (torch.rand(C, generator=g) * 0.4 + 0.5).to(DEVICE)
+    soft = None
+    if mode == "soft":
+        teacher = torch.softmax(torch.randn(B, C, H, W, generator=g) * 2, 1).to(DEVICE)
+        soft = ops.tpld_soft_targets(teacher, lam)
+    is_target = torch.tensor([True, False], device=DEVICE)
 
     def step():
         x = logits.clone().requires_grad_(True)
-        ops.bootstrap_loss(x, target, lam, backend=impl).backward()
+        if mode == "mrkld":
+            loss = ops.mrkld_loss(x, target, is_target, backend=impl)
+        else:
+            loss = ops.bootstrap_loss(x, target, lam, soft_target=soft, backend=impl)
+        loss.backward()
         return x.grad
 
-    group = f"bootstrap_loss fwd+bwd hard, logits {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
+    name = "mrkld_loss fwd+bwd" if mode == "mrkld" else f"bootstrap_loss fwd+bwd {mode}"
+    group = f"{name}, logits {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
     grad = run(benchmark, group, impl, step, device=DEVICE)
     assert grad.shape == logits.shape

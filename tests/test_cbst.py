@@ -1,7 +1,8 @@
 """CBST / CRST (SPEC 5): ClassBalancedThresholds against the released code's Python-list sort
 (every subsample, portions 0.2 / 0.5 / edge values, empty classes, several batches), the
 backends against each other, cbst_pseudo_label against a loop, mrkld_loss against its formula
-and between backends, bad input, opcheck."""
+and between backends (cpp; triton, in its interpreter without a GPU: with and without the fused
+upsample, both align_corners, bf16, C = 2), bad input, opcheck, torch.compile."""
 import math
 
 import numpy as np
@@ -10,13 +11,17 @@ import torch
 import torch.nn.functional as F
 
 import fastst.ops as ops
-from fastst.ops import reference
+from fastst.ops import _backend, reference
 from fastst.ops._tpld_ops import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
 from helpers import gen, mismatch, probs
 
 import _tpld_transcriptions as loops
 
 BACKENDS = ["torch", "cpp"]
+CUDA = torch.cuda.is_available()
+TRITON = "triton" in _backend.available_backends()
+MRKLD_BACKENDS = BACKENDS + (["triton"] if TRITON else [])
+FUSED_MRKLD = [b for b in MRKLD_BACKENDS if b != "torch"]
 
 
 def _batches(C, seed, n=3, shape=(2, 9, 11), absent=()):
@@ -159,32 +164,86 @@ def _mrkld_formula(logits, target, is_target, w, align_corners=True):
     return ce_sum / n_valid + (w * kld_sum / n_tgt if n_tgt else 0.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _loss_device(backend):
+    """Where a backend's inputs live: triton on the GPU when there is one (else interpreted)."""
+    return "cuda" if backend == "triton" and CUDA else "cpu"
+
+
+def _st_loss_op(backend):
+    if backend == "triton":
+        from fastst.ops.triton.st_loss import st_loss_triton
+        return st_loss_triton
+    return st_loss_cpp
+
+
+def _mrkld_run(backend, logits, target, flags, **kw):
+    """(loss, d loss / d logits) as float64 on the CPU, through the public op."""
+    d = _loss_device(backend)
+    x = logits.to(d).clone().requires_grad_(True)
+    loss = ops.mrkld_loss(x, target.to(d), flags.to(d), backend=backend, **kw)
+    loss.backward()
+    return loss.detach().double().cpu(), x.grad.double().cpu()
+
+
+@pytest.mark.parametrize("backend", MRKLD_BACKENDS)
 @pytest.mark.parametrize("is_target", [[True, False], [False, False], [True, True]])
 @pytest.mark.parametrize("size", [(5, 6, 5, 6), (3, 4, 9, 11)])
-def test_mrkld_value_and_gradient(backend, is_target, size):
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_mrkld_value_and_gradient(backend, is_target, size, align_corners):
     h, w, H, W = size
     logits, target = _loss_inputs(2, 4, h, w, H, W, seed=sum(size))
     flags = torch.tensor(is_target)
-    x = logits.clone().requires_grad_(True)
-    loss = ops.mrkld_loss(x, target, flags, mrkld_weight=0.5, backend=backend)
-    loss.backward()
-    assert loss.item() == pytest.approx(_mrkld_formula(logits, target, flags, 0.5), rel=1e-5)
+    loss, grad = _mrkld_run(backend, logits, target, flags, mrkld_weight=0.5, align_corners=align_corners)
+    assert loss.item() == pytest.approx(_mrkld_formula(logits, target, flags, 0.5, align_corners), rel=1e-5)
     y = logits.double().requires_grad_(True)
-    reference.mrkld_loss_terms(y, target, flags, mrkld_weight=0.5, ignore_index=255, align_corners=True).backward()
-    assert torch.allclose(x.grad.double(), y.grad, rtol=1e-4, atol=1e-5 * float(y.grad.abs().max()))
+    reference.mrkld_loss_terms(y, target, flags, mrkld_weight=0.5, ignore_index=255,
+                               align_corners=align_corners).backward()
+    assert torch.allclose(grad, y.grad, rtol=1e-4, atol=1e-5 * float(y.grad.abs().max()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_MRKLD)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 2, 3, 3, 10, 10), (1, 19, 3, 5, 17, 33)], ids=["C2", "C19"])
+def test_mrkld_fused_equals_reference_dtypes_and_classes(backend, dtype, shape):
+    """u8 targets, logits in float32 or bf16 (both sides upcast the same values to float32)."""
+    B, C, h, w, H, W = shape
+    logits, target = _loss_inputs(B, C, h, w, H, W, seed=C + 10)
+    logits, target = logits.to(dtype), target.to(torch.uint8)
+    flags = torch.tensor([True, False][:B])
+    want, want_grad = _mrkld_run("torch", logits, target, flags, mrkld_weight=0.3, align_corners=False)
+    got, got_grad = _mrkld_run(backend, logits, target, flags, mrkld_weight=0.3, align_corners=False)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float((got_grad - want_grad).abs().max()) <= 1e-4 * float(want_grad.abs().max())
+
+
+@pytest.mark.parametrize("backend", MRKLD_BACKENDS)
 def test_mrkld_empty_and_opcheck(backend):
     logits, target = _loss_inputs(2, 3, 4, 4, 4, 4, seed=6, ignore=1.0)
-    x = logits.clone().requires_grad_(True)
-    loss = ops.mrkld_loss(x, target, torch.tensor([True, True]), backend=backend)
-    loss.backward()
-    assert loss.item() == 0.0 and float(x.grad.abs().max()) == 0.0
-    logits, target = _loss_inputs(2, 3, 4, 4, 8, 8, seed=7)
-    torch.library.opcheck(st_loss_cpp, (logits.requires_grad_(True), target, torch.ones(3), None,
-                                        torch.tensor([True, False]), 2, 0.0, 0.01, False, 255, 8, 8, True, True))
+    loss, grad = _mrkld_run(backend, logits, target, torch.tensor([True, True]))
+    assert loss.item() == 0.0 and float(grad.abs().max()) == 0.0
+    d = _loss_device(backend)
+    logits, target = _loss_inputs(2, 3, 2, 3, 4, 5, seed=7)
+    torch.library.opcheck(_st_loss_op(backend), (logits.to(d).requires_grad_(True), target.to(d),
+                                                 torch.ones(3, device=d), None, torch.tensor([True, False], device=d),
+                                                 2, 0.0, 0.01, False, 255, 4, 5, True, True))
+
+
+@pytest.mark.parametrize("backend", FUSED_MRKLD)
+def test_mrkld_compile_fullgraph_and_deterministic(backend):
+    d = _loss_device(backend)
+    logits, target = _loss_inputs(2, 4, 3, 4, 7, 9, seed=9)
+    target, flags = target.to(d), torch.tensor([True, False], device=d)
+
+    def step(v):
+        return ops.mrkld_loss(v, target, flags, mrkld_weight=0.2, backend=backend) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2, x3 = (logits.to(d).clone().requires_grad_(True) for _ in range(3))
+    compiled(x1).backward()
+    step(x2).backward()
+    step(x3).backward()
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(x2.grad, x3.grad)
+    assert float(x2.grad.abs().max()) > 0.0
 
 
 def test_mrkld_gradcheck_reference():

@@ -1,22 +1,34 @@
 """bootstrap_loss (SPEC 6): the reference against the closed form (value and the per-pixel
 gradient p * sum(c) - c with q stop-gradient), gradcheck of the reference in float64, and the
-fused backend (cpp) against the reference for hard and soft targets, with and without
-the fused upsample, reductions, low-precision logits, empty target sets, opcheck and
-torch.compile."""
+fused backends (cpp; triton, in its interpreter without a GPU) against the reference for hard
+and soft targets, with and without the fused upsample, both align_corners, C = 2 and 19,
+reductions, low-precision logits, empty target sets, determinism, opcheck and torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastst.ops as ops
-from fastst.ops import reference
+from fastst.ops import _backend, reference
 from fastst.ops._tpld_ops import st_loss_cpp
 from helpers import gen
 
-FUSED = ["cpp"]
+CUDA = torch.cuda.is_available()
+TRITON = "triton" in _backend.available_backends()
+FUSED = ["cpp"] + (["triton"] if TRITON else [])
 
 
 def _device(backend):
-    return "cpu"
+    """Where a backend's inputs live: triton on the GPU when there is one (else interpreted)."""
+    return "cuda" if backend == "triton" and CUDA else "cpu"
+
+
+def _fused_ops():
+    """(backend name, custom op) pairs of the fused backends."""
+    pairs = [("cpp", st_loss_cpp)]
+    if TRITON:
+        from fastst.ops.triton.st_loss import st_loss_triton
+        pairs.append(("triton", st_loss_triton))
+    return pairs
 
 
 def _inputs(B, C, h, w, H, W, seed, ignore=0.3, dtype=torch.float32):
@@ -64,7 +76,7 @@ def _run(backend, logits, target, lambdas, **kw):
     return loss.detach().double().cpu(), x.grad.double().cpu()
 
 
-SHAPES = [(2, 5, 6, 7, 6, 7), (2, 19, 3, 5, 17, 33), (1, 2, 4, 4, 9, 11), (1, 3, 1, 1, 3, 4), (2, 4, 7, 9, 4, 5)]
+SHAPES = [(2, 5, 6, 7, 6, 7), (1, 19, 3, 5, 17, 33), (1, 2, 4, 4, 9, 11), (1, 3, 1, 1, 3, 4), (2, 4, 7, 9, 4, 5)]
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
@@ -156,20 +168,34 @@ def test_bad_input(backend):
         ops.bootstrap_loss(logits, bad, lambdas, backend=backend)
 
 
-def test_deterministic_and_opcheck_and_compile():
+@pytest.mark.parametrize("backend,op", _fused_ops(), ids=[b for b, _ in _fused_ops()])
+def test_deterministic_and_opcheck_and_compile(backend, op):
     logits, target, lambdas, soft = _inputs(2, 4, 3, 4, 7, 9, seed=7)
-    first = _run("cpp", logits, target, lambdas, soft_target=soft)
-    again = _run("cpp", logits, target, lambdas, soft_target=soft)
+    first = _run(backend, logits, target, lambdas, soft_target=soft)
+    again = _run(backend, logits, target, lambdas, soft_target=soft)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    # opcheck runs the op a dozen times: smaller inputs, still resized (2x3 -> 4x5)
+    d = _device(backend)
+    logits, target, lambdas, soft = (t.to(d) for t in _inputs(1, 3, 2, 3, 4, 5, seed=7))
     x = logits.clone().requires_grad_(True)
-    torch.library.opcheck(st_loss_cpp, (x, target, lambdas, None, None, 0, 0.95, 0.0, False, 255, 7, 9, True, True))
-    torch.library.opcheck(st_loss_cpp, (x, target, lambdas, soft, None, 1, 0.95, 0.0, True, 255, 7, 9, False, True))
+    torch.library.opcheck(op, (x, target, lambdas, None, None, 0, 0.95, 0.0, False, 255, 4, 5, True, True))
+    torch.library.opcheck(op, (x, target, lambdas, soft, None, 1, 0.95, 0.0, True, 255, 4, 5, False, True))
 
     def step(v):
-        return ops.bootstrap_loss(v, target, lambdas, soft_target=soft, backend="cpp") * 2.0
+        return ops.bootstrap_loss(v, target, lambdas, soft_target=soft, backend=backend) * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x1, x2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     compiled(x1).backward()
     step(x2).backward()
     assert torch.equal(x1.grad, x2.grad)
+
+
+def test_default_backend_on_cuda_is_triton():
+    """SPEC 0: CUDA tensors go to the fused triton loss when Triton can run (no nvcc loss kernel
+    exists), not to the torch reference; on CPU tensors the default stays cpp."""
+    from fastst.ops.tpld import LOSS_BACKENDS
+    want = "triton" if TRITON else "torch"
+    assert _backend.choose_backend("bootstrap_loss", torch.device("cuda"), LOSS_BACKENDS) == want
+    want_cpu = "cpp" if "cpp" in _backend.available_backends() else "torch"
+    assert _backend.choose_backend("bootstrap_loss", torch.device("cpu"), LOSS_BACKENDS) == want_cpu

@@ -2,7 +2,8 @@
 `mrkld_loss`; validation, backend choice and dispatch.
 
 Backends: "cpp" (C++/OpenMP in fastst._C, the CPU default) and "torch" (reference.py; also what
-runs on CUDA tensors: the statistics use the fused CUDA/Triton pass where built).
+runs on CUDA tensors: the statistics use the fused CUDA/Triton pass where built); `mrkld_loss`
+also has "triton" (fused, the CUDA default).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ._backend import choose_backend
 from ._tpld_ops import MRKLD, cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
 
 IMPLEMENTED = ("cpp", "torch")
+MRKLD_BACKENDS = ("triton", "cpp", "torch")
 
 
 def check_lambdas(lambdas: object, C: int, device: torch.device) -> torch.Tensor:
@@ -181,13 +183,13 @@ def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tens
     dropped when no target crop has a valid pixel; the loss is 0 when no pixel is valid.
 
     Args:
-        logits: (B, C, h, w) float32/float16/bfloat16, upsampled bilinearly (fused in "cpp") to
-            the target's (H, W) when the sizes differ.
+        logits: (B, C, h, w) float32/float16/bfloat16, upsampled bilinearly (fused in "cpp" and
+            "triton") to the target's (H, W) when the sizes differ.
         target: (B, H, W) uint8/int64 labels, ignore_index = unlabelled.
         is_target: (B,) bool, which crops come from the target domain.
         mrkld_weight: w_eff >= 0 (the released run's effective 0.01).
         size: None or the target's (H, W) (checked).
-        backend: "cpp" or "torch".
+        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
     Returns:
         float32 0-dim loss (differentiable w.r.t. logits).
     """
@@ -200,13 +202,16 @@ def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tens
     if is_target.device != logits.device:
         raise ValueError(f"is_target is on {is_target.device} but logits are on {logits.device}")
     is_target = is_target.to(torch.bool)
-    name = choose_backend("mrkld_loss", logits.device, IMPLEMENTED, backend)
+    name = choose_backend("mrkld_loss", logits.device, MRKLD_BACKENDS, backend)
     if name == "torch":
         return reference.mrkld_loss(logits, target, is_target, mrkld_weight=mrkld_weight,
                                     ignore_index=ignore_index, align_corners=align_corners)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
-    loss, _ = st_loss_cpp(logits, target, ones, None, is_target, MRKLD, 0.0, mrkld_weight, False,
-                          ignore_index, target.shape[1], target.shape[2], align_corners, compute_grad)
+    op = st_loss_cpp
+    if name == "triton":
+        from .triton.st_loss import st_loss_triton as op  # imports triton only when asked
+    loss, _ = op(logits, target, ones, None, is_target, MRKLD, 0.0, mrkld_weight, False,
+                 ignore_index, target.shape[1], target.shape[2], align_corners, compute_grad)
     return loss[0]
 

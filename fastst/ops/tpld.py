@@ -2,7 +2,7 @@
 `tpld_soft_targets`, `bootstrap_loss`, `self_information`; validation, backend choice, dispatch.
 
 Backends: "cpp" (C++/OpenMP, the CPU default) for the vote, the confidence and the fused loss;
-"triton" (the CUDA default) for the vote; "torch" (reference.py) for all (the loss on CUDA too).
+"triton" (the CUDA default) for the vote and the fused loss; "torch" (reference.py) for all.
 `split_easy_hard`, `tpld_soft_targets` and `self_information` are elementwise or O(N) torch
 expressions (one fused kernel each under torch.compile), so they have only "torch".
 """
@@ -19,7 +19,7 @@ from .cbst import check_lambdas, check_prob_values, check_probs, raise_on_flags
 
 VOTE_BACKENDS = ("triton", "cpp", "torch")
 CONFIDENCE_BACKENDS = ("cpp", "torch")
-LOSS_BACKENDS = ("cpp", "torch")
+LOSS_BACKENDS = ("triton", "cpp", "torch")
 TORCH_ONLY = ("torch",)
 REDUCTIONS = ("mean", "sum")
 
@@ -142,7 +142,7 @@ def bootstrap_loss(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
                    soft_target: Optional[torch.Tensor] = None, ignore_index: int = 255,
                    size: Optional[Sequence[int]] = None, align_corners: bool = True, reduction: str = "mean",
                    backend: Optional[str] = None) -> torch.Tensor:
-    """TPLD's bootstrapping loss (SPEC 6), fused forward and backward in "cpp".
+    """TPLD's bootstrapping loss (SPEC 6), fused forward and backward in "cpp" and "triton".
 
     With p = softmax(upsample(logits)) and q = p / lambda, each pixel with a target adds
     -sum_k (beta * y_k + (1 - beta) * stopgrad(q_k)) * log q_k.
@@ -160,7 +160,7 @@ def bootstrap_loss(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
         size: None or the target's (H, W) (checked).
         reduction: "mean" (divide by the number of pixels with a target; 0 if none) or "sum"
             (for callers with their own normaliser, e.g. phase 1's n_valid over all crops).
-        backend: "cpp" or "torch".
+        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
     Returns:
         float32 0-dim loss, differentiable w.r.t. logits.
     """
@@ -187,6 +187,8 @@ def bootstrap_loss(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
                                         ignore_index=ignore_index, align_corners=align_corners,
                                         reduction=reduction)
     op = st_loss_cpp
+    if name == "triton":
+        from .triton.st_loss import st_loss_triton as op  # imports triton only when asked
     soft = None if soft_target is None else soft_target.float()
     mode = BOOTSTRAP_HARD if soft is None else BOOTSTRAP_SOFT
     compute_grad = torch.is_grad_enabled() and logits.requires_grad

@@ -1,0 +1,394 @@
+"""The Triton skeleton of the fused per-pixel losses (the twin of csrc/fastst/cpu/fused_loss.h):
+one kernel serves the region loss (SPEC 2) and the self-training losses (bootstrapping, SPEC 6;
+CRST-MRKLD, SPEC 5). Only the per-pixel loss and gradient differ; the constexpr MODE picks it
+at compile time, so each mode compiles to its own kernel with no runtime branch.
+
+Skeleton. Logits (B, C, h, w) are upsampled on the fly to the target's (H, W) and no
+(B, C, H, W) tensor exists, forward or backward. The gradient is gathered, not scattered:
+program (jb, i, b) owns the low-resolution gradient cells (b, :, i, jb*BLOCK_J .. +BLOCK_J). It
+visits every full-resolution pixel whose bilinear taps touch those cells (rows whose upper
+source row is i - 1 or i, and the matching columns), recomputes that pixel's softmax,
+accumulates the row weight times the pixel's gradient per column, and contracts the columns
+with their weights at the end. Each cell is summed by one program in a fixed order, so gradients
+are bit-identical from run to run with no atomics; the price is recomputing each pixel's softmax
+about 2.2 times (twice in y, a little more in x), which is arithmetic, not memory traffic. Loss
+sums are taken only over the pixels a program owns (upper source row i, left source column in
+its block): NUM_SUMS float32 partials per program, added in float64 on the device, no host sync.
+
+Per-pixel parts (p = softmax(v), u = v - max v, s = sum exp u, "labelled" = a class in [0, C)):
+  REGION          sums (ce, kld, ent), gradient as kernels/region_loss.h.
+  BOOTSTRAP_HARD  c = (beta onehot(y) + (1 - beta) q) at labelled pixels, 0 elsewhere, with
+                  q = div_rn(p, lambda) (IEEE division, SPEC 6); sum 0 gets
+                  -sum_k c_k log q_k = S log s - sum c u + sum c log lambda (S = sum_k c_k),
+                  the gradient is grad_scale * (p S - c) (q is a constant: stop-gradient).
+  BOOTSTRAP_SOFT  the same with y = soft target (B, C, H, W) float32 at unlabelled pixels; every
+                  pixel has a target.
+  MRKLD           sums (ce, kld over target crops), gradient
+                  p (a + b) - b / C - a onehot(y), a = 1/n_valid, b = w/n_valid_tgt on target crops.
+
+Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .._tpld_ops import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD
+from .stats import INTERPRETED, _linear_tap, _resize_scale
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("fastst.ops.triton needs Triton (>= 3.2) for the 'triton' backend: "
+                      "pip install triton") from exc
+
+__all__ = ["REGION", "BOOTSTRAP_HARD", "BOOTSTRAP_SOFT", "MRKLD", "NUM_SUMS", "labelled_mask",
+           "check_runnable", "launch_fused_loss"]
+
+REGION = 3  # after the StLossMode codes of kernels/tpld.h (0 hard, 1 soft, 2 mrkld)
+NUM_SUMS = 3
+TILE_ELEMENTS = 8192  # C_PAD * BLOCK_X: the (classes x pixels) tile a program holds in registers
+
+# Globals read inside @triton.jit functions must be constexpr.
+_REGION = tl.constexpr(REGION)
+_BOOTSTRAP_SOFT = tl.constexpr(BOOTSTRAP_SOFT)
+_MRKLD = tl.constexpr(MRKLD)
+
+
+@triton.jit
+def _first_source_index(cell, inv_scale, ALIGN_CORNERS: tl.constexpr):
+    """A full-resolution index at or before the first one whose upper tap is `cell - 1` (the host
+    checks the margin in `_axis_plan`, which evaluates the same float32 expression)."""
+    c = cell.to(tl.float32)
+    if ALIGN_CORNERS:
+        t = (c - 1.0) * inv_scale
+    else:
+        t = (c - 0.5) * inv_scale - 0.5
+    # cells 0 and 1 start at 0: sources below 0 are clamped to 0, so index 0 may touch cell 1
+    t = tl.where((t < 0.0) | (c < 1.5), 0.0, t)
+    return tl.maximum(t.to(tl.int32) - 1, 0)
+
+
+@triton.jit
+def _softmax_stats(v, cls_ok):
+    """For a (C_PAD, BLOCK_X) tile of logits: u = v - max, e = exp(u) (0 on padded classes),
+    log s and 1 / s with s = sum e (IEEE division)."""
+    m = tl.max(tl.where(cls_ok[:, None], v, float("-inf")), axis=0)
+    u = v - m[None, :]
+    e = tl.where(cls_ok[:, None], tl.exp(u), 0.0)
+    # s = 1 + rest: the max's e is exactly 1, kept out of the float sum (see the C++ twin)
+    ones = (e == 1.0).to(tl.float32)
+    rest = tl.sum(e - ones, axis=0) + (tl.sum(ones, axis=0) - 1.0)
+    s = 1.0 + rest
+    # log1p(rest) = log(s) * rest / (s - 1), exact in s when s rounds to 1 (Goldberg)
+    log_s = tl.where(s == 1.0, rest, tl.log(s) * tl.math.div_rn(rest, tl.where(s == 1.0, 1.0, s - 1.0)))
+    inv_s = tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
+    return u, e, log_s, inv_s
+
+
+@triton.jit
+def _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C: tl.constexpr):
+    """Region loss (SPEC 2). coef: [1/n_v, 1/(C n_i), lambda_kld, lambda_ent]. Returns the
+    per-pixel (ce, kld, ent) and the gradient tile."""
+    inv_nv = tl.load(coef_ptr)
+    inv_c_ni = tl.load(coef_ptr + 1)
+    lambda_kld = tl.load(coef_ptr + 2)
+    lambda_ent = tl.load(coef_ptr + 3)
+    inv_c = 1.0 / C
+    expected = tl.sum(e * tl.where(cls_ok[:, None], u, 0.0), axis=0) * inv_s
+    u_label = tl.sum(tl.where(is_label, u, 0.0), axis=0)
+    u_sum = tl.sum(tl.where(cls_ok[:, None], u, 0.0), axis=0)
+    ce = tl.where(labelled, log_s - u_label, 0.0)
+    kld = tl.where(labelled, log_s - u_sum * inv_c, 0.0)
+    ent = tl.where(unlabelled, log_s - expected, 0.0)
+    lab = labelled.to(tl.float32)
+    scale_p = lab * (1.0 + lambda_kld * inv_c) * inv_nv
+    scale_pv = (1.0 - lab) * -lambda_ent * inv_c_ni
+    shift = lab * -lambda_kld * inv_c * inv_c * inv_nv
+    p = e * inv_s[None, :]
+    g = p * (scale_p[None, :] + scale_pv[None, :] * (u - expected[None, :])) + shift[None, :]
+    g = g - tl.where(is_label & labelled[None, :], inv_nv, 0.0)
+    return ce, kld, ent, g
+
+
+@triton.jit
+def _mrkld_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, target_crop, coef_ptr, C: tl.constexpr):
+    """CRST-MRKLD (SPEC 5). coef: [1/n_valid, w/n_valid_tgt] (0 for an empty set);
+    target_crop: whether this image is a target-domain crop. Returns (ce, kld, 0) per pixel and
+    the gradient tile."""
+    inv_nv = tl.load(coef_ptr)
+    w_inv_nt = tl.load(coef_ptr + 1)
+    inv_c = 1.0 / C
+    u_label = tl.sum(tl.where(is_label, u, 0.0), axis=0)
+    u_sum = tl.sum(tl.where(cls_ok[:, None], u, 0.0), axis=0)
+    in_kld = labelled & target_crop
+    ce = tl.where(labelled, log_s - u_label, 0.0)
+    kld = tl.where(in_kld, log_s - u_sum * inv_c, 0.0)
+    a = tl.where(labelled, inv_nv, 0.0)
+    b = tl.where(in_kld, w_inv_nt, 0.0)
+    g = e * inv_s[None, :] * (a + b)[None, :] - (b * inv_c)[None, :]
+    g = g - tl.where(is_label & labelled[None, :], a[None, :], 0.0)
+    return ce, kld, tl.zeros_like(ce), g
+
+
+@triton.jit
+def _bootstrap_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, y_soft, lam, log_lam, coef_ptr,
+                     SOFT: tl.constexpr):
+    """Bootstrapping loss (SPEC 6). coef: [grad_scale, beta, 1 - beta]; lam, log_lam: (C_PAD,)
+    (1 and 0 on padded classes); y_soft: the soft-target tile (SOFT). Returns
+    (-sum_k c_k log q_k, 0, 0) per pixel and the gradient tile grad_scale * (p S - c)."""
+    grad_scale = tl.load(coef_ptr)
+    beta = tl.load(coef_ptr + 1)
+    one_minus_beta = tl.load(coef_ptr + 2)
+    onehot = (is_label & labelled[None, :]).to(tl.float32)
+    if SOFT:
+        y = tl.where(labelled[None, :], onehot, y_soft)
+        has = tl.zeros_like(log_s) + 1.0
+    else:
+        y = onehot
+        has = labelled.to(tl.float32)
+    p = e * inv_s[None, :]
+    q = tl.math.div_rn(p, lam[:, None] + tl.zeros_like(p))
+    c = tl.where(cls_ok[:, None], has[None, :] * (beta * y + one_minus_beta * q), 0.0)
+    total = tl.sum(c, axis=0)
+    along_u = tl.sum(c * u, axis=0)
+    along_log_lam = tl.sum(c * log_lam[:, None], axis=0)
+    loss = total * log_s - along_u + along_log_lam
+    g = grad_scale * (p * total[None, :] - c)
+    zero = tl.zeros_like(loss)
+    return loss, zero, zero, g
+
+
+@triton.jit
+def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, log_lam_ptr, soft_ptr, crop_ptr,
+                       h, w, H, W,
+                       stride_b, stride_c, stride_h, stride_w,
+                       scale_h, scale_w, inv_scale_h, inv_scale_w,
+                       ignore_index,
+                       MODE: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_X: tl.constexpr,
+                       BLOCK_J: tl.constexpr, ROWS: tl.constexpr, RESIZE: tl.constexpr,
+                       ALIGN_CORNERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+    """Program (jb, i, b). x: (B, C, h, w) float32/float16/bfloat16, any strides; t: (B, H, W)
+    uint8/int64 contiguous; grad: (B, C, h, w) float32; partial: (programs, 3) float32 sums over
+    the owned pixels; coef: float32 mode constants (see the per-pixel helpers); lam, log_lam: (C,)
+    float32 (bootstrap); soft: (B, C, H, W) float32 contiguous (BOOTSTRAP_SOFT); crop: (B,) uint8
+    target-crop flags (MRKLD). Pointers a mode does not use are never read. Same size (RESIZE
+    False): the program owns row i, pixels jb*BLOCK_X .. +BLOCK_X, and BLOCK_J == BLOCK_X."""
+    jb = tl.program_id(0)
+    i = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pid = (tl.program_id(2) * tl.num_programs(1) + i) * tl.num_programs(0) + jb
+
+    cls = tl.arange(0, C_PAD)
+    cls_ok = cls < C
+    cls64 = cls.to(tl.int64)
+    if MODE == _MRKLD:
+        target_crop = tl.load(crop_ptr + b) != 0
+    else:
+        target_crop = False
+    lam = tl.full([C_PAD], 1.0, tl.float32)
+    log_lam = tl.zeros([C_PAD], dtype=tl.float32)
+    if MODE != _REGION:
+        if MODE != _MRKLD:  # the bootstrap modes read the thresholds once per program
+            lam = tl.load(lam_ptr + cls, mask=cls_ok, other=1.0)
+            log_lam = tl.load(log_lam_ptr + cls, mask=cls_ok, other=0.0)
+
+    j_start = jb * BLOCK_J
+    if RESIZE:
+        xs = _first_source_index(j_start, inv_scale_w, ALIGN_CORNERS) + tl.arange(0, BLOCK_X)
+        x_ok = xs < W
+        tx0, tx1, lx0, lx1 = _linear_tap(xs, w, scale_w, ALIGN_CORNERS)
+        y_first = _first_source_index(i, inv_scale_h, ALIGN_CORNERS)
+        owned_x = x_ok & (tx0 >= j_start) & (tx0 < j_start + BLOCK_J)
+    else:
+        xs = j_start + tl.arange(0, BLOCK_X)
+        x_ok = xs < W
+        tx0 = xs.to(tl.int64)
+        tx1 = tx0
+        y_first = i
+        owned_x = x_ok
+    mask2 = cls_ok[:, None] & x_ok[None, :]
+    base = x_ptr + b * stride_b + cls64[:, None] * stride_c
+
+    acc = tl.zeros([C_PAD, BLOCK_X], dtype=tl.float32)
+    sum0 = tl.zeros([BLOCK_X], dtype=tl.float32)
+    sum1 = tl.zeros([BLOCK_X], dtype=tl.float32)
+    sum2 = tl.zeros([BLOCK_X], dtype=tl.float32)
+    for r in range(0, ROWS):
+        y = y_first + r
+        if RESIZE:
+            ty0, ty1, ly0, ly1 = _linear_tap(y, h, scale_h, ALIGN_CORNERS)
+            # weight of this row in cell row i; both taps count when they coincide (last row)
+            wy = tl.where(ty0 == i, ly0, 0.0) + tl.where(ty1 == i, ly1, 0.0)
+            owns_row = (ty0 == i) & (y < H)
+        else:
+            ty0 = y.to(tl.int64)
+            ty1 = ty0
+            ly0 = 1.0
+            ly1 = 0.0
+            wy = 1.0
+            owns_row = y < H
+        visit = owns_row
+        if COMPUTE_GRAD:
+            visit = visit | ((wy != 0.0) & (y < H))
+        if visit:
+            if RESIZE:
+                v = ly0 * (lx0[None, :] * tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
+                           + lx1[None, :] * tl.load(base + ty0 * stride_h + tx1[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)) \
+                    + ly1 * (lx0[None, :] * tl.load(base + ty1 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
+                             + lx1[None, :] * tl.load(base + ty1 * stride_h + tx1[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32))
+            else:
+                v = tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
+            label = tl.load(t_ptr + (b * H + y) * W + xs, mask=x_ok, other=ignore_index).to(tl.int32)
+            labelled = (label != ignore_index) & (label >= 0) & (label < C)
+            unlabelled = (label == ignore_index) | (label < 0) | (label >= C)  # no `~`: triton 3.2
+            u, e, log_s, inv_s = _softmax_stats(v, cls_ok)
+            is_label = cls[:, None] == label[None, :]
+            if MODE == _REGION:
+                l0, l1, l2, g = _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C)
+            elif MODE == _MRKLD:
+                l0, l1, l2, g = _mrkld_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, target_crop, coef_ptr, C)
+            else:
+                if MODE == _BOOTSTRAP_SOFT:
+                    y_soft = tl.load(soft_ptr + ((b * C + cls64[:, None]) * H + y) * W + xs[None, :],
+                                     mask=mask2, other=0.0)
+                else:
+                    y_soft = tl.zeros([C_PAD, BLOCK_X], dtype=tl.float32)
+                l0, l1, l2, g = _bootstrap_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, y_soft, lam, log_lam,
+                                                 coef_ptr, MODE == _BOOTSTRAP_SOFT)
+            owned = owned_x & owns_row
+            sum0 += tl.where(owned, l0, 0.0)
+            sum1 += tl.where(owned, l1, 0.0)
+            sum2 += tl.where(owned, l2, 0.0)
+            if COMPUTE_GRAD:
+                acc += wy * tl.where(mask2, g, 0.0)
+
+    tl.store(partial_ptr + pid * 3, tl.sum(sum0, axis=0))
+    tl.store(partial_ptr + pid * 3 + 1, tl.sum(sum1, axis=0))
+    tl.store(partial_ptr + pid * 3 + 2, tl.sum(sum2, axis=0))
+    if COMPUTE_GRAD:
+        out = grad_ptr + (b * C + cls64) * h * w + i * w
+        if RESIZE:
+            for jj in tl.static_range(BLOCK_J):
+                j = j_start + jj
+                wx = tl.where(tx0 == j, lx0, 0.0) + tl.where(tx1 == j, lx1, 0.0)
+                wx = tl.where(x_ok, wx, 0.0)
+                col = tl.sum(acc * wx[None, :], axis=1)
+                tl.store(out + j, col, mask=cls_ok & ((cls * 0 + j) < w))  # a tensor mask: the interpreter rejects scalar ones
+        else:
+            tl.store(out[:, None] + xs[None, :], acc, mask=mask2)
+
+
+def _first_source_index_host(cells: np.ndarray, inv_scale: np.float32, align_corners: bool) -> np.ndarray:
+    """`_first_source_index` evaluated in float32 on the host, operation for operation."""
+    c = cells.astype(np.float32)
+    if align_corners:
+        t = (c - np.float32(1.0)) * inv_scale
+    else:
+        t = (c - np.float32(0.5)) * inv_scale - np.float32(0.5)
+    t = np.where((t < 0) | (c < 1.5), np.float32(0.0), t)
+    return np.maximum(t.astype(np.int64) - 1, 0)
+
+
+def _upper_taps(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+    """i0 of kernels/stats.h::linear_tap for every output index, in float32 like the kernel."""
+    scale = np.float32(_resize_scale(in_size, out_size, align_corners))
+    dst = np.arange(out_size, dtype=np.float32)
+    src = scale * dst if align_corners else scale * (dst + np.float32(0.5)) - np.float32(0.5)
+    src = np.where(src < 0, np.float32(0.0), src)
+    return np.minimum(src.astype(np.int64), in_size - 1)
+
+
+def _inverse_scale(in_size: int, out_size: int, align_corners: bool) -> float:
+    if align_corners:
+        return float(np.float32(out_size - 1) / np.float32(in_size - 1)) if in_size > 1 else 0.0
+    return float(np.float32(out_size) / np.float32(in_size))
+
+
+def _axis_plan(in_size: int, out_size: int, align_corners: bool, block: int) -> Tuple[float, int]:
+    """For cell blocks [k*block, (k+1)*block) of a resized axis: the float32 inverse scale the
+    kernel starts from and the number of full-resolution indices a program must visit (span).
+    Checks that the kernel's start is at or before every index that touches the block."""
+    inv = _inverse_scale(in_size, out_size, align_corners)
+    i0 = _upper_taps(in_size, out_size, align_corners)
+    starts = np.arange(0, in_size, block)
+    first = _first_source_index_host(starts, np.float32(inv), align_corners)
+    need_first = np.searchsorted(i0, starts - 1, side="left")       # first index with i0 >= start-1
+    need_last = np.searchsorted(i0, starts + block - 1, side="right") - 1  # last with i0 <= end-1
+    if np.any(first > need_first):  # pragma: no cover - would be a bug in the margin
+        raise AssertionError("fused loss (triton): source index margin too small")
+    return inv, int(np.max(need_last - first + 1))
+
+
+def labelled_mask(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The kernel's rule for a pixel with a class (B, H, W) bool: != ignore_index and in
+    [0, C); labels >= C only reach the kernel with FASTST_CHECK=0."""
+    is_labelled = target != ignore_index
+    if num_classes < 256 or target.dtype != torch.uint8:
+        is_labelled &= target < num_classes
+    if target.dtype != torch.uint8:
+        is_labelled &= target >= 0
+    return is_labelled
+
+
+def check_runnable(op_name: str, device: torch.device) -> None:
+    """CUDA tensors, or CPU tensors under the interpreter; a clear error otherwise."""
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{op_name} runs on CUDA tensors, or on CPU tensors only under Triton's "
+                         "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+
+
+def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,
+                      ignore_index: int, out_h: int, out_w: int, align_corners: bool,
+                      grad: Optional[torch.Tensor], *, lambdas: Optional[torch.Tensor] = None,
+                      log_lambdas: Optional[torch.Tensor] = None, soft_target: Optional[torch.Tensor] = None,
+                      is_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run the fused-loss kernel in `mode` over every pixel.
+
+    Args:
+        logits: (B, C, h, w) float32/float16/bfloat16, any strides. target: (B, out_h, out_w)
+            uint8/int64 contiguous. coef: float32 constants of the mode (see the helpers).
+        grad: (B, C, h, w) float32 contiguous output, or None for the loss only.
+        lambdas, log_lambdas: (C,) float32 contiguous (bootstrap modes).
+        soft_target: (B, C, out_h, out_w) float32 contiguous (BOOTSTRAP_SOFT).
+        is_target: (B,) uint8 contiguous target-crop flags (MRKLD).
+    Returns:
+        (NUM_SUMS,) float64: the per-pixel sums of the mode over every pixel (device tensor).
+    """
+    B, C, h, w = logits.shape
+    c_pad = max(16, triton.next_power_of_2(C))
+    resize = (h, w) != (out_h, out_w)
+    if resize:
+        inv_h, rows = _axis_plan(h, out_h, align_corners, 1)
+        # widest x block that keeps the tile in registers, then as many cells as fit in it
+        block_x = max(16, TILE_ELEMENTS // c_pad)
+        step = -(-out_w // w) + 1
+        block_j = max(1, min(w, (block_x - 3) // step - 1))
+        inv_w, span = _axis_plan(w, out_w, align_corners, block_j)
+        block_x = max(block_x, triton.next_power_of_2(span))
+        grid = (triton.cdiv(w, block_j), h, B)
+    else:
+        inv_h = inv_w = 1.0
+        rows = 1
+        block_x = min(max(16, TILE_ELEMENTS // c_pad), max(16, triton.next_power_of_2(out_w)))
+        block_j = block_x
+        grid = (triton.cdiv(out_w, block_x), out_h, B)
+    partial = torch.empty((grid[0] * grid[1] * grid[2], NUM_SUMS), dtype=torch.float32, device=logits.device)
+    unused = coef  # stands in for pointers the mode never reads
+    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+        _fused_loss_kernel[grid](
+            logits, target, partial if grad is None else grad, partial, coef,
+            unused if lambdas is None else lambdas, unused if log_lambdas is None else log_lambdas,
+            unused if soft_target is None else soft_target, unused if is_target is None else is_target,
+            h, w, out_h, out_w, *logits.stride(),
+            _resize_scale(h, out_h, align_corners), _resize_scale(w, out_w, align_corners),
+            inv_h, inv_w, ignore_index,
+            MODE=mode, C=C, C_PAD=c_pad, BLOCK_X=block_x, BLOCK_J=block_j, ROWS=rows, RESIZE=resize,
+            ALIGN_CORNERS=bool(align_corners), COMPUTE_GRAD=grad is not None,
+            num_warps=4,
+        )
+    return partial.sum(dim=0, dtype=torch.float64)
