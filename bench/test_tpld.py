@@ -125,3 +125,23 @@ def test_bootstrap_loss_forward_backward(benchmark, run, impl, mode):
     group = f"{name}, logits {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
     grad = run(benchmark, group, impl, step, device=DEVICE)
     assert grad.shape == logits.shape
+
+
+_SELF_INFORMATION_COMPILED = {}
+
+
+def _self_information_fn(impl):
+    """eager: the op (a torch expression); compile: torch.compile of it (does it fuse?)."""
+    if impl == "eager":
+        return ops.self_information
+    if impl not in _SELF_INFORMATION_COMPILED:
+        _SELF_INFORMATION_COMPILED[impl] = torch.compile(lambda p: ops.self_information(p), dynamic=False)
+    return _SELF_INFORMATION_COMPILED[impl]
+
+
+@pytest.mark.parametrize("impl", ["eager"] if QUICK else ["eager", "compile"])
+def test_self_information(benchmark, run, impl):
+    p, _ = _inputs(2)
+    fn = _self_information_fn(impl)
+    out = run(benchmark, f"self_information B=2 C={C} {H}x{W}", impl, lambda: fn(p), device=DEVICE)
+    assert out.shape == p.shape and torch.isfinite(out).all()
