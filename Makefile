@@ -1,4 +1,4 @@
-# make demo   - set up .venv, build fastst, run the demo
+# make demo   - set up .venv, build fastst, run the IAST demo pipeline on synthetic data (CPU, minutes)
 # make test   - set up .venv, build fastst, run the test suite
 # make bench  - run the benchmarks (bench/), FASTST_BENCH_QUICK=1 for the short version
 VENV ?= .venv
@@ -23,7 +23,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 install: $(VENV)/.built
 
 demo: install
-	$(PY) examples/ops_demo.py
+	$(PY) -m fastst.train --preset demo --out runs/demo
 
 test: install
 	$(PY) -m pytest tests -q

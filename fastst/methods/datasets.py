@@ -1,0 +1,46 @@
+"""The data sets of a run, built from its configuration (``data`` section).
+
+Roles: "source" (labelled, e.g. GTA5), "target" (the unlabelled target train set: its labels are
+never read, ``labels=False``) and "val" (the labelled target evaluation split). A "synthetic"
+data set is generated on first use under its root, domain "source" for the source role and
+"target" for the others, with the generator arguments of ``data.synthetic``.
+"""
+from typing import Any, Mapping, Optional, Sequence
+
+from fastst.data import build_dataset, train_transform
+
+__all__ = ["build_role", "crop_transform"]
+
+_DOMAINS = {"source": "source", "target": "target", "val": "target"}
+
+
+def crop_transform(config: Mapping[str, Any], role: str):
+    """The training augmentation of ``role`` ("source" or "target", SPEC 4): random sized crop
+    with the role's height range, resized to ``data.crop_size``, flip, brightness/contrast."""
+    data = config["data"]
+    return train_transform(crop_height_range=data[role]["crop_height_range"],
+                           crop_size=data["crop_size"], aspect=data["aspect"],
+                           flip_p=data["flip_p"], brightness=data["brightness"],
+                           contrast=data["contrast"],
+                           brightness_contrast_p=data["brightness_contrast_p"])
+
+
+def build_role(config: Mapping[str, Any], role: str, *, transform=None,
+               resize: Optional[Sequence[int]] = None, seed: int = 0, labels: Optional[bool] = None):
+    """The data set of ``role`` ("source", "target" or "val").
+
+    transform: the seeded augmentation (None: none). resize: a fixed (H, W) applied before it
+    (default: the role's ``resize`` key; the val role has none, it is scored at full size).
+    labels: default True for source/val and False for target, whose labels must not be used."""
+    if role not in _DOMAINS:
+        raise ValueError(f"role must be one of {', '.join(_DOMAINS)}, got {role!r}")
+    spec = config["data"][role]
+    if resize is None and role != "val":
+        resize = spec["resize"]
+    kwargs = {"transform": transform, "resize": None if resize is None else list(resize),
+              "seed": seed, "list_file": spec["list_file"],
+              "labels": role != "target" if labels is None else labels}
+    if spec["dataset"] == "synthetic":
+        kwargs["domain"] = _DOMAINS[role]
+        kwargs["synthetic"] = dict(config["data"]["synthetic"] or {})
+    return build_dataset(spec["dataset"], spec["root"], spec["split"], **kwargs)

@@ -1,0 +1,218 @@
+"""The training loop that every stage shares: optimizer, cosine schedule, checkpoints, resume,
+progress and TensorBoard logging.
+
+A stage subclass says what one iteration does (``step``), which data it reads (``setup``), what
+must happen before its first iteration (``before_training``, e.g. the pseudo-label pass) and
+which extra state it checkpoints (``extra_state``). ``Stage.run`` does the rest:
+
+* the model comes from the stage's own checkpoint when one exists (resumption), else from
+  ``init_model()`` (the previous stage's last checkpoint, ``--init``, or a fresh model);
+* Adam over ``model.param_groups(lr)`` (head at 10x), betas and weight decay from ``optim``;
+  BN affine parameters frozen when the stage says so (running statistics still update);
+* per iteration i the cosine schedule of SPEC 4 sets every group's lr, with
+  T = t_max * iterations_per_epoch; the stage runs ``epochs * iterations_per_epoch`` iterations
+  (rounds: 2 of t_max = 3 epochs, so they stop at 2T/3), one epoch being
+  floor(|source| / batch_size) iterations counted on the source set in every stage;
+* every ``runtime.checkpoint_every`` iterations and at the end, DIR/<stage>/last.pt is written
+  atomically with the model, optimizers, schedule, RNG states, iteration and the stage's extras;
+* losses are summed on the device and read back (one host sync) every ``runtime.log_every``
+  iterations for tqdm and TensorBoard; nothing else synchronises per iteration.
+
+Data order is a pure function of (seed, stage, iteration) (``streams.BatchStream``), and model
+and optimizer state are restored exactly, so on the CPU a resumed stage ends with the same
+weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastst.checkpoint import checkpoint_state, load_checkpoint, load_model, save_checkpoint
+from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
+from fastst.methods.datasets import build_role, crop_transform
+from fastst.methods.schedule import CosineSchedule
+from fastst.methods.streams import BatchStream, derive_seed
+
+__all__ = ["Stage", "CHECKPOINT_NAME", "stage_iterations"]
+
+CHECKPOINT_NAME = "last.pt"
+_IMAGES_LOGGED = 4
+
+
+def stage_iterations(settings: Mapping[str, Any], source_size: int) -> Dict[str, float]:
+    """{"per_epoch", "total", "period"} of a stage: per_epoch = floor(source_size / batch_size)
+    (or ``iterations_per_epoch``), total = epochs * per_epoch (or ``iterations``),
+    period T = t_max * per_epoch."""
+    per_epoch = settings["iterations_per_epoch"] or source_size // settings["batch_size"]
+    if per_epoch < 1:
+        raise ValueError(f"the source set has {source_size} images, fewer than one batch of "
+                         f"{settings['batch_size']}")
+    total = settings["iterations"] or settings["epochs"] * per_epoch
+    return {"per_epoch": per_epoch, "total": int(total), "period": settings["t_max"] * per_epoch}
+
+
+class Stage:
+    """One stage of a pipeline (source-only, warm-up, an IAST round, ...).
+
+    Args:
+        ctx: the run (config, output directory, device, writer, stop hooks).
+        name: the stage's name in ``config["stages"]`` (also its directory and log prefix).
+    Subclasses implement ``setup`` and ``step`` and may override the other hooks.
+    """
+
+    method = ""
+
+    def __init__(self, ctx: RunContext, name: str) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.settings = ctx.config["stages"][name]
+        self.dir = ctx.run_dir / name
+        self.checkpoint_path = self.dir / CHECKPOINT_NAME
+        self.optimizers: List[torch.optim.Optimizer] = []
+        self.log_images_now = False
+        self.visual: Optional[Dict[str, torch.Tensor]] = None
+        self.seconds = 0.0
+        self.total: Optional[int] = None
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def before_training(self, model: nn.Module, resumed: bool) -> None:
+        """Runs once the model is initialised, before ``setup``; ``resumed`` when the stage
+        continues from its own checkpoint."""
+
+    def setup(self, model: nn.Module) -> None:
+        """Build the data streams and ``self.optimizers`` (the first one the model's)."""
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, iteration: int) -> Dict[str, torch.Tensor]:
+        """One iteration; returns detached 0-dim loss tensors by name (no host sync). When
+        ``self.log_images_now`` is set, also store ``self.visual = {"image", "logits",
+        "label"}`` of a batch."""
+        raise NotImplementedError
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def restore_finished(self, state: Mapping[str, Any]) -> None:
+        """Called instead of training when the stage's checkpoint is complete."""
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    # --- shared building blocks ------------------------------------------------------------
+
+    def seed_of(self, *parts) -> int:
+        return derive_seed(self.ctx.seed, self.name, *parts)
+
+    def stream(self, role: str, batch_size: int, *, transform=None, dataset=None) -> BatchStream:
+        """A seeded stream of ``role`` ("source" or "target") crops for this stage."""
+        if dataset is None:
+            dataset = build_role(self.ctx.config, role,
+                                 transform=crop_transform(self.ctx.config, role)
+                                 if transform is None else transform,
+                                 seed=self.seed_of(role, "augment"))
+        return BatchStream(dataset, batch_size, self.seed_of(role, "order"),
+                           workers=self.ctx.runtime["workers"], pin_memory=self.ctx.pin_memory,
+                           name=f"{role} set of stage {self.name}")
+
+    def model_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        optim = self.ctx.config["optim"]
+        return torch.optim.Adam(model.param_groups(self.settings["lr"]),
+                                betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+
+    def set_iterations(self, source_size: int) -> None:
+        numbers = stage_iterations(self.settings, source_size)
+        self.per_epoch, self.total, self.period = (numbers["per_epoch"], numbers["total"],
+                                                   numbers["period"])
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self, init_model: Callable[[], nn.Module]) -> nn.Module:
+        """Train this stage (or finish it) and return the model in train mode on the device."""
+        ctx = self.ctx
+        started = time.perf_counter()
+        state = load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
+        if state is not None and state.get("complete"):
+            self.seconds = float(state.get("seconds", 0.0))
+            self.total = state.get("total_iterations")
+            self.restore_finished(state)
+            return load_model(state).to(ctx.device, memory_format=ctx.memory_format)
+        model = load_model(state) if state is not None else init_model()
+        model.to(ctx.device, memory_format=ctx.memory_format)
+        seconds_before = float(state["seconds"]) if state is not None else 0.0
+        self.before_training(model, resumed=state is not None)
+        model.freeze_bn_affine(self.settings["freeze_bn_affine"])
+        model.train()
+        self.setup(model)
+        schedule = CosineSchedule(self.optimizers, self.period,
+                                  ctx.config["optim"]["eta_min_ratio"])
+        start = 0
+        if state is not None:
+            for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+                optimizer.load_state_dict(saved)
+            schedule.load_state_dict(state["scheduler"])
+            self.load_extra_state(state)
+            set_rng_state(state["rng"])
+            start = int(state["iteration"])
+
+        def save(iteration: int, complete: bool) -> None:
+            self.seconds = seconds_before + time.perf_counter() - started
+            save_checkpoint(self.checkpoint_path, checkpoint_state(
+                model, stage=self.name, method=self.method, iteration=iteration,
+                complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
+                scheduler=schedule.state_dict(), rng=rng_state(), seconds=self.seconds,
+                total_iterations=self.total, **self.extra_state()))
+
+        runtime = ctx.runtime
+        sums: Dict[str, torch.Tensor] = {}
+        since_log = 0
+        from tqdm import tqdm
+
+        with tqdm(total=self.total, initial=start, desc=self.name, unit="it",
+                  disable=not runtime["progress"], dynamic_ncols=True) as bar:
+            for iteration in range(start, self.total):
+                lr = schedule.step(iteration)
+                self.log_images_now = ctx.writer is not None and \
+                    (iteration + 1) % runtime["image_every"] == 0
+                parts = self.step(model, iteration)
+                for key, value in parts.items():
+                    sums[key] = sums[key] + value if key in sums else value
+                since_log += 1
+                done = iteration + 1
+                if done % runtime["log_every"] == 0 or done == self.total:
+                    means = {key: float(value) / since_log for key, value in sums.items()}
+                    self._log_scalars(means, lr, done)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
+                    sums, since_log = {}, 0
+                if self.log_images_now and self.visual is not None:
+                    self._log_visual(done)
+                bar.update(1)
+                if done % runtime["checkpoint_every"] == 0 and done < self.total:
+                    save(done, complete=False)
+                ctx.count("iterations")
+        save(self.total, complete=True)
+        return model
+
+    def _log_scalars(self, means: Mapping[str, float], lr: float, step: int) -> None:
+        writer = self.ctx.writer
+        if writer is None:
+            return
+        for key, value in means.items():
+            writer.add_scalar(f"{self.name}/loss/{key}", value, step)
+        writer.add_scalar(f"{self.name}/lr", lr, step)
+
+    def _log_visual(self, step: int) -> None:
+        visual, self.visual = self.visual, None
+        count = min(_IMAGES_LOGGED, visual["image"].shape[0])
+        label = visual["label"][:count]
+        logits = F.interpolate(visual["logits"][:count].detach().float(), size=label.shape[-2:],
+                               mode="bilinear", align_corners=True)
+        writer = self.ctx.writer
+        writer.add_images(f"{self.name}/train_input", denormalize(visual["image"][:count]).cpu(),
+                          step)
+        writer.add_images(f"{self.name}/train_prediction", colorize(logits.argmax(1)).cpu(), step)
+        writer.add_images(f"{self.name}/train_label", colorize(label).cpu(), step)

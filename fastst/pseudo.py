@@ -1,0 +1,302 @@
+"""The IAS pseudo-label pass: label a target set with a model, resumably (SPEC 1, 4).
+
+    python -m fastst.pseudo --checkpoint PATH --preset NAME --out DIR [--stage round1] [key=value ...]
+
+writes DIR/labels/<image stem>_pseudo_label.png for every target train image and
+DIR/manifest.json. Inside ``python -m fastst.train`` every IAST round runs the same pass.
+
+The pass visits the images in the order ``torch.randperm(N, generator=
+torch.Generator().manual_seed(order_seed))`` (0 in the recipe, the same every round), in batches of
+``batch_size`` (a multiple of the IAS instance ``group``). The model runs in eval mode without
+gradients (bf16 autocast and channels_last on CUDA); its logits, at 1/8 of the image, go straight
+to ``fastst.ops.ias_pseudo_label(from_logits=True, size=pseudo size)``, which upsamples, takes the
+softmax and updates the class thresholds theta; theta stays on the device from batch to batch,
+starting at 0.9 for every class. Label maps are written as PNGs by a pool of threads while the
+model runs on the next batch.
+
+Resumption: every ``state_every`` batches, once the PNGs written so far are on disk, the pass
+state (images done, theta, per-image thetas, class histogram) is saved atomically to
+DIR/state.pt; a rerun continues from there and gives the same labels and thresholds as an
+uninterrupted pass. The finished pass writes DIR/manifest.json (atomically) and removes the state.
+
+manifest.json: {"format": "fastst-pseudo-v1", "complete": true, "settings": {mode, alpha, beta,
+gamma, group, size, batch_size, order_seed, num_images, num_classes}, "theta": [C] (after the
+last image), "density": [C] (fraction of all pixels labelled with each class),
+"labelled_fraction", "class_names", "seconds", "images": [{"name", "theta": [C]}, ...] in
+visiting order, theta being the thresholds that labelled the image}.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from fastst.data.ids import CLASS_NAMES
+from fastst.data.pseudo_label import pseudo_label_path, save_pseudo_labels
+from fastst.methods.context import (RunContext, colorize, denormalize, save_torch_atomic,
+                                    write_json_atomic)
+from fastst.ops import ias_pseudo_label
+
+__all__ = ["ias_pass", "MANIFEST_FORMAT", "read_manifest", "main"]
+
+MANIFEST_FORMAT = "fastst-pseudo-v1"
+MANIFEST_NAME = "manifest.json"
+STATE_NAME = "state.pt"
+LABEL_DIR = "labels"
+_IMAGES_LOGGED = 4
+
+
+def read_manifest(out_dir) -> Optional[Dict[str, Any]]:
+    """The manifest of a finished pass in ``out_dir``, or None if there is none."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    return manifest
+
+
+def _class_names(num_classes: int) -> List[str]:
+    return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else \
+        [f"class {c}" for c in range(num_classes)]
+
+
+def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha: float,
+             size: Sequence[int], beta: float = 0.9, gamma: float = 8.0, mode: str = "official",
+             group: int = 2, batch_size: int = 2, order_seed: int = 0, colour: bool = False,
+             tag: str = "pseudo") -> Dict[str, Any]:
+    """Label every image of ``dataset`` (items {"image": float (3,H,W), "name": str}) with
+    ``model`` and write labels and manifest under ``out_dir``; returns the manifest.
+
+    size: (H, W) of the pseudo labels (the logits are upsampled to it inside the op).
+    ctx: device, precision, workers, progress, TensorBoard writer and stop hooks
+    (``runtime.pseudo_state_every``, ``write_threads``, ``stop_after_pseudo_batches``).
+    A finished pass with the same settings is not redone; its manifest is returned."""
+    out_dir = Path(out_dir)
+    label_dir = out_dir / LABEL_DIR
+    num_classes = int(model.model_config["num_classes"]) if hasattr(model, "model_config") \
+        else None
+    settings = {"mode": mode, "alpha": float(alpha), "beta": float(beta), "gamma": float(gamma),
+                "group": int(group), "size": [int(s) for s in size], "batch_size": int(batch_size),
+                "order_seed": int(order_seed), "num_images": len(dataset),
+                "num_classes": num_classes}
+    if batch_size % group:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of group {group}, so that "
+                         "no IAS instance straddles two batches")
+    manifest = read_manifest(out_dir)
+    if manifest is not None and manifest.get("complete") and manifest["settings"] == settings \
+            and _labels_present(label_dir, [image["name"] for image in manifest["images"]]):
+        return manifest
+
+    started = time.perf_counter()
+    state = _load_state(out_dir / STATE_NAME, settings, label_dir)
+    device = ctx.device
+    num_images = len(dataset)
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(int(order_seed)))
+    done = state["done"] if state else 0
+    theta = (state["theta"].to(device) if state else
+             torch.full((num_classes,), 0.9, dtype=torch.float64, device=device))
+    histogram = (state["histogram"].to(device) if state else
+                 torch.zeros(256, dtype=torch.int64, device=device))
+    names: List[str] = list(state["names"]) if state else []
+    thetas_done = state["image_thetas"] if state else torch.zeros(0, num_classes,
+                                                                  dtype=torch.float64)
+    thetas_pending: List[torch.Tensor] = []
+    seconds_before = state["seconds"] if state else 0.0
+    runtime = ctx.runtime
+
+    loader = DataLoader(Subset(dataset, order[done:].tolist()), batch_size=batch_size,
+                        shuffle=False, num_workers=runtime["workers"], pin_memory=ctx.pin_memory)
+    was_training = model.training
+    model.eval()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=runtime["write_threads"],
+                                                 thread_name_prefix="pseudo-png")
+    writes: List[concurrent.futures.Future] = []
+
+    def save_state() -> None:
+        nonlocal thetas_done, thetas_pending
+        for future in writes:
+            future.result()  # re-raises a failed write before the state claims its image
+        writes.clear()
+        if thetas_pending:
+            thetas_done = torch.cat([thetas_done] + [t.cpu() for t in thetas_pending])
+            thetas_pending = []
+        save_torch_atomic({"settings": settings, "done": done, "theta": theta.cpu(),
+                           "histogram": histogram.cpu(), "names": list(names),
+                           "image_thetas": thetas_done,
+                           "seconds": seconds_before + time.perf_counter() - started},
+                          out_dir / STATE_NAME)
+        if ctx.writer is not None:
+            for c, name in enumerate(_class_names(num_classes)):
+                ctx.writer.add_scalar(f"{tag}/theta_during_pass/{name}", float(theta[c]), done)
+
+    from tqdm import tqdm
+
+    try:
+        with torch.no_grad(), tqdm(total=num_images, initial=done, desc=f"{tag} labels",
+                                   unit="img", disable=not runtime["progress"],
+                                   dynamic_ncols=True) as bar:
+            for batch_index, batch in enumerate(loader):
+                images = ctx.images_to_device(batch["image"])
+                with ctx.autocast():
+                    logits = model(images)
+                labels, theta, per_instance = ias_pseudo_label(
+                    logits, theta, alpha=alpha, beta=beta, gamma=gamma, mode=mode,
+                    from_logits=True, size=tuple(size), group=group)
+                thetas_pending.append(per_instance.repeat_interleave(group, 0)[:labels.shape[0]])
+                # index_add_, not bincount: CUDA's bincount reads the maximum back to the host.
+                flat = labels.reshape(-1).long()
+                histogram.index_add_(0, flat, torch.ones_like(flat))
+                batch_names = list(batch["name"])
+                writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names, labels,
+                                          colour))
+                if ctx.writer is not None and done < _IMAGES_LOGGED:
+                    _log_images(ctx.writer, tag, images, labels)
+                names.extend(batch_names)
+                done += labels.shape[0]
+                bar.update(labels.shape[0])
+                if (batch_index + 1) % runtime["pseudo_state_every"] == 0:
+                    save_state()
+                ctx.count("pseudo_batches")
+            for future in writes:
+                future.result()
+    finally:
+        pool.shutdown(wait=True)
+        model.train(was_training)
+
+    if thetas_pending:
+        thetas_done = torch.cat([thetas_done] + [t.cpu() for t in thetas_pending])
+    counts = histogram.cpu()
+    total_pixels = max(1, num_images * int(size[0]) * int(size[1]))
+    density = [int(counts[c]) / total_pixels for c in range(num_classes)]
+    manifest = {"format": MANIFEST_FORMAT, "complete": True, "settings": settings,
+                "theta": theta.cpu().tolist(), "density": density,
+                "labelled_fraction": sum(density), "class_names": _class_names(num_classes),
+                "seconds": seconds_before + time.perf_counter() - started,
+                "images": [{"name": name, "theta": row}
+                           for name, row in zip(names, thetas_done.tolist())]}
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+    (out_dir / STATE_NAME).unlink(missing_ok=True)
+    if ctx.writer is not None:
+        for c, name in enumerate(manifest["class_names"]):
+            ctx.writer.add_scalar(f"{tag}/theta/{name}", manifest["theta"][c], 0)
+            ctx.writer.add_scalar(f"{tag}/density/{name}", density[c], 0)
+        ctx.writer.add_scalar(f"{tag}/labelled_fraction", manifest["labelled_fraction"], 0)
+    return manifest
+
+
+def _labels_present(label_dir: Path, names: Sequence[str]) -> bool:
+    return all(pseudo_label_path(label_dir, name).is_file() for name in names)
+
+
+def _load_state(path: Path, settings: Mapping[str, Any], label_dir: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged state only costs the labels done so far
+        warnings.warn(f"pseudo-label pass state {path} is unreadable ({error}); starting the "
+                      "pass over", stacklevel=3)
+        return None
+    if state.get("settings") != settings:
+        warnings.warn(f"pseudo-label pass state {path} was made with other settings "
+                      f"({state.get('settings')}); starting the pass over", stacklevel=3)
+        return None
+    if not _labels_present(label_dir, state["names"]):
+        warnings.warn(f"some pseudo labels recorded in {path} are missing from {label_dir}; "
+                      "starting the pass over", stacklevel=3)
+        return None
+    return state
+
+
+def _log_images(writer, tag: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    count = min(_IMAGES_LOGGED, images.shape[0])
+    inputs = torch.nn.functional.interpolate(denormalize(images[:count]).float(),
+                                             size=labels.shape[-2:], mode="bilinear",
+                                             align_corners=False).round().to(torch.uint8)
+    writer.add_images(f"{tag}/input", inputs.cpu(), 0)
+    writer.add_images(f"{tag}/pseudo_label", colorize(labels[:count]).cpu(), 0)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastst.pseudo",
+        description="IAS pseudo labels for the target train set of a preset, from a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="fastst checkpoint (.pt) to label with")
+    parser.add_argument("--preset", required=True, help="preset naming the target data set and "
+                        "the IAS settings (see python -m fastst.train --help)")
+    parser.add_argument("--out", required=True, help="output directory (labels/, manifest.json)")
+    parser.add_argument("--stage", default=None, help="the IAST stage whose alpha and pseudo-label "
+                        "size to use (default: the first IAST stage of the pipeline)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="configuration overrides, as for python -m fastst.train")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fastst.checkpoint import load_model
+    from fastst.config import ConfigError, load_config
+    from fastst.methods.context import StopRequested, resolve_device
+    from fastst.methods.datasets import build_role
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.preset, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    rounds = [name for name in config["pipeline"] if config["stages"][name]["method"] == "iast"]
+    stage = args.stage or (rounds[0] if rounds else None)
+    if stage not in rounds:
+        parser.error(f"--stage must name an IAST stage of preset {args.preset!r}: "
+                     f"{', '.join(rounds) or 'it has none'}; got {stage!r}")
+    settings = config["stages"][stage]
+    try:
+        device = resolve_device(config["runtime"]["device"])
+        model = load_model(args.checkpoint, map_location="cpu")
+    except (FileNotFoundError, RuntimeError, ValueError, TypeError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if config["runtime"]["threads"]:
+        torch.set_num_threads(config["runtime"]["threads"])
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda"
+             and config["runtime"]["channels_last"] else torch.contiguous_format)
+    dataset = build_role(config, "target", resize=settings["pseudo_size"])
+    ctx = RunContext(config=config, run_dir=Path(args.out), seed=config["seed"], device=device)
+    pseudo = config["pseudo"]
+    try:
+        manifest = ias_pass(model, dataset, args.out, ctx, alpha=settings["alpha"],
+                            size=settings["pseudo_size"], beta=pseudo["beta"],
+                            gamma=pseudo["gamma"], mode=pseudo["mode"], group=pseudo["group"],
+                            batch_size=pseudo["batch_size"], order_seed=pseudo["order_seed"],
+                            colour=pseudo["colour"], tag=stage)
+    except StopRequested as stop:
+        print(stop, file=sys.stderr)
+        return 3
+    print(f"{manifest['settings']['num_images']} pseudo labels in {Path(args.out) / LABEL_DIR}; "
+          f"{100 * manifest['labelled_fraction']:.1f}% of the pixels labelled")
+    width = max(len(name) for name in manifest["class_names"]) + 2
+    print(f"{'class':<{width}}{'theta':>8}{'density %':>11}")
+    for name, theta, density in zip(manifest["class_names"], manifest["theta"],
+                                    manifest["density"]):
+        print(f"{name:<{width}}{theta:8.4f}{100 * density:11.2f}")
+    return 0 if all(math.isfinite(t) for t in manifest["theta"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Run a training pipeline from a preset: ``python -m fastst.train --preset NAME``.
+
+    python -m fastst.train --preset NAME [--out DIR] [--stages a,b] [--init PATH] [key=value ...]
+
+Presets are the YAML files in fastst/presets/ (``demo``, ``iast_gta5``, ``iast_synthia``); any
+key can be overridden with ``key=value`` (dotted path, YAML value, e.g.
+``stages.round1.alpha=0.25 data.source.root=/data/GTA5 seeds=3``). The stages of ``pipeline``
+run in order in one command, each starting from the previous stage's last checkpoint;
+``--stages`` runs a subset (its first stage starts from ``--init PATH`` when given, else from the
+checkpoint of the stage before it in DIR, else - for the first stage of the pipeline - from
+``model.pretrained``).
+
+Outputs in DIR (default runs/<preset>; with ``seeds: n > 1``, one DIR/seed<s>/ per seed):
+  config.yaml              the resolved configuration
+  <stage>/last.pt          checkpoint (atomic; every runtime.checkpoint_every iterations and at
+                           the end): model, optimizers, schedule, RNG states, iteration, extras
+  <stage>/result.json      target mIoU of the stage's last checkpoint, times
+  <round>/pseudo/          pseudo labels (labels/*.png) and manifest.json of an IAST round
+  tensorboard/             losses by part, lr, theta and pseudo-label density per class,
+                           target mIoU per stage, input / prediction / label images
+  summary.json             {"stages": [{"name", "target_miou", "seconds", ...}, ...]}
+Rerunning the same command after an interruption resumes where it stopped (also in the middle of
+a pseudo-label pass); finished stages are not redone. On the CPU the result equals an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from fastst.checkpoint import load_checkpoint
+from fastst.config import (ConfigError, available_presets, dump_config, load_config,
+                           read_config_file, recipe_differences)
+from fastst.methods import stage_class
+from fastst.methods.context import (RunContext, StopRequested, colorize, denormalize,
+                                    resolve_device, write_json_atomic)
+from fastst.methods.datasets import build_role
+from fastst.methods.streams import derive_seed
+from fastst.methods.trainer import CHECKPOINT_NAME
+
+__all__ = ["run_pipeline", "select_stages", "main", "format_table"]
+
+RESULT_NAME = "result.json"
+SUMMARY_NAME = "summary.json"
+_VAL_IMAGES_LOGGED = 4
+
+
+def select_stages(config: Mapping[str, Any], stages: Optional[str]) -> List[str]:
+    """The stages to run: all of ``pipeline``, or those named in the comma list ``stages``
+    (in pipeline order). ConfigError lists the pipeline for an unknown name."""
+    pipeline = list(config["pipeline"])
+    if not stages:
+        return pipeline
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in pipeline]
+    if unknown or not chosen:
+        raise ConfigError(f"--stages names {unknown or stages!r}, not stages of the pipeline; "
+                          f"valid stages: {', '.join(pipeline)}")
+    return [s for s in pipeline if s in chosen]
+
+
+def _configure_process(config: Mapping[str, Any], device: torch.device) -> None:
+    runtime = config["runtime"]
+    if runtime["threads"]:
+        torch.set_num_threads(runtime["threads"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        # The ops' NaN/label-range checks cost a host sync per call on CUDA; the pipeline's own
+        # data is valid by construction, so they are off in training unless asked for.
+        if not runtime["op_value_checks"]:
+            os.environ["FASTST_CHECK"] = "0"
+
+
+def _fresh_model(config: Mapping[str, Any], seed: int):
+    from fastst.models import deeplabv2
+
+    torch.manual_seed(derive_seed(seed, "model") % 2**63)
+    pretrained = config["model"]["pretrained"]
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(
+            f"model.pretrained = {pretrained!r} does not exist: download torchvision's ImageNet "
+            f"weights for {config['model']['backbone']} there (e.g. resnet101-63fe2227.pth from "
+            "download.pytorch.org/models/), or set model.pretrained=null to start from a "
+            "random initialisation")
+    return deeplabv2(num_classes=config["num_classes"], backbone=config["model"]["backbone"],
+                     pretrained=pretrained)
+
+
+def _model_from_file(config: Mapping[str, Any], path: Path, what: str):
+    from fastst.models import deeplabv2
+
+    state = load_checkpoint(path)
+    if "complete" in state and not state["complete"]:
+        raise RuntimeError(f"{what} {path} is the checkpoint of an unfinished stage; finish that "
+                           "stage first (rerun with --stages including it)")
+    return deeplabv2(num_classes=config["num_classes"], backbone=config["model"]["backbone"],
+                     pretrained=state)
+
+
+def _init_model(config: Mapping[str, Any], path: str):
+    """The model of ``--init``: a fastst checkpoint or a plain state_dict of the whole model
+    (e.g. converted released weights), which must fit the preset's backbone and classes."""
+    from fastst.models import deeplabv2
+
+    return deeplabv2(num_classes=config["num_classes"], backbone=config["model"]["backbone"],
+                     pretrained=path)
+
+
+def _initial_model(config, run_dir: Path, stages: Sequence[str], index: int, seed: int,
+                   init: Optional[str]):
+    """A zero-argument function building the model that stage ``stages[index]`` starts from."""
+    if index > 0:
+        previous = run_dir / stages[index - 1] / CHECKPOINT_NAME
+        return lambda: _model_from_file(config, previous, f"checkpoint of {stages[index - 1]}")
+    if init is not None:
+        return lambda: _init_model(config, init)
+    pipeline = list(config["pipeline"])
+    position = pipeline.index(stages[0])
+    if position == 0:
+        return lambda: _fresh_model(config, seed)
+    previous_name = pipeline[position - 1]
+    previous = run_dir / previous_name / CHECKPOINT_NAME
+    if not previous.is_file():
+        raise FileNotFoundError(
+            f"stage {stages[0]} starts from the last checkpoint of {previous_name}, and "
+            f"{previous} does not exist; run {previous_name} first or pass --init PATH")
+    return lambda: _model_from_file(config, previous, f"checkpoint of {previous_name}")
+
+
+def _evaluate(ctx: RunContext, model, val_set, stage: str) -> Dict[str, Any]:
+    from fastst.evaluate import evaluate, results_dict
+
+    config = ctx.config
+    started = time.perf_counter()
+    confusion = evaluate(model, val_set, scales=tuple(config["eval"]["scales"]),
+                         flip=config["eval"]["flip"], batch_size=config["eval"]["batch_size"],
+                         device=ctx.device, num_classes=config["num_classes"],
+                         progress=ctx.runtime["progress"],
+                         input_size=config["data"]["val"]["input_size"],
+                         autocast_dtype=ctx.amp_dtype, num_workers=ctx.runtime["workers"])
+    result = results_dict(confusion)
+    result["eval_seconds"] = time.perf_counter() - started
+    if ctx.writer is not None:
+        _log_val_images(ctx, model, val_set, stage)
+    return result
+
+
+def _log_val_images(ctx: RunContext, model, val_set, stage: str) -> None:
+    from fastst.inference import predict_probs
+
+    count = min(_VAL_IMAGES_LOGGED, len(val_set))
+    items = [val_set[i] for i in range(count)]
+    sizes = {tuple(item["image"].shape) for item in items}
+    if len(sizes) != 1:
+        return
+    images = torch.stack([item["image"] for item in items]).to(ctx.device)
+    labels = torch.stack([item["label"] for item in items])
+    was_training = model.training
+    model.eval()
+    try:
+        probs = predict_probs(model, images, input_size=ctx.config["data"]["val"]["input_size"],
+                              autocast_dtype=ctx.amp_dtype)
+    finally:
+        model.train(was_training)
+    ctx.writer.add_images(f"{stage}/val_input", denormalize(images).cpu(), 0)
+    ctx.writer.add_images(f"{stage}/val_prediction", colorize(probs.argmax(1)).cpu(), 0)
+    ctx.writer.add_images(f"{stage}/val_label", colorize(labels).cpu(), 0)
+
+
+def _read_result(path: Path) -> Optional[Dict[str, Any]]:
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as handle:
+            result = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and "target_miou" in result else None
+
+
+def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequence[str],
+             device: torch.device, init: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Run ``stages`` for one seed in ``run_dir``; returns the results of every pipeline stage
+    that has one in ``run_dir`` (finished now or before), in pipeline order."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if config["runtime"]["tensorboard"]:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    ctx = RunContext(config=dict(config), run_dir=run_dir, seed=seed, device=device,
+                     writer=writer)
+    try:
+        val_set = None
+        for index, name in enumerate(stages):
+            stage = stage_class(config["stages"][name]["method"])(ctx, name)
+            result_path = stage.dir / RESULT_NAME
+            if _read_result(result_path) is not None and stage.checkpoint_path.is_file():
+                continue
+            model = stage.run(_initial_model(config, run_dir, stages, index, seed, init))
+            if val_set is None:
+                val_set = build_role(config, "val")
+            result = {"name": name, "method": stage.method}
+            result.update(_evaluate(ctx, model, val_set, name))
+            result["target_miou"] = result["miou"]
+            result["train_seconds"] = stage.seconds
+            result["seconds"] = stage.seconds + result["eval_seconds"]
+            result["iterations"] = stage.total
+            result["checkpoint"] = str(stage.checkpoint_path)
+            manifest = getattr(stage, "manifest", None)
+            if manifest is not None:
+                result["pseudo"] = {"labelled_fraction": manifest["labelled_fraction"],
+                                    "density": manifest["density"], "theta": manifest["theta"],
+                                    "seconds": manifest["seconds"]}
+            write_json_atomic(result, result_path)
+            if writer is not None:
+                writer.add_scalar("target_miou", 100 * _nan(result["miou"]),
+                                  list(config["pipeline"]).index(name))
+                writer.add_scalar(f"{name}/target_miou", 100 * _nan(result["miou"]), 0)
+                writer.flush()
+            del model
+    finally:
+        if writer is not None:
+            writer.close()
+    results = []
+    for name in config["pipeline"]:
+        result = _read_result(run_dir / name / RESULT_NAME)
+        if result is not None:
+            results.append(result)
+    return results
+
+
+def _nan(value: Optional[float]) -> float:
+    return math.nan if value is None else float(value)
+
+
+def summarize(config: Mapping[str, Any], per_seed: Mapping[int, List[Dict[str, Any]]]
+              ) -> Dict[str, Any]:
+    """summary.json: per stage the target mIoU (a fraction; the mean over seeds, with the
+    sample standard deviation and the per-seed values when there are several) and seconds."""
+    seeds = list(per_seed)
+    stages = []
+    for name in config["pipeline"]:
+        rows = [next((r for r in per_seed[s] if r["name"] == name), None) for s in seeds]
+        if any(row is None for row in rows):
+            continue
+        values = [_nan(row["target_miou"]) for row in rows]
+        entry = {"name": name, "method": rows[0]["method"],
+                 "target_miou": statistics.fmean(values),
+                 "seconds": statistics.fmean(row["seconds"] for row in rows),
+                 "iterations": rows[0].get("iterations")}
+        if len(seeds) > 1:
+            entry["target_miou_std"] = statistics.stdev(values)
+            entry["target_miou_per_seed"] = values
+        else:
+            for key in ("miou16", "miou13", "iou", "train_seconds", "eval_seconds", "pseudo",
+                        "checkpoint"):
+                if key in rows[0]:
+                    entry[key] = rows[0][key]
+        stages.append(entry)
+    return {"preset": config["name"], "seeds": seeds, "stages": stages,
+            "total_seconds": sum(s["seconds"] for s in stages)}
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The stages x target mIoU table printed at the end of a run (mIoU in percent)."""
+    several = len(summary["seeds"]) > 1
+    header = "target mIoU (mean ± std over seeds " + ", ".join(map(str, summary["seeds"])) + ")" \
+        if several else "target mIoU"
+    width = max([len("stage")] + [len(s["name"]) for s in summary["stages"]]) + 2
+    lines = [f"{'stage':<{width}}{header:>{max(12, len(header))}}   time"]
+    for stage in summary["stages"]:
+        value = f"{100 * stage['target_miou']:.2f}"
+        if several:
+            value += f" ± {100 * stage['target_miou_std']:.2f}"
+        lines.append(f"{stage['name']:<{width}}{value:>{max(12, len(header))}}   "
+                     f"{_duration(stage['seconds'])}")
+    lines.append(f"{'total':<{width}}{'':>{max(12, len(header))}}   "
+                 f"{_duration(summary['total_seconds'])}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequence[str]] = None,
+                 init: Optional[str] = None) -> Dict[str, Any]:
+    """Run (or resume) ``stages`` (default: the whole pipeline) for every seed, write
+    DIR/config.yaml and DIR/summary.json, and return the summary. Raises StopRequested when a
+    ``runtime.stop_after_*`` hook fires."""
+    out_dir = Path(out_dir)
+    saved = read_config_file(out_dir / "config.yaml")
+    if saved is not None:
+        differences = recipe_differences(saved, config)
+        if differences:
+            shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:10])
+            raise ConfigError(f"{out_dir} holds a run with another configuration ({shown}); "
+                              "use another --out, or delete the directory to start over")
+    dump_config(config, out_dir / "config.yaml")
+    stages = list(config["pipeline"]) if stages is None else list(stages)
+    if init is not None and not Path(init).is_file():
+        raise FileNotFoundError(f"--init {init!r} does not exist")
+    device = resolve_device(config["runtime"]["device"])
+    _configure_process(config, device)
+    seeds = [config["seed"] + k for k in range(config["seeds"])]
+    per_seed = {}
+    for seed in seeds:
+        run_dir = out_dir if len(seeds) == 1 else out_dir / f"seed{seed}"
+        per_seed[seed] = run_seed(config, run_dir, seed, stages, device, init)
+    summary = summarize(config, per_seed)
+    write_json_atomic(summary, out_dir / SUMMARY_NAME)
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastst.train",
+        description="Train a self-training domain adaptation pipeline from a preset.",
+        epilog="presets: " + ", ".join(available_presets()))
+    parser.add_argument("--preset", required=True, help="preset name (fastst/presets/NAME.yaml)")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/<preset>)")
+    parser.add_argument("--stages", default=None,
+                        help="comma-separated subset of the pipeline's stages to run")
+    parser.add_argument("--init", default=None,
+                        help="checkpoint the first selected stage starts from")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="configuration overrides, e.g. stages.round1.alpha=0.25 seeds=3")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.preset, args.overrides)
+        stages = select_stages(config, args.stages)
+    except ConfigError as error:
+        parser.error(str(error))
+    out_dir = Path(args.out) if args.out else Path("runs") / config["name"]
+    try:
+        summary = run_pipeline(config, out_dir, stages=stages, init=args.init)
+    except StopRequested as stop:
+        print(f"{parser.prog}: {stop}", file=sys.stderr)
+        return 3
+    except (ConfigError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(format_table(summary))
+    print(f"summary: {out_dir / SUMMARY_NAME}; TensorBoard: tensorboard --logdir {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
