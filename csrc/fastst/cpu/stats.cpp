@@ -36,6 +36,8 @@ FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64
 
 // Over a tile of n pixels whose C values are values[c * kTile + j]: best = max, arg = argmax
 // (strict '>', lowest index on ties); returns the OR of the value flags. Branch-free.
+// Probabilities take a cheaper check in the loop: one range test, !(0 <= v <= 1), which NaN and
+// Inf fail too; only a tile that fails it is rescanned for the exact flags (bad input only).
 template <bool kLogits>
 FASTST_CPU_CLONES int32_t max_argmax(const float* const* rows, int64_t n, int64_t C, float* __restrict best,
                                      int32_t* __restrict arg) {
@@ -48,10 +50,16 @@ FASTST_CPU_CLONES int32_t max_argmax(const float* const* rows, int64_t n, int64_
     const float* __restrict v = rows[c];
     for (int64_t j = 0; j < n; ++j) {
       const float value = v[j], current = best[j];
-      flags |= value_flags(value, kLogits);
+      flags |= kLogits ? value_flags(value, true) : int32_t(!(value >= 0.0f) | !(value <= 1.0f));
       const int32_t greater = -int32_t(value > current);  // all ones where the class wins
       arg[j] = (arg[j] & ~greater) | (int32_t(c) & greater);
       best[j] = value > current ? value : current;
+    }
+  }
+  if (!kLogits && flags != 0) {
+    flags = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t j = 0; j < n; ++j) flags |= value_flags(rows[c][j], false);
     }
   }
   return flags;
