@@ -13,7 +13,6 @@ a file can run code when loaded; only load checkpoints you trust in that case.
 """
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from .atomic import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model",
            "checkpoint_state", "read_torch_file", "load_state_dict_checked"]
@@ -57,19 +58,8 @@ def save_checkpoint(path: PathLike, state: Mapping) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, **{k: v for k, v in state.items() if k != "format"}}
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file private (0600); a checkpoint should read like any saved file.
-        os.chmod(tmp_name, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

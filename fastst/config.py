@@ -19,11 +19,12 @@ import copy
 import difflib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
+
+from .atomic import atomic_write
 
 __all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "STAGE_DEFAULTS", "available_presets",
            "load_preset", "load_config", "apply_overrides", "validate_config", "flat_keys",
@@ -427,21 +428,10 @@ def _validate_runtime(config: Mapping[str, Any]) -> None:
 
 def dump_config(config: Mapping[str, Any], path: "os.PathLike[str] | str") -> Path:
     """Write ``config`` as YAML to ``path`` atomically (temporary file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=None, width=100)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def _plain(value: Any) -> Any:

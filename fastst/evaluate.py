@@ -11,17 +11,15 @@ argmax (SPEC section 3, `fastst.inference.predict_probs`). mIoU values are fract
 (null in the JSON) and left out of the means.
 """
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from .atomic import write_json_atomic
 from .data.ids import CLASS_NAMES, NUM_CLASSES
 from .inference import predict_probs
 from .metrics import ConfusionMatrix
@@ -84,23 +82,6 @@ def results_dict(confusion, class_names=CLASS_NAMES, **extra):
 
 def _finite_or_none(value):
     return None if math.isnan(value) else value
-
-
-def write_json_atomic(data, path):
-    """Write `data` as JSON to `path` via a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _synthetic_options(root, domain):
@@ -194,7 +175,7 @@ def main(argv=None):
                               checkpoint=str(args.checkpoint), dataset=args.dataset,
                               split=args.split, domain=options.get("domain"),
                               resize=args.resize, num_images=len(dataset))
-        write_json_atomic(result, args.json)
+        write_json_atomic(result, args.json, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Hashable, List, Optional, Sequence, Tuple
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_write
 from .ids import IGNORE_INDEX, lookup_table
 from .transforms import check_size, normalize, resize_image, resize_label
 
@@ -166,16 +166,8 @@ def write_png_atomic(path, array, palette: Optional[bytes] = None) -> Path:
     else:
         raise ValueError(f"cannot write {path}: expected uint8 (H,W), uint16 (H,W) or uint8 (H,W,3) "
                          f"(palette only with uint8 (H,W)), got {array.dtype} {array.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, durable=False) as handle:  # many small files; a manifest vouches for them
+        im.save(handle, format="PNG")
     return path
 
 

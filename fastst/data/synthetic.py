@@ -30,13 +30,13 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_write, write_json_atomic
 from .ids import CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES
 
 try:
@@ -624,30 +624,8 @@ def image_stem(domain, split, index):
 
 
 def _save_png_atomic(array, path):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(array).save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(data, path):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, durable=False) as handle:  # synthetic.json, written last, vouches for them
+        Image.fromarray(array).save(handle, format="PNG")
 
 
 def _read_manifest(path):
@@ -742,7 +720,7 @@ def ensure_synthetic(root, domain, *, seed=0, num_train=DEFAULT_NUM_TRAIN,
             _save_png_atomic(image, image_dir / f"{stem}_leftImg8bit.png")
             _save_png_atomic(train_ids_to_label_ids(label),
                              label_dir / f"{stem}_gtFine_labelIds.png")
-        _write_json_atomic(manifest, manifest_path)
+        write_json_atomic(manifest, manifest_path, indent=2, sort_keys=True)
     return domain_root
 
 

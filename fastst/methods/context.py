@@ -4,10 +4,7 @@ stop hooks used to emulate a kill, and small helpers (atomic files, label colour
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -15,6 +12,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from fastst.atomic import atomic_write, write_json_atomic
 from fastst.data.ids import IGNORE_INDEX, PALETTE
 from fastst.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -96,40 +94,11 @@ class RunContext:
                                 f"(runtime.stop_after_{what}); rerun the same command to resume")
 
 
-def write_json_atomic(data: Any, path: Path) -> Path:
-    """``data`` as indented JSON at ``path`` via a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_torch_atomic(data: Any, path: Path) -> Path:
     """``torch.save(data)`` at ``path`` via a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as handle:
+        torch.save(data, handle)
+    return Path(path)
 
 
 def colorize(labels: torch.Tensor) -> torch.Tensor:
