@@ -79,9 +79,8 @@ fastst::IasArgs make_ias_args(uintptr_t m, uintptr_t a, uintptr_t counts, int64_
   return args;
 }
 
-// The fields every fused loss shares: logits (dtype, shape, strides), output size, labels.
-template <typename Args>
-void set_loss_inputs(Args& args, uintptr_t logits, int dtype, const std::array<int64_t, 4>& shape_in,
+// The fields every fused loss shares (kernels/loss_inputs.h); the gradient output is set apart.
+void set_loss_inputs(fastst::LossInputs& args, uintptr_t logits, int dtype, const std::array<int64_t, 4>& shape_in,
                      const std::array<int64_t, 2>& size_out, const std::array<int64_t, 4>& strides,
                      uintptr_t target, bool target_is_u8, int ignore_index, bool align_corners) {
   if (dtype < fastst::kFloat32 || dtype > fastst::kBFloat16) throw std::invalid_argument("fastst._C: unknown dtype code");

@@ -33,12 +33,6 @@ struct Constants {
   bool grad;
 };
 
-int32_t class_of(const StLossArgs& a, int64_t index) {
-  const int64_t v = a.target_is_u8 ? int64_t(static_cast<const uint8_t*>(a.target)[index])
-                                   : static_cast<const int64_t*>(a.target)[index];
-  return (v >= 0 && v < a.C && v != a.ignore_index) ? int32_t(v) : -1;
-}
-
 // One tile of n pixels: vals holds the logits (channel-major, row stride kTile), s.target the
 // soft targets (kBootstrapSoft); sums[0] gets the loss (bootstrap) or CE sum (mrkld), sums[1] the
 // KLD sum (mrkld); on return work holds the gradients.
@@ -161,9 +155,7 @@ void st_loss_cpu(const StLossArgs& a) {
     for (int64_t c = 0; c < a.C; ++c) k.lambdas[c] = a.lambdas[c], k.log_lambdas[c] = std::log(a.lambdas[c]);
   }
   k.grad = a.grad != nullptr;
-  const fused_loss::Geometry g{a.logits, a.B, a.C, a.h, a.w, a.H, a.W, a.stride_b, a.stride_c,
-                               a.stride_h, a.stride_w, a.align_corners, a.grad};
-  const std::vector<double> total = fused_loss::run_for_dtype(a.dtype, g, StLoss{a, k});
+  const std::vector<double> total = fused_loss::run_for_dtype(a, StLoss{a, k});
   if (a.mode == kMrkld) {
     const double ce = n_valid > 0 ? total[0] / double(n_valid) : 0.0;
     const double kld = n_valid_tgt > 0 ? total[1] / double(n_valid_tgt) : 0.0;

@@ -16,27 +16,20 @@
 //   void tile(Thread&, int64_t b, int64_t y, int64_t x0, int64_t n, const float* vals,
 //             float* work, double* sums) const;
 // where vals[c * kTile + t] (t < n) are the upsampled logits of pixels (b, y, x0 + t); `tile` adds
-// to sums[0 .. kSums) and, when the geometry has a gradient, leaves d loss / d v in `work` (same
-// layout; `work` is its scratch otherwise).
+// to sums[0 .. kSums) and, when the inputs ask for a gradient (LossInputs::grad set), leaves
+// d loss / d v in `work` (same layout; `work` is its scratch otherwise).
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "../kernels/loss_inputs.h"
 #include "../kernels/stats.h"
 
 namespace fastst {
 namespace fused_loss {
 
 constexpr int64_t kTile = 64;  // pixels processed together, channel-major, so the loops vectorise
-
-struct Geometry {
-  const void* logits;  // (B, C, h, w), any strides
-  int64_t B, C, h, w, H, W;
-  int64_t stride_b, stride_c, stride_h, stride_w;
-  bool align_corners;
-  float* grad;  // out (B, C, h, w) contiguous float32 d loss / d logits, or null
-};
 
 // Softmax statistics of a tile: m = max_c v, e_c = exp(v_c - m) (written to `e`, layout of
 // vals), s = sum_c e_c = 1 + rest with log_s = log1p(rest) and inv_s = 1 / s. The maximum's e is
@@ -66,12 +59,12 @@ void add_bands(const float* band, int64_t B, int64_t C, int64_t h, int64_t w, fl
 std::vector<int64_t> rows_by_source(int64_t h, int64_t H, bool align_corners);
 
 template <typename T>
-const T* logits_row(const Geometry& g, int64_t b, int64_t c, int64_t row) {
+const T* logits_row(const LossInputs& g, int64_t b, int64_t c, int64_t row) {
   return static_cast<const T*>(g.logits) + b * g.stride_b + c * g.stride_c + row * g.stride_h;
 }
 
 template <typename T, typename Loss>
-void run_same_size(const Geometry& g, const Loss& loss, std::vector<double>& partial) {
+void run_same_size(const LossInputs& g, const Loss& loss, std::vector<double>& partial) {
   const int64_t C = g.C, H = g.H, W = g.W;
 #pragma omp parallel
   {
@@ -98,7 +91,7 @@ void run_same_size(const Geometry& g, const Loss& loss, std::vector<double>& par
 }
 
 template <typename T, typename Loss>
-void run_resized(const Geometry& g, const Loss& loss, std::vector<double>& partial) {
+void run_resized(const LossInputs& g, const Loss& loss, std::vector<double>& partial) {
   const int64_t C = g.C, h = g.h, w = g.w, H = g.H, W = g.W;
   const ColumnTaps col(w, W, g.align_corners);
   const std::vector<int64_t> rows = rows_by_source(h, H, g.align_corners);
@@ -154,7 +147,7 @@ void run_resized(const Geometry& g, const Loss& loss, std::vector<double>& parti
 
 // Runs `loss` over every pixel; returns its kSums totals, each added in task order (double).
 template <typename T, typename Loss>
-std::vector<double> run(const Geometry& g, const Loss& loss) {
+std::vector<double> run(const LossInputs& g, const Loss& loss) {
   const bool resize = g.h != g.H || g.w != g.W;
   const int64_t tasks = g.B * (resize ? g.h : g.H);
   std::vector<double> partial(static_cast<size_t>(tasks * Loss::kSums), 0.0);
@@ -170,10 +163,10 @@ std::vector<double> run(const Geometry& g, const Loss& loss) {
   return total;
 }
 
-// Runs `loss` for the input dtype code of the geometry (common.h DType).
+// Runs `loss` for the dtype of the logits (common.h DType).
 template <typename Loss>
-std::vector<double> run_for_dtype(int dtype, const Geometry& g, const Loss& loss) {
-  switch (dtype) {
+std::vector<double> run_for_dtype(const LossInputs& g, const Loss& loss) {
+  switch (g.dtype) {
     case kFloat32: return run<float>(g, loss);
     case kFloat16: return run<Half>(g, loss);
     default: return run<BFloat16>(g, loss);

@@ -13,15 +13,6 @@ namespace {
 
 using fused_loss::kTile;
 
-// The class of a labelled pixel, or -1 for ignore_index. Labels outside 0..C-1 only reach here
-// with the value checks off (FASTST_CHECK=0): they count as ignored instead of reading out of
-// bounds.
-int32_t class_of(const RegionLossArgs& a, int64_t index) {
-  const int64_t v = a.target_is_u8 ? int64_t(static_cast<const uint8_t*>(a.target)[index])
-                                   : static_cast<const int64_t*>(a.target)[index];
-  return (v >= 0 && v < a.C && v != a.ignore_index) ? int32_t(v) : -1;
-}
-
 struct Constants {
   int64_t C;
   float inv_c, inv_nv, inv_c_ni, lambda_kld, lambda_ent;
@@ -116,9 +107,7 @@ void region_loss_cpu(const RegionLossArgs& a) {
   k.lambda_kld = a.lambda_kld;
   k.lambda_ent = a.lambda_ent;
   k.grad = a.grad != nullptr;
-  const fused_loss::Geometry g{a.logits, a.B, a.C, a.h, a.w, a.H, a.W, a.stride_b, a.stride_c,
-                               a.stride_h, a.stride_w, a.align_corners, a.grad};
-  const std::vector<double> total = fused_loss::run_for_dtype(a.dtype, g, RegionLoss{a, k});
+  const std::vector<double> total = fused_loss::run_for_dtype(a, RegionLoss{a, k});
   const double ce = n_v > 0 ? total[0] / double(n_v) : 0.0;
   const double kld = n_v > 0 ? total[1] / (double(a.C) * double(n_v)) : 0.0;
   const double ent = n_i > 0 ? total[2] / (double(a.C) * double(n_i)) : 0.0;

@@ -10,22 +10,13 @@
 //   labelled: p_c (1 + lambda_kld / C) / n_v - [c = y] / n_v - lambda_kld / (C^2 n_v)
 //   ignored:  -lambda_ent p_c (u_c - E) / (C n_i)           (since log p_c + H = u_c - E).
 #pragma once
-#include "../common.h"
+#include "loss_inputs.h"
 
 namespace fastst {
 
-struct RegionLossArgs {
-  const void* logits;  // (B, C, h, w), any strides, dtype code `dtype`
-  int dtype;
-  int64_t B, C, h, w, H, W;
-  int64_t stride_b, stride_c, stride_h, stride_w;
-  const void* target;  // (B, H, W) contiguous, uint8 or int64
-  bool target_is_u8;
-  int ignore_index;
+struct RegionLossArgs : LossInputs {
   float lambda_kld, lambda_ent;
-  bool align_corners;
   float* parts;  // out (4,): loss, ce, kld, ent
-  float* grad;   // out (B, C, h, w) contiguous float32 d loss / d logits, or null (no gradient)
 };
 
 // Per-pixel coefficients of the gradient, set once per pixel from its label and the counts:

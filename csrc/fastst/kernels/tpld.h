@@ -4,6 +4,7 @@
 #pragma once
 #include "../common.h"
 #include "cbst.h"
+#include "loss_inputs.h"
 
 namespace fastst {
 
@@ -44,14 +45,7 @@ FASTST_HD double image_confidence_of(const int64_t* n, const int64_t* n_sure, co
 //                   pixels (lambda = 1), else 0.
 enum StLossMode : int { kBootstrapHard = 0, kBootstrapSoft = 1, kMrkld = 2 };
 
-struct StLossArgs {
-  const void* logits;  // (B, C, h, w), any strides, dtype code `dtype`
-  int dtype;
-  int64_t B, C, h, w, H, W;
-  int64_t stride_b, stride_c, stride_h, stride_w;
-  const void* target;  // (B, H, W) contiguous, uint8 or int64
-  bool target_is_u8;
-  int ignore_index;
+struct StLossArgs : LossInputs {
   int mode;                   // StLossMode
   const float* lambdas;       // (C,) bootstrap modes
   const float* soft_target;   // (B, C, H, W) contiguous float32, kBootstrapSoft only
@@ -59,9 +53,7 @@ struct StLossArgs {
   float beta;                 // bootstrap
   float mrkld_weight;         // kMrkld
   bool sum_reduction;         // bootstrap: sum instead of mean
-  bool align_corners;
   float* loss;  // out (1,)
-  float* grad;  // out (B, C, h, w) contiguous float32, or null
 };
 
 }  // namespace fastst
