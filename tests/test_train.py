@@ -3,6 +3,7 @@ Cityscapes layouts: every stage runs, outputs are written, kill-and-resume equal
 uninterrupted run, bad presets/keys/stages are rejected, the schedule and the LS-GAN labels."""
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -202,6 +203,24 @@ def test_stages_subset_and_init(fixture_root, tmp_path):
     with pytest.raises(ValueError, match="resnet18"):
         train.run_pipeline(config, tmp_path / "b", stages=["round1"],
                            init=str(tmp_path / "wrong.pt"))
+
+
+def test_seeds_run_one_directory_each_and_report_mean_and_std(fixture_root, tmp_path):
+    config = load_config("iast_gta5", tiny_overrides(fixture_root, seeds=2, **{
+        "runtime.tensorboard": "false"}))
+    summary = train.run_pipeline(config, tmp_path / "run", stages=["source_only"])
+    assert summary["seeds"] == [config["seed"], config["seed"] + 1]
+    per_seed = []
+    for seed in summary["seeds"]:
+        assert (tmp_path / "run" / f"seed{seed}" / "source_only" / "last.pt").is_file()
+        per_seed.append(json.loads((tmp_path / "run" / f"seed{seed}" / "source_only" / "result.json")
+                                   .read_text())["target_miou"])
+    (stage,) = summary["stages"]
+    assert stage["target_miou_per_seed"] == pytest.approx(per_seed)
+    assert stage["target_miou"] == pytest.approx(statistics.fmean(per_seed))
+    assert stage["target_miou_std"] == pytest.approx(statistics.stdev(per_seed))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert "mean ± std over seeds" in train.format_table(summary)
 
 
 def test_cli_rejects_bad_presets_keys_and_stages(capsys, tmp_path):
