@@ -25,8 +25,10 @@ def atomic_write(path: "os.PathLike[str] | str", mode: str = "wb", *, durable: b
                 os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates files private (0600)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a failed write() names no file; reports need it
         raise
 
 

@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
+from .faults import naming_file
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model",
-           "checkpoint_state", "read_torch_file", "load_state_dict_checked"]
+           "checkpoint_state", "read_torch_file", "load_state_dict_checked",
+           "ClassCountMismatch", "checkpoint_num_classes", "check_num_classes"]
 
 CHECKPOINT_FORMAT = "fastst-checkpoint-v1"
 
@@ -33,6 +35,13 @@ MapLocation = Union[str, torch.device, None, Dict[str, str]]
 
 # How many key names an error message lists per category before summarising with a count.
 _KEYS_SHOWN = 10
+# The first ASPP branch of the classifier: its weight is (num_classes, channels, 3, 3).
+_CLASSIFIER_WEIGHT = "classifier.convs.0.weight"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class ClassCountMismatch(ValueError):
+    """A checkpoint made for another number of classes than the configuration's."""
 
 
 def save_checkpoint(path: PathLike, state: Mapping) -> Path:
@@ -58,7 +67,7 @@ def save_checkpoint(path: PathLike, state: Mapping) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, **{k: v for k, v in state.items() if k != "format"}}
 
     path = Path(path)
-    with atomic_write(path) as handle:
+    with naming_file(path), atomic_write(path) as handle:
         torch.save(payload, handle)
     return path
 
@@ -143,6 +152,38 @@ def load_model(path_or_state: Union[PathLike, Mapping],
     if isinstance(map_location, (str, torch.device)):
         model.to(torch.device(map_location))
     return model
+
+
+def checkpoint_num_classes(state: Mapping) -> Optional[int]:
+    """The number of classes of the model in ``state``: a fastst checkpoint's
+    ``model_config["num_classes"]``, else the output channels of a whole-model state_dict's
+    classifier (``module.``/``_orig_mod.`` prefixes allowed); None for anything else (an
+    ImageNet backbone has no classifier to disagree with)."""
+    if not isinstance(state, Mapping):
+        return None
+    config = state.get("model_config")
+    if isinstance(config, Mapping) and isinstance(config.get("num_classes"), int):
+        return int(config["num_classes"])
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor) or value.dim() < 1:
+            continue
+        bare = key
+        while bare.startswith(_WRAPPER_PREFIXES):
+            bare = bare.split(".", 1)[1]
+        if bare == _CLASSIFIER_WEIGHT:
+            return int(value.shape[0])
+    return None
+
+
+def check_num_classes(state: Mapping, num_classes: int, *, source: str) -> None:
+    """Raise ``ClassCountMismatch`` when the model in ``state`` (see ``checkpoint_num_classes``)
+    has another number of classes than ``num_classes``; ``source`` names the file."""
+    found = checkpoint_num_classes(state)
+    if found is not None and found != num_classes:
+        raise ClassCountMismatch(
+            f"{source} holds a model for {found} classes, but the configuration has "
+            f"num_classes = {num_classes}: use a checkpoint trained for {num_classes} classes, "
+            f"or set num_classes={found} if its label space is the one you mean")
 
 
 def load_state_dict_checked(module: nn.Module, state_dict: Mapping, *, source: str,

@@ -83,6 +83,13 @@ BASE_DEFAULTS: Dict[str, Any] = {
         "op_value_checks": False,
         "stop_after_iterations": None,
         "stop_after_pseudo_batches": None,
+        # Skip an optimizer step whose loss is NaN/Inf; give up after this many in a row.
+        "max_nonfinite_steps": 10,
+        # Check the data files before the first stage trains (remembered in DIR/data_check.json).
+        "check_data": True,
+        # An earlier run directory whose finished stages this run copies instead of training
+        # them again, where they were made with the same recipe (fastst.methods.reuse).
+        "reuse_from": None,
     },
 }
 
@@ -98,11 +105,35 @@ STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "iast": {**_COMMON_STAGE, "alpha": 0.2, "pseudo_size": [640, 1280], "lambda_kld": 0.1,
              "lambda_ent": 3.0, "source_weight": 0.0},
 }
+# The class-balanced rounds (SPEC 5-6): SGD with a constant lr, BN in eval mode, pseudo labels
+# from the 0.9-scale input and its flip at pseudo_size with class-balanced thresholds at
+# `portion`. CBST/CRST and TPLD phase 1 train on a mixed list of every target image and
+# floor(source_portion * |source|) source images (drawn with source_seed); TPLD phase 2 on easy
+# and hard target crops.
+_CLASS_BALANCED = {**_COMMON_STAGE, "epochs": 2, "t_max": 2, "batch_size": 2, "lr": 5.0e-5,
+                   "optimizer": "sgd", "momentum": 0.9, "lr_schedule": "constant",
+                   "bn_eval": True, "portion": 0.2, "pseudo_size": [1024, 2048],
+                   "pseudo_scales": [0.9], "pseudo_flip": True, "subsample": 4}
+_MIXED = {"source_portion": 0.03, "source_seed": 4, "mine_p": 0.8, "mine_portion": 1.0e-3,
+          "mrkld_weight": 0.01}
+_VOTE = {"vote_window": 7, "vote_weight": 0.7, "vote_iterations": 3, "beta": 0.95}
+STAGE_DEFAULTS.update({
+    # loss: "ce" (CBST), "mrkld" (CRST-MRKLD), "lrent" (CRST-LRENT, soft labels of temperature
+    # lrent_alpha from the round's teacher).
+    "cbst": {**_CLASS_BALANCED, **_MIXED, "loss": "mrkld", "lrent_alpha": 0.25},
+    "tpld_phase1": {**_CLASS_BALANCED, **_MIXED, **_VOTE},
+    "tpld_phase2": {**_CLASS_BALANCED, "beta": 0.95, "easy_portion": 0.3, "gamma": 2.0,
+                    "lambda_adv": 0.001, "d_lr": 1.0e-4, "d_betas": [0.9, 0.99], "d_ndf": 64,
+                    "d_first_kernel": 4},
+})
 
 _DEVICES = ("auto", "cpu", "cuda")
 _AMP = ("bfloat16", "float16", "none")
 _CHAINS = ("last",)
 _IAS_MODES = ("official", "paper")
+_OPTIMIZERS = ("adam", "sgd")
+_LR_SCHEDULES = ("cosine", "constant")
+_CBST_LOSSES = ("ce", "mrkld", "lrent")
 
 
 def available_presets() -> List[str]:
@@ -407,12 +438,66 @@ def _validate_stages(config: Mapping[str, Any]) -> None:
             _real(config, f"{prefix}.lambda_kld", 0)
             _real(config, f"{prefix}.lambda_ent", 0)
             _real(config, f"{prefix}.source_weight", 0)
+        elif method in ("cbst", "tpld_phase1", "tpld_phase2"):
+            _validate_class_balanced(config, prefix, method)
+
+
+def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str) -> None:
+    stage = get_key(config, prefix)
+    _choice(config, f"{prefix}.optimizer", _OPTIMIZERS)
+    _real(config, f"{prefix}.momentum", 0, 1)
+    _choice(config, f"{prefix}.lr_schedule", _LR_SCHEDULES)
+    if not isinstance(stage["bn_eval"], bool):
+        _fail(f"{prefix}.bn_eval", "true or false", stage["bn_eval"])
+    _real(config, f"{prefix}.portion", 0, 1)
+    _size(config, f"{prefix}.pseudo_size")
+    scales = stage["pseudo_scales"]
+    if (not isinstance(scales, list) or not scales
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
+                   for s in scales)):
+        _fail(f"{prefix}.pseudo_scales", "a non-empty list of positive numbers", scales)
+    if not isinstance(stage["pseudo_flip"], bool):
+        _fail(f"{prefix}.pseudo_flip", "true or false", stage["pseudo_flip"])
+    _int(config, f"{prefix}.subsample", 1)
+    if method in ("cbst", "tpld_phase1"):
+        _real(config, f"{prefix}.source_portion", 0, 1)
+        _int(config, f"{prefix}.source_seed", 0)
+        _real(config, f"{prefix}.mine_p", 0, 1)
+        _real(config, f"{prefix}.mine_portion", 0, 1)
+        _real(config, f"{prefix}.mrkld_weight", 0)
+    if method == "cbst":
+        _choice(config, f"{prefix}.loss", _CBST_LOSSES)
+        _real(config, f"{prefix}.lrent_alpha", 0, low_open=True)
+    if method == "tpld_phase1":
+        _int(config, f"{prefix}.vote_window", 1)
+        if stage["vote_window"] % 2 == 0:
+            _fail(f"{prefix}.vote_window", "an odd integer (the window is centred on the pixel)",
+                  stage["vote_window"])
+        _real(config, f"{prefix}.vote_weight", 0, 1)
+        _int(config, f"{prefix}.vote_iterations", 0)
+    if method in ("tpld_phase1", "tpld_phase2"):
+        _real(config, f"{prefix}.beta", 0, 1)
+    if method == "tpld_phase2":
+        _real(config, f"{prefix}.easy_portion", 0, 1, low_open=True)
+        if stage["easy_portion"] >= 1:
+            _fail(f"{prefix}.easy_portion", "in (0, 1) (some images must be hard)",
+                  stage["easy_portion"])
+        _real(config, f"{prefix}.gamma", 0)
+        _real(config, f"{prefix}.lambda_adv", 0)
+        _real(config, f"{prefix}.d_lr", 0, low_open=True)
+        betas = stage["d_betas"]
+        if (not isinstance(betas, list) or len(betas) != 2
+                or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+                       for b in betas)):
+            _fail(f"{prefix}.d_betas", "[beta1, beta2], each in [0, 1)", betas)
+        _int(config, f"{prefix}.d_ndf", 1)
+        _int(config, f"{prefix}.d_first_kernel", 1)
 
 
 def _validate_runtime(config: Mapping[str, Any]) -> None:
     _choice(config, "runtime.device", _DEVICES)
     _choice(config, "runtime.amp", _AMP)
-    for key in ("channels_last", "progress", "tensorboard", "op_value_checks"):
+    for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data"):
         if not isinstance(config["runtime"][key], bool):
             _fail(f"runtime.{key}", "true or false", config["runtime"][key])
     _int(config, "runtime.workers", 0)
@@ -422,6 +507,8 @@ def _validate_runtime(config: Mapping[str, Any]) -> None:
         _int(config, f"runtime.{key}", 1)
     _int(config, "runtime.stop_after_iterations", 0, optional=True)
     _int(config, "runtime.stop_after_pseudo_batches", 0, optional=True)
+    _str(config, "runtime.reuse_from", optional=True)
+    _int(config, "runtime.max_nonfinite_steps", 1)
 
 
 # --- files -------------------------------------------------------------------------------------

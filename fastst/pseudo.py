@@ -18,6 +18,9 @@ Resumption: every ``state_every`` batches, once the PNGs written so far are on d
 state (images done, theta, per-image thetas, class histogram) is saved atomically to
 DIR/state.pt; a rerun continues from there and gives the same labels and thresholds as an
 uninterrupted pass. The finished pass writes DIR/manifest.json (atomically) and removes the state.
+The labels a state or manifest vouches for are verified before they are trusted
+(``verify_labels``: present, and a whole PNG from signature to IEND chunk, since the PNGs are
+not fsynced and a power cut can leave one empty); if one is not, the pass starts over.
 
 manifest.json: {"format": "fastst-pseudo-v1", "complete": true, "settings": {mode, alpha, beta,
 gamma, group, size, batch_size, order_seed, num_images, num_classes}, "theta": [C] (after the
@@ -46,17 +49,22 @@ from fastst.methods.context import (RunContext, colorize, denormalize, save_torc
                                     write_json_atomic)
 from fastst.ops import ias_pseudo_label
 
-__all__ = ["ias_pass", "MANIFEST_FORMAT", "read_manifest", "main"]
+__all__ = ["ias_pass", "MANIFEST_FORMAT", "read_manifest", "verify_labels", "require_finished_pass",
+           "main"]
 
 MANIFEST_FORMAT = "fastst-pseudo-v1"
 MANIFEST_NAME = "manifest.json"
 STATE_NAME = "state.pt"
 LABEL_DIR = "labels"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The last 8 bytes of every PNG: the IEND chunk type and its (constant) CRC.
+_PNG_END = b"IEND\xaeB`\x82"
 _IMAGES_LOGGED = 4
 
 
-def read_manifest(out_dir) -> Optional[Dict[str, Any]]:
-    """The manifest of a finished pass in ``out_dir``, or None if there is none."""
+def read_manifest(out_dir, format: str = MANIFEST_FORMAT) -> Optional[Dict[str, Any]]:
+    """The manifest of ``format`` (an IAS pass's by default) in ``out_dir``, or None if it is
+    missing, unreadable or of another format."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -65,7 +73,7 @@ def read_manifest(out_dir) -> Optional[Dict[str, Any]]:
             manifest = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != format:
         return None
     return manifest
 
@@ -199,8 +207,46 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
     return manifest
 
 
+def verify_labels(label_dir, names: Sequence[str]) -> List[Path]:
+    """The pseudo-label files of ``names`` in ``label_dir`` that are missing or not a whole PNG
+    (signature first, IEND chunk last; a truncated or zero-filled file fails), in ``names``
+    order. Reads 16 bytes a file."""
+    bad = []
+    for name in names:
+        path = pseudo_label_path(label_dir, name)
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(_PNG_SIGNATURE))
+                handle.seek(0, 2)
+                size = handle.tell()
+                handle.seek(max(0, size - len(_PNG_END)))
+                tail = handle.read()
+        except OSError:
+            bad.append(path)
+            continue
+        if head != _PNG_SIGNATURE or tail != _PNG_END or size < 2 * len(_PNG_SIGNATURE):
+            bad.append(path)
+    return bad
+
+
+def require_finished_pass(manifest: Optional[Mapping[str, Any]], out_dir,
+                          checkpoint) -> Dict[str, Any]:
+    """``manifest`` of the pass in ``out_dir`` that a resumed round (its ``checkpoint``) trains
+    on, after checking that it is complete and that every label file is whole; otherwise a
+    FileNotFoundError saying to delete the checkpoint so the round redoes its pass."""
+    redo = f"delete {checkpoint} to redo the round from its pseudo-label pass"
+    if manifest is None or not manifest.get("complete"):
+        raise FileNotFoundError(f"{checkpoint} continues a round whose pseudo labels are gone "
+                                f"({Path(out_dir) / MANIFEST_NAME} is missing); {redo}")
+    bad = verify_labels(Path(out_dir) / LABEL_DIR, [image["name"] for image in manifest["images"]])
+    if bad:
+        raise FileNotFoundError(f"{checkpoint} continues a round whose pseudo label {bad[0]} is "
+                                f"missing or damaged ({len(bad)} such files); {redo}")
+    return dict(manifest)
+
+
 def _labels_present(label_dir: Path, names: Sequence[str]) -> bool:
-    return all(pseudo_label_path(label_dir, name).is_file() for name in names)
+    return not verify_labels(label_dir, names)
 
 
 def _load_state(path: Path, settings: Mapping[str, Any], label_dir: Path) -> Optional[dict]:
@@ -216,9 +262,10 @@ def _load_state(path: Path, settings: Mapping[str, Any], label_dir: Path) -> Opt
         warnings.warn(f"pseudo-label pass state {path} was made with other settings "
                       f"({state.get('settings')}); starting the pass over", stacklevel=3)
         return None
-    if not _labels_present(label_dir, state["names"]):
-        warnings.warn(f"some pseudo labels recorded in {path} are missing from {label_dir}; "
-                      "starting the pass over", stacklevel=3)
+    bad = verify_labels(label_dir, state["names"])
+    if bad:
+        warnings.warn(f"{len(bad)} pseudo label(s) recorded in {path} are missing or damaged, "
+                      f"e.g. {bad[0]}; starting the pass over", stacklevel=3)
         return None
     return state
 

@@ -22,6 +22,13 @@ Outputs in DIR (default runs/<preset>; with ``seeds: n > 1``, one DIR/seed<s>/ p
 Rerunning the same command after an interruption resumes where it stopped (also in the middle of
 a pseudo-label pass); finished stages are not redone. On the CPU the result equals an
 uninterrupted run.
+
+Before the first stage trains, the source, target and val data are checked like
+``python -m fastst.data check`` does (once: DIR/data_check.json remembers data that passed, by a
+fingerprint of file names, sizes and mtimes; ``runtime.check_data=false`` skips it); faults stop
+the run with a report naming the files. Exit status: 0 done, 2 bad input (preset, key, value,
+data, checkpoint) or a full disk (rerun the same command once there is space), 1 training gave
+up on non-finite losses, 3 a ``runtime.stop_after_*`` hook fired.
 """
 from __future__ import annotations
 
@@ -36,13 +43,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from fastst.checkpoint import load_checkpoint
+from fastst.checkpoint import (ClassCountMismatch, check_num_classes, load_checkpoint,
+                               read_torch_file)
 from fastst.config import (ConfigError, available_presets, dump_config, load_config,
                            read_config_file, recipe_differences)
 from fastst.methods import stage_class
+from fastst.faults import (DataCheckFailed, NonFiniteLossError, check_run_data, disk_full,
+                           disk_full_message, remove_stale_temp_files)
 from fastst.methods.context import (RunContext, StopRequested, colorize, denormalize,
                                     resolve_device, write_json_atomic)
 from fastst.methods.datasets import build_role
+from fastst.methods.reuse import reuse_stage
 from fastst.methods.streams import derive_seed
 from fastst.methods.trainer import CHECKPOINT_NAME
 
@@ -98,6 +109,7 @@ def _model_from_file(config: Mapping[str, Any], path: Path, what: str):
     from fastst.models import deeplabv2
 
     state = load_checkpoint(path)
+    check_num_classes(state, config["num_classes"], source=f"{what} {path}")
     if "complete" in state and not state["complete"]:
         raise RuntimeError(f"{what} {path} is the checkpoint of an unfinished stage; finish that "
                            "stage first (rerun with --stages including it)")
@@ -110,8 +122,13 @@ def _init_model(config: Mapping[str, Any], path: str):
     (e.g. converted released weights), which must fit the preset's backbone and classes."""
     from fastst.models import deeplabv2
 
-    return deeplabv2(num_classes=config["num_classes"], backbone=config["model"]["backbone"],
-                     pretrained=path)
+    state = read_torch_file(path, what="--init checkpoint")
+    check_num_classes(state, config["num_classes"], source=f"--init {path}")
+    try:
+        return deeplabv2(num_classes=config["num_classes"],
+                         backbone=config["model"]["backbone"], pretrained=state)
+    except ValueError as error:
+        raise ValueError(f"--init {path}: {error}") from error
 
 
 def _initial_model(config, run_dir: Path, stages: Sequence[str], index: int, seed: int,
@@ -207,6 +224,10 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
             result_path = stage.dir / RESULT_NAME
             if _read_result(result_path) is not None and stage.checkpoint_path.is_file():
                 continue
+            if not stage.checkpoint_path.is_file() and reuse_stage(
+                    config, run_dir, seed, name, CHECKPOINT_NAME, RESULT_NAME):
+                print(f"{name}: reused from {config['runtime']['reuse_from']}", file=sys.stderr)
+                continue
             model = stage.run(_initial_model(config, run_dir, stages, index, seed, init))
             if val_set is None:
                 val_set = build_role(config, "val")
@@ -217,11 +238,9 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
             result["seconds"] = stage.seconds + result["eval_seconds"]
             result["iterations"] = stage.total
             result["checkpoint"] = str(stage.checkpoint_path)
-            manifest = getattr(stage, "manifest", None)
-            if manifest is not None:
-                result["pseudo"] = {"labelled_fraction": manifest["labelled_fraction"],
-                                    "density": manifest["density"], "theta": manifest["theta"],
-                                    "seconds": manifest["seconds"]}
+            pseudo = stage.pseudo_summary()
+            if pseudo is not None:
+                result["pseudo"] = pseudo
             write_json_atomic(result, result_path)
             if writer is not None:
                 writer.add_scalar("target_miou", 100 * _nan(result["miou"]),
@@ -299,7 +318,9 @@ def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequenc
                  init: Optional[str] = None) -> Dict[str, Any]:
     """Run (or resume) ``stages`` (default: the whole pipeline) for every seed, write
     DIR/config.yaml and DIR/summary.json, and return the summary. Raises StopRequested when a
-    ``runtime.stop_after_*`` hook fires."""
+    ``runtime.stop_after_*`` hook fires, DataCheckFailed when the data has faults (before any
+    training), NonFiniteLossError when a stage gives up on non-finite losses, and OSError (with
+    the file's name) when a write fails, e.g. on a full disk."""
     out_dir = Path(out_dir)
     saved = read_config_file(out_dir / "config.yaml")
     if saved is not None:
@@ -314,6 +335,11 @@ def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequenc
         raise FileNotFoundError(f"--init {init!r} does not exist")
     device = resolve_device(config["runtime"]["device"])
     _configure_process(config, device)
+    # A process killed mid-write leaves its temporary file (never a partial file under the final
+    # name); such leftovers can be as large as a checkpoint.
+    remove_stale_temp_files(out_dir)
+    if config["runtime"].get("check_data", True):
+        check_run_data(config, out_dir)
     seeds = [config["seed"] + k for k in range(config["seeds"])]
     per_seed = {}
     for seed in seeds:
@@ -354,8 +380,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StopRequested as stop:
         print(f"{parser.prog}: {stop}", file=sys.stderr)
         return 3
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, DataCheckFailed, ClassCountMismatch) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except NonFiniteLossError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    except Exception as error:  # a full disk can surface wrapped in another error type
+        full = disk_full(error)
+        if full is None:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {disk_full_message(full, out_dir)}\n")
     print(format_table(summary))
     print(f"summary: {out_dir / SUMMARY_NAME}; TensorBoard: tensorboard --logdir {out_dir}")
     return 0

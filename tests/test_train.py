@@ -63,8 +63,12 @@ def make_fixtures(root, n_source=6, n_target=6, n_val=2):
     return gta, cityscapes
 
 
-def tiny_overrides(root, iterations=2, **extra):
-    """iast_gta5 shrunk to the fixtures: 2 iterations a stage, batch 2, 32x64 crops."""
+IAST_STAGES = ("source_only", "warmup", "round1", "round2", "round3")
+
+
+def tiny_overrides(root, iterations=2, stages=IAST_STAGES, **extra):
+    """A preset (iast_gta5 by default: its ``stages``) shrunk to the fixtures: 2 iterations a
+    stage, batch 2, 32x64 crops, 16x32 pseudo labels."""
     gta, cityscapes = root / "GTA5", root / "cityscapes"
     overrides = {
         "model.backbone": "resnet18_w16", "model.pretrained": "null",
@@ -77,11 +81,11 @@ def tiny_overrides(root, iterations=2, **extra):
         # One thread: tiny convolutions gain nothing from two, and lose a lot on a busy machine.
         "runtime.threads": 1,
     }
-    for stage in ("source_only", "warmup", "round1", "round2", "round3"):
+    for stage in stages:
         overrides[f"stages.{stage}.iterations"] = iterations
         overrides[f"stages.{stage}.batch_size"] = 2
-    for stage in ("round1", "round2", "round3"):
-        overrides[f"stages.{stage}.pseudo_size"] = "[16, 32]"
+        if stage not in ("source_only", "warmup"):
+            overrides[f"stages.{stage}.pseudo_size"] = "[16, 32]"
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]
 

@@ -11,6 +11,8 @@ from .cityscapes import Cityscapes
 from .gta5 import GTA5
 from .ids import CLASS_NAMES, CLASSES_13, CLASSES_16, IGNORE_INDEX, NUM_CLASSES, PALETTE
 from .io import SegmentationDataset, read_image, read_label, write_png_atomic
+from .mining import MiningSizedCrop, mining_train_transform
+from .mixed import MixedDomainDataset, sample_source_indices
 from .pseudo_label import PseudoLabelDataset, pseudo_label_path, save_pseudo_labels
 from .synthia import Synthia
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
@@ -46,5 +48,6 @@ __all__ = [
     "SegmentationDataset", "save_pseudo_labels", "pseudo_label_path", "train_transform",
     "val_transform", "read_image", "read_label", "write_png_atomic", "check_dataset",
     "CheckReport", "IMAGENET_MEAN", "IMAGENET_STD", "CLASS_NAMES", "NUM_CLASSES", "IGNORE_INDEX",
-    "CLASSES_16", "CLASSES_13", "PALETTE",
+    "CLASSES_16", "CLASSES_13", "PALETTE", "MiningSizedCrop", "mining_train_transform",
+    "MixedDomainDataset", "sample_source_indices",
 ]

@@ -3,9 +3,12 @@ label and report ids outside the data set's id space, and report files that cann
 
 `check_dataset(...)` returns a `CheckReport`; `python -m fastst.data check` prints its summary
 and exits 1 if it found any fault. Labels whose size differs from their image's are reported as
-warnings (the loaders rescale them), not faults."""
+warnings (the loaders rescale them), not faults. `dataset_fingerprint(...)` summarises the file
+list (names, sizes, mtimes) without reading any file, so that a check that passed need not be
+repeated while the files stay the same (`python -m fastst.train` does this before training)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -133,19 +136,64 @@ def _inspect(layout, image: Path, label: Optional[Path], decode_images: bool):
     return image_size, label_size, counts, failures
 
 
-def check_dataset(name: str, root, split: Optional[str] = None, *, list_file=None,
-                  decode_images: bool = False, workers: Optional[int] = None) -> CheckReport:
-    """Check the `name` data set ("gta5", "synthia" or "cityscapes") under `root`, for `split`
-    (default: GTA5/SYNTHIA "all", Cityscapes "train" and "val"), restricted to `list_file` if
-    given. Every label is read in full; images are checked for integrity (chunk CRCs, size) or,
-    with `decode_images`, decoded in full. `workers` threads read files (default: CPU count, 8 at
-    most). Raises ValueError for an unknown name or split."""
+def _layout_and_splits(name: str, root, split: Optional[str]):
     if name not in LAYOUTS:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(LAYOUTS)}")
     layout = LAYOUTS[name](root)
     splits = list(DEFAULT_SPLITS[name] if split is None else (split,))
     for s in splits:
         layout.check_split(s)
+    return layout, splits
+
+
+def dataset_fingerprint(name: str, root, split: Optional[str] = None, *, list_file=None,
+                        labels: bool = True) -> Dict[str, object]:
+    """{"digest": hex str, "num_images": int (of the split(s), before any list file)} of the
+    files `check_dataset` with the same arguments would read: a SHA-256 over the path, size and
+    modification time of every image (and, with `labels`, label file) and of the list file. Only
+    lists directories and stats files, so it is cheap next to reading them. Raises ValueError
+    for an unknown name or split."""
+    layout, splits = _layout_and_splits(name, root, split)
+    digest = hashlib.sha256(f"{name}|{layout.root}|{','.join(splits)}|{labels}".encode())
+    num_images = 0
+
+    def add(path: Path) -> None:
+        try:
+            stat = path.stat()
+            entry = f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n"
+        except OSError:
+            entry = f"{path}|missing\n"
+        digest.update(entry.encode())
+
+    if list_file is not None:
+        add(Path(list_file))
+    if layout.root.is_dir():
+        for s in splits:
+            pairs, orphans = layout.pairs(s)
+            num_images += len(pairs)
+            for image, label in pairs:
+                add(image)
+                if labels and label is not None:
+                    add(label)
+            if labels:
+                for orphan in orphans:
+                    add(orphan)
+    else:
+        digest.update(b"no root")
+    return {"digest": digest.hexdigest(), "num_images": num_images}
+
+
+def check_dataset(name: str, root, split: Optional[str] = None, *, list_file=None,
+                  decode_images: bool = False, workers: Optional[int] = None,
+                  labels: bool = True) -> CheckReport:
+    """Check the `name` data set ("gta5", "synthia" or "cityscapes") under `root`, for `split`
+    (default: GTA5/SYNTHIA "all", Cityscapes "train" and "val"), restricted to `list_file` if
+    given. Every label is read in full; images are checked for integrity (chunk CRCs, size) or,
+    with `decode_images`, decoded in full. `labels=False` checks the images only (a set used
+    unlabelled, such as the target train set: its label files are neither paired nor read).
+    `workers` threads read files (default: CPU count, 8 at most). Raises ValueError for an
+    unknown name or split."""
+    layout, splits = _layout_and_splits(name, root, split)
     report = CheckReport(dataset=layout.name, root=layout.root, splits=splits)
     if not layout.root.is_dir():
         report.errors.append(f"root {layout.root} does not exist: expected {layout.describe(splits[0])}")
@@ -160,7 +208,9 @@ def check_dataset(name: str, root, split: Optional[str] = None, *, list_file=Non
                 report.errors.append(str(exc))
         if not split_pairs:
             report.errors.append(f"no images: expected {layout.describe(s)}")
-        if not layout.has_labels(s):
+        if not labels:
+            split_pairs = [(image, None) for image, _ in split_pairs]
+        elif not layout.has_labels(s):
             report.unlabelled_splits.append(s)
             split_pairs = [(image, None) for image, _ in split_pairs]
         else:

@@ -134,14 +134,18 @@ class RandomSizedCrop:
         crop_h = _randint(generator, *self.height_range)
         crop_w = min(max(1, int(crop_h * self.aspect)), width)
         crop_h = min(crop_h, height)
-        top = _randint(generator, 0, height - crop_h)
-        left = _randint(generator, 0, width - crop_w)
+        top, left = self.corner(label, crop_h, crop_w, generator)
         image = image[:, top:top + crop_h, left:left + crop_w]
         label = label[top:top + crop_h, left:left + crop_w]
         if self.out_size is not None:
             image = resize_image(image, self.out_size, self.antialias)
             label = resize_label(label, self.out_size)
         return image, label
+
+    def corner(self, label, crop_h: int, crop_w: int, generator) -> Tuple[int, int]:
+        """(top, left) of the crop: uniformly random (subclasses choose otherwise)."""
+        height, width = label.shape[-2:]
+        return _randint(generator, 0, height - crop_h), _randint(generator, 0, width - crop_w)
 
     def __repr__(self):
         return (f"RandomSizedCrop(height_range={self.height_range}, aspect={self.aspect}, "

@@ -1,4 +1,5 @@
-"""Training stages and their shared loop (SPEC 4): source-only, adversarial warm-up, IAST rounds.
+"""Training stages and their shared loop: source-only, adversarial warm-up, IAST rounds (SPEC 4),
+CBST/CRST rounds (SPEC 5) and the two TPLD phases (SPEC 6).
 
 ``stage_class(method)`` gives the ``Stage`` subclass of a stage's ``method`` key
 (fastst/presets/*.yaml); a new method (CBST, TPLD, ...) is a new module here and a new entry in
@@ -9,7 +10,10 @@ import importlib
 
 _METHODS = {"source_only": ("fastst.methods.source_only", "SourceOnly"),
             "warmup": ("fastst.methods.warmup", "Warmup"),
-            "iast": ("fastst.methods.iast", "IASTRound")}
+            "iast": ("fastst.methods.iast", "IASTRound"),
+            "cbst": ("fastst.methods.cbst", "CBSTRound"),
+            "tpld_phase1": ("fastst.methods.tpld", "TPLDPhase1"),
+            "tpld_phase2": ("fastst.methods.tpld", "TPLDPhase2")}
 METHOD_NAMES = tuple(_METHODS)
 
 __all__ = ["METHOD_NAMES", "stage_class"]

@@ -5,24 +5,48 @@ never read, ``labels=False``) and "val" (the labelled target evaluation split). 
 data set is generated on first use under its root, domain "source" for the source role and
 "target" for the others, with the generator arguments of ``data.synthetic``.
 """
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from torch.utils.data import Dataset
 
 from fastst.data import build_dataset, train_transform
 
-__all__ = ["build_role", "crop_transform"]
+__all__ = ["build_role", "crop_arguments", "crop_transform", "IndexedSubset"]
 
 _DOMAINS = {"source": "source", "target": "target", "val": "target"}
+
+
+def crop_arguments(config: Mapping[str, Any], role: str) -> Dict[str, Any]:
+    """The keyword arguments of ``train_transform`` for ``role`` ("source" or "target")."""
+    data = config["data"]
+    return {"crop_height_range": data[role]["crop_height_range"], "crop_size": data["crop_size"],
+            "aspect": data["aspect"], "flip_p": data["flip_p"], "brightness": data["brightness"],
+            "contrast": data["contrast"], "brightness_contrast_p": data["brightness_contrast_p"]}
 
 
 def crop_transform(config: Mapping[str, Any], role: str):
     """The training augmentation of ``role`` ("source" or "target", SPEC 4): random sized crop
     with the role's height range, resized to ``data.crop_size``, flip, brightness/contrast."""
-    data = config["data"]
-    return train_transform(crop_height_range=data[role]["crop_height_range"],
-                           crop_size=data["crop_size"], aspect=data["aspect"],
-                           flip_p=data["flip_p"], brightness=data["brightness"],
-                           contrast=data["contrast"],
-                           brightness_contrast_p=data["brightness_contrast_p"])
+    return train_transform(**crop_arguments(config, role))
+
+
+class IndexedSubset(Dataset):
+    """The items ``indices`` of ``dataset``, in that order; ``set_epoch`` is passed on (so the
+    seeded augmentations of fastst data sets still change per epoch, unlike torch's Subset)."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def build_role(config: Mapping[str, Any], role: str, *, transform=None,

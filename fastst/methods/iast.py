@@ -24,7 +24,7 @@ from fastst.methods.datasets import build_role, crop_transform
 from fastst.methods.source_only import cross_entropy
 from fastst.methods.trainer import Stage
 from fastst.ops import region_loss
-from fastst.pseudo import LABEL_DIR, ias_pass, read_manifest
+from fastst.pseudo import LABEL_DIR, ias_pass, read_manifest, require_finished_pass
 
 __all__ = ["IASTRound"]
 
@@ -40,13 +40,8 @@ class IASTRound(Stage):
 
     def before_training(self, model: nn.Module, resumed: bool) -> None:
         if resumed:
-            manifest = read_manifest(self.pseudo_dir)
-            if manifest is None or not manifest.get("complete"):
-                raise FileNotFoundError(
-                    f"{self.checkpoint_path} continues a round whose pseudo labels are gone "
-                    f"({self.pseudo_dir / 'manifest.json'} is missing); delete "
-                    f"{self.checkpoint_path} to redo the round from its pseudo-label pass")
-            self.manifest = manifest
+            self.manifest = require_finished_pass(read_manifest(self.pseudo_dir), self.pseudo_dir,
+                                                  self.checkpoint_path)
             return
         pseudo = self.ctx.config["pseudo"]
         images = build_role(self.ctx.config, "target", resize=self.settings["pseudo_size"])
@@ -100,6 +95,7 @@ class IASTRound(Stage):
                                          lambda_ent=self.settings["lambda_ent"],
                                          size=tuple(labels.shape[-2:]), return_parts=True)
         loss.backward()
+        self.finite_guard(target_loss=loss, **parts)
         optimizer.step()
         parts.update({"target_loss": loss.detach(), "target_ce": ce, "kld": kld, "ent": ent})
         if self.log_images_now:
@@ -108,6 +104,12 @@ class IASTRound(Stage):
 
     def restore_finished(self, state) -> None:
         self.manifest = read_manifest(self.pseudo_dir)
+
+    def pseudo_summary(self) -> Dict[str, Any]:
+        manifest = self.manifest
+        return {"labelled_fraction": manifest["labelled_fraction"],
+                "density": manifest["density"], "theta": manifest["theta"],
+                "seconds": manifest["seconds"]}
 
     def extra_state(self) -> Dict[str, Any]:
         return {"theta": torch.tensor(self.manifest["theta"], dtype=torch.float64),

@@ -43,6 +43,7 @@ class SourceOnly(Stage):
             logits = model(images)
         loss = cross_entropy(logits, labels)
         loss.backward()
+        self.finite_guard(source_ce=loss)
         optimizer.step()
         if self.log_images_now:
             self.visual = {"image": images, "logits": logits, "label": labels}

@@ -7,16 +7,25 @@ which extra state it checkpoints (``extra_state``). ``Stage.run`` does the rest:
 
 * the model comes from the stage's own checkpoint when one exists (resumption), else from
   ``init_model()`` (the previous stage's last checkpoint, ``--init``, or a fresh model);
-* Adam over ``model.param_groups(lr)`` (head at 10x), betas and weight decay from ``optim``;
-  BN affine parameters frozen when the stage says so (running statistics still update);
+* Adam (or SGD with momentum, ``optimizer: sgd``) over ``model.param_groups(lr)`` (head at
+  10x), betas and weight decay from ``optim``; BN affine parameters frozen when the stage says
+  so (running statistics still update, unless ``bn_eval`` puts BN layers in eval mode);
 * per iteration i the cosine schedule of SPEC 4 sets every group's lr, with
-  T = t_max * iterations_per_epoch; the stage runs ``epochs * iterations_per_epoch`` iterations
-  (rounds: 2 of t_max = 3 epochs, so they stop at 2T/3), one epoch being
+  T = t_max * iterations_per_epoch (``lr_schedule: constant`` keeps lr fixed); the stage runs
+  ``epochs * iterations_per_epoch`` iterations (rounds: 2 of t_max = 3 epochs, so they stop at
+  2T/3), one epoch being
   floor(|source| / batch_size) iterations counted on the source set in every stage;
 * every ``runtime.checkpoint_every`` iterations and at the end, DIR/<stage>/last.pt is written
   atomically with the model, optimizers, schedule, RNG states, iteration and the stage's extras;
 * losses are summed on the device and read back (one host sync) every ``runtime.log_every``
-  iterations for tqdm and TensorBoard; nothing else synchronises per iteration.
+  iterations for tqdm and TensorBoard;
+* a NaN or infinite loss skips the optimizer step (``finite_guard``, the one host sync per
+  iteration the loop makes): gradients are zeroed, no optimizer state moves (BatchNorm running
+  statistics keep what the forward pass gave them, and a non-finite one stops the stage at
+  once), a warning names the stage, the iteration and the loss, and after
+  ``runtime.max_nonfinite_steps`` (default 10) skips in a row the stage stops with
+  ``NonFiniteLossError``, leaving its last checkpoint (none is written during such a run of
+  skips) as it was.
 
 Data order is a pure function of (seed, stage, iteration) (``streams.BatchStream``), and model
 and optimizer state are restored exactly, so on the CPU a resumed stage ends with the same
@@ -25,6 +34,7 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
@@ -32,14 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastst.checkpoint import checkpoint_state, load_checkpoint, load_model, save_checkpoint
+from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
 from fastst.methods.schedule import CosineSchedule
 from fastst.methods.streams import BatchStream, derive_seed
 
-__all__ = ["Stage", "CHECKPOINT_NAME", "stage_iterations"]
+__all__ = ["Stage", "CHECKPOINT_NAME", "stage_iterations", "NonFiniteLoss", "NonFiniteLossError"]
 
 CHECKPOINT_NAME = "last.pt"
+DEFAULT_MAX_NONFINITE_STEPS = 10
 _IMAGES_LOGGED = 4
 
 
@@ -77,6 +89,8 @@ class Stage:
         self.visual: Optional[Dict[str, torch.Tensor]] = None
         self.seconds = 0.0
         self.total: Optional[int] = None
+        self.init_model: Optional[Callable[[], nn.Module]] = None
+        self.skipped_steps = 0
 
     # --- hooks -----------------------------------------------------------------------------
 
@@ -89,9 +103,10 @@ class Stage:
         raise NotImplementedError
 
     def step(self, model: nn.Module, iteration: int) -> Dict[str, torch.Tensor]:
-        """One iteration; returns detached 0-dim loss tensors by name (no host sync). When
-        ``self.log_images_now`` is set, also store ``self.visual = {"image", "logits",
-        "label"}`` of a batch."""
+        """One iteration; returns detached 0-dim loss tensors by name (no host sync). Before its
+        first ``optimizer.step()`` it calls ``self.finite_guard(name=loss, ...)`` with every
+        loss the iteration's updates use. When ``self.log_images_now`` is set, also store
+        ``self.visual = {"image", "logits", "label"}`` of a batch."""
         raise NotImplementedError
 
     def extra_state(self) -> Dict[str, Any]:
@@ -104,6 +119,14 @@ class Stage:
         pass
 
     # --- shared building blocks ------------------------------------------------------------
+
+    def finite_guard(self, **losses: torch.Tensor) -> None:
+        """Raise ``NonFiniteLoss`` if any of ``losses`` (name -> 0-dim tensor) is NaN or
+        infinite. ``step`` calls it once, after ``backward`` and before its first
+        ``optimizer.step()``, so that the loop can skip the whole update: no optimizer state
+        moves, the gradients are zeroed. Costs one host synchronisation per iteration (the
+        only one the loop makes between logging intervals)."""
+        check_finite(losses)
 
     def seed_of(self, *parts) -> int:
         return derive_seed(self.ctx.seed, self.name, *parts)
@@ -120,9 +143,20 @@ class Stage:
                            name=f"{role} set of stage {self.name}")
 
     def model_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam (IAST) or SGD with momentum (CBST/CRST/TPLD, the stage's ``optimizer`` key) over
+        ``model.param_groups(lr)``, weight decay from ``optim``."""
         optim = self.ctx.config["optim"]
-        return torch.optim.Adam(model.param_groups(self.settings["lr"]),
-                                betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+        groups = model.param_groups(self.settings["lr"])
+        if self.settings.get("optimizer", "adam") == "sgd":
+            return torch.optim.SGD(groups, lr=self.settings["lr"],
+                                   momentum=self.settings["momentum"],
+                                   weight_decay=optim["weight_decay"])
+        return torch.optim.Adam(groups, betas=tuple(optim["betas"]),
+                                weight_decay=optim["weight_decay"])
+
+    def pseudo_summary(self) -> Optional[Dict[str, Any]]:
+        """What result.json and summary.json report of the stage's pseudo labels (None: none)."""
+        return None
 
     def set_iterations(self, source_size: int) -> None:
         numbers = stage_iterations(self.settings, source_size)
@@ -141,15 +175,22 @@ class Stage:
             self.total = state.get("total_iterations")
             self.restore_finished(state)
             return load_model(state).to(ctx.device, memory_format=ctx.memory_format)
+        self.init_model = init_model
         model = load_model(state) if state is not None else init_model()
         model.to(ctx.device, memory_format=ctx.memory_format)
         seconds_before = float(state["seconds"]) if state is not None else 0.0
         self.before_training(model, resumed=state is not None)
         model.freeze_bn_affine(self.settings["freeze_bn_affine"])
         model.train()
+        if self.settings.get("bn_eval"):
+            # CBST/CRST: BN running statistics frozen too (the released code trains in eval mode).
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         self.setup(model)
+        constant = self.settings.get("lr_schedule", "cosine") == "constant"
         schedule = CosineSchedule(self.optimizers, self.period,
-                                  ctx.config["optim"]["eta_min_ratio"])
+                                  1.0 if constant else ctx.config["optim"]["eta_min_ratio"])
         start = 0
         if state is not None:
             for optimizer, saved in zip(self.optimizers, state["optimizers"]):
@@ -158,16 +199,23 @@ class Stage:
             self.load_extra_state(state)
             set_rng_state(state["rng"])
             start = int(state["iteration"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+        last_saved = start if state is not None else None
 
         def save(iteration: int, complete: bool) -> None:
+            nonlocal last_saved
             self.seconds = seconds_before + time.perf_counter() - started
             save_checkpoint(self.checkpoint_path, checkpoint_state(
                 model, stage=self.name, method=self.method, iteration=iteration,
                 complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
                 scheduler=schedule.state_dict(), rng=rng_state(), seconds=self.seconds,
-                total_iterations=self.total, **self.extra_state()))
+                total_iterations=self.total, skipped_steps=self.skipped_steps,
+                **self.extra_state()))
+            last_saved = iteration
 
         runtime = ctx.runtime
+        max_nonfinite = int(runtime.get("max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS))
+        streak = 0
         sums: Dict[str, torch.Tensor] = {}
         since_log = 0
         from tqdm import tqdm
@@ -178,12 +226,18 @@ class Stage:
                 lr = schedule.step(iteration)
                 self.log_images_now = ctx.writer is not None and \
                     (iteration + 1) % runtime["image_every"] == 0
-                parts = self.step(model, iteration)
-                for key, value in parts.items():
-                    sums[key] = sums[key] + value if key in sums else value
-                since_log += 1
+                try:
+                    parts = self.step(model, iteration)
+                except NonFiniteLoss as skipped:
+                    streak += 1
+                    self._skip_step(model, iteration, skipped, streak, max_nonfinite, last_saved)
+                else:
+                    streak = 0
+                    for key, value in parts.items():
+                        sums[key] = sums[key] + value if key in sums else value
+                    since_log += 1
                 done = iteration + 1
-                if done % runtime["log_every"] == 0 or done == self.total:
+                if since_log and (done % runtime["log_every"] == 0 or done == self.total):
                     means = {key: float(value) / since_log for key, value in sums.items()}
                     self._log_scalars(means, lr, done)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
@@ -191,11 +245,47 @@ class Stage:
                 if self.log_images_now and self.visual is not None:
                     self._log_visual(done)
                 bar.update(1)
-                if done % runtime["checkpoint_every"] == 0 and done < self.total:
+                # No periodic save inside a run of skipped steps: a rerun after giving up then
+                # redoes those iterations from the last productive checkpoint.
+                if done % runtime["checkpoint_every"] == 0 and done < self.total and not streak:
                     save(done, complete=False)
                 ctx.count("iterations")
         save(self.total, complete=True)
         return model
+
+    def _skip_step(self, model: nn.Module, iteration: int, skipped: NonFiniteLoss, streak: int,
+                   limit: int, last_saved: Optional[int]) -> None:
+        """Undo what a step with a non-finite loss left (gradients), warn, and raise
+        NonFiniteLossError when the streak reaches ``limit`` or the model's own statistics
+        (BatchNorm running mean/var, updated by the forward pass) are no longer finite."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        where = (f"{self.checkpoint_path} (iteration {last_saved}) is the last good checkpoint"
+                 if last_saved is not None else
+                 f"no checkpoint of {self.name} was written; it will start over")
+        losses = ", ".join(f"{name} = {value}" for name, value in skipped.losses.items())
+        buffers_finite = all(bool(torch.isfinite(buffer).all()) for buffer in model.buffers()
+                             if buffer.is_floating_point())
+        if not buffers_finite:
+            raise NonFiniteLossError(
+                f"stage {self.name}, iteration {iteration + 1}: {losses}, and the forward pass "
+                "made the model's BatchNorm running statistics non-finite, so every later step "
+                f"would fail too; stopped. {where}. Look for a bad input batch or overflow "
+                "(runtime.amp=none rules out float16/bfloat16)")
+        if streak >= limit:
+            raise NonFiniteLossError(
+                f"stage {self.name}: the loss was non-finite in {streak} consecutive iterations "
+                f"({iteration + 2 - streak} to {iteration + 1}; last: {losses}), so training "
+                f"stopped (runtime.max_nonfinite_steps = {limit}). {where}, left as it was. "
+                "Try runtime.amp=none (rules out float16/bfloat16 overflow) or a lower "
+                f"stages.{self.name}.lr in a new --out directory, then rerun")
+        warnings.warn(f"stage {self.name}, iteration {iteration + 1}: {losses}; optimizer step "
+                      f"skipped ({streak} in a row, stopping at {limit})", RuntimeWarning,
+                      stacklevel=3)
+        if self.ctx.writer is not None:
+            self.ctx.writer.add_scalar(f"{self.name}/skipped_steps", self.skipped_steps,
+                                       iteration + 1)
 
     def _log_scalars(self, means: Mapping[str, float], lr: float, step: int) -> None:
         writer = self.ctx.writer

@@ -93,14 +93,18 @@ class Warmup(Stage):
             target_probs = class_probabilities(target_logits, target_images.shape[-2:])
             adv = adversarial_loss(discriminator, target_probs)
         (self.settings["lambda_adv"] * adv).backward()
-        optimizer.step()
 
+        # D's loss reads detached maps of this iteration's forward passes, which the segmenter's
+        # update does not change: computed before that update, it is the same, and one check
+        # can then skip both updates when a loss is not finite.
         discriminator.requires_grad_(True)
         d_optimizer.zero_grad(set_to_none=True)
         source_probs = class_probabilities(source_logits.detach(), source_images.shape[-2:])
         with ctx.autocast():
             d_loss = discriminator_loss(discriminator, source_probs, target_probs)
         d_loss.backward()
+        self.finite_guard(source_ce=ce, adv=adv, discriminator=d_loss)
+        optimizer.step()
         d_optimizer.step()
         if self.log_images_now:
             self.visual = {"image": source_images, "logits": source_logits,

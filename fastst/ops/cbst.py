@@ -7,7 +7,6 @@ also has "triton" (fused, the CUDA default).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

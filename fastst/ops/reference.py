@@ -229,7 +229,7 @@ def region_loss_terms(x: torch.Tensor, target: torch.Tensor, *, lambda_kld: floa
     Returns:
         (loss, ce, kld, ent), 0-dim tensors in x's dtype.
     """
-    B, C = x.shape[0], x.shape[1]
+    C = x.shape[1]
     H, W = target.shape[1], target.shape[2]
     if tuple(x.shape[2:]) != (H, W):
         x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=align_corners)

@@ -1,0 +1,354 @@
+"""The class-balanced pseudo-label pass of CBST / CRST and TPLD (SPEC 5, 6), resumable.
+
+``cbst_pass(model, dataset, out_dir, ctx, portion=...)`` writes
+out_dir/labels/<image stem>_pseudo_label.png for every image of ``dataset`` and
+out_dir/manifest.json. The CBST/CRST rounds and both TPLD phases (fastst.methods.cbst, .tpld)
+run it before training.
+
+Two passes over the images, in data-set index order, in batches of ``batch_size``; the model in
+eval mode without gradients (autocast as ``ctx.amp_dtype``). Each batch's probabilities are
+``fastst.inference.predict_probs`` over ``scales`` (and their flips) divided by the number of
+views: the mean softmax, float32 (B, C, H, W) at the image size.
+
+1. Thresholds: every batch goes into ``fastst.ops.ClassBalancedThresholds(C, subsample)``;
+   then ``lambdas = thresholds(portion)`` (float32 (C,)) and the argmax pixel counts per class.
+2. Labels: the probabilities again; the confident map ``cbst_pseudo_label(probs, lambdas)``,
+   densified by ``tpld_vote(probs, lambdas, **vote)`` when ``vote`` is given (TPLD), and each
+   image's confidence ``image_confidence(probs, lambdas)``. Label maps are written as PNGs by a
+   pool of threads while the model runs on the next batch; per-class histograms of the
+   confident and the final maps stay on the device.
+
+Resumption: right after pass 1 the thresholds and class counts are saved atomically to
+out_dir/state.pt, so a kill in pass 2 never redoes pass 1. A kill *during* pass 1 restarts pass 1:
+its exact order statistics need every kept value (5 bytes each, about 7.8 GB for the 2,975
+Cityscapes images at 1024x2048 with subsample 4), too much to snapshot. In pass 2 the state
+(images done, histograms, confidences) is saved every ``runtime.pseudo_state_every`` batches once
+the PNGs written so far are on disk; a rerun continues from there and gives the same labels and
+manifest as an uninterrupted pass. Batches of both passes count towards
+``runtime.stop_after_pseudo_batches``. The finished pass writes out_dir/manifest.json
+(atomically) and removes the state; a finished pass with the same settings and all its label
+files is not redone.
+
+manifest.json: {"format": "fastst-cbst-pseudo-v1", "complete": true, "settings": {portion,
+scales, flip, subsample, vote (or null), batch_size, num_images, num_classes, mine_portion,
+size}, "lambdas": [C], "class_counts": [C] (argmax pixels), "class_fraction": [C],
+"mine_classes": [ids with class_fraction < mine_portion, rarest first, ties by id],
+"density_confident": [C] and "density": [C] (fraction of all pixels labelled with each class,
+before / after voting), "labelled_fraction_confident", "labelled_fraction", "class_names",
+"seconds", "images": [{"name", "confidence"}, ...] in data-set index order}.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from fastst.data.pseudo_label import save_pseudo_labels
+from fastst.inference import predict_probs
+from fastst.methods.context import RunContext, save_torch_atomic, write_json_atomic
+from fastst.ops import ClassBalancedThresholds, cbst_pseudo_label, image_confidence, tpld_vote
+from fastst.ops._checks import check_real
+from fastst.pseudo import (_IMAGES_LOGGED, LABEL_DIR, MANIFEST_NAME, _class_names, _labels_present,
+                           _load_state, _log_images, read_manifest)
+
+__all__ = ["cbst_pass", "read_cbst_manifest", "mine_classes", "CBST_MANIFEST_FORMAT"]
+
+CBST_MANIFEST_FORMAT = "fastst-cbst-pseudo-v1"
+
+STATE_NAME = "state.pt"
+VOTE_KEYS = ("window", "weight", "iterations")
+_HISTOGRAM_BINS = 256  # uint8 label values: class ids and 255
+
+
+def read_cbst_manifest(out_dir) -> Optional[Dict[str, Any]]:
+    """The manifest of a finished class-balanced pass in ``out_dir``, or None if it is missing,
+    unreadable or of another format (e.g. an IAS pass's)."""
+    return read_manifest(out_dir, CBST_MANIFEST_FORMAT)
+
+
+def mine_classes(class_counts: Sequence[int], mine_portion: float) -> List[int]:
+    """Rare-class mining of the released CRST code: the ids of the classes whose share of the
+    argmax pixels is below ``mine_portion``, the rarest first, ties by ascending id."""
+    total = sum(int(count) for count in class_counts)
+    fractions = [int(count) / max(1, total) for count in class_counts]
+    rare = [c for c, fraction in enumerate(fractions) if fraction < mine_portion]
+    return sorted(rare, key=lambda c: (fractions[c], c))
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_vote(vote: object) -> Optional[Dict[str, Any]]:
+    """None, or the tpld_vote arguments as {"window": odd int, "weight": float,
+    "iterations": int}."""
+    if vote is None:
+        return None
+    if not isinstance(vote, Mapping):
+        raise TypeError(f"vote must be None or a dict with keys {list(VOTE_KEYS)} (the tpld_vote "
+                        f"arguments), got {type(vote).__name__}")
+    missing = [key for key in VOTE_KEYS if key not in vote]
+    unknown = sorted(str(key) for key in vote if key not in VOTE_KEYS)
+    if missing or unknown:
+        raise ValueError(f"vote must have exactly the keys {list(VOTE_KEYS)}; missing {missing}, "
+                         f"unknown {unknown}")
+    window = _check_int("vote['window']", vote["window"], 1)
+    if window % 2 == 0:
+        raise ValueError(f"vote['window'] must be odd (the window is centred on the pixel), "
+                         f"got {window}")
+    return {"window": window,
+            "weight": check_real("vote['weight']", vote["weight"], low=0.0, high=1.0),
+            "iterations": _check_int("vote['iterations']", vote["iterations"], 0)}
+
+
+def _check_scales(scales: object) -> List[float]:
+    try:
+        values = [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"scales must be a sequence of positive numbers (e.g. (0.9,)), "
+                         f"got {scales!r}") from None
+    if not values or any(isinstance(s, bool) for s in scales) \
+            or any(not math.isfinite(s) or s <= 0 for s in values):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers (e.g. (0.9,)), "
+                         f"got {scales!r}")
+    return values
+
+
+def _settings(model, dataset, *, portion, scales, flip, subsample, vote, batch_size,
+              mine_portion) -> Dict[str, Any]:
+    """The validated settings, as they are stored in the state and the manifest."""
+    portion = check_real("portion", portion, low=0.0, high=1.0)
+    scales = _check_scales(scales)
+    if not isinstance(flip, bool):
+        raise TypeError(f"flip must be a bool, got {flip!r}")
+    subsample = _check_int("subsample", subsample, 1)
+    vote = _check_vote(vote)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    mine_portion = check_real("mine_portion", mine_portion, low=0.0, high=1.0)
+    config = getattr(model, "model_config", None)
+    if not isinstance(config, Mapping) or "num_classes" not in config:
+        raise TypeError("model must carry model_config = {'num_classes': C, ...} (as "
+                        "fastst.models.deeplabv2 and fastst.checkpoint.load_model give it)")
+    num_classes = int(config["num_classes"])
+    num_images = len(dataset)
+    if num_images == 0:
+        raise ValueError("dataset is empty: the class-balanced pass needs at least one target "
+                         "image (check the target data set's root and split)")
+    image = dataset[0]["image"]
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"dataset items must hold 'image' as a float (3, H, W) tensor, got "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    return {"portion": portion, "scales": scales, "flip": flip, "subsample": subsample,
+            "vote": vote, "batch_size": batch_size, "num_images": num_images,
+            "num_classes": num_classes, "mine_portion": mine_portion,
+            "size": [int(image.shape[1]), int(image.shape[2])]}
+
+
+def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, portion: float,
+              scales: Sequence[float] = (0.9,), flip: bool = True, subsample: int = 4,
+              vote: Optional[Mapping[str, Any]] = None, batch_size: int = 2,
+              colour: bool = False, mine_portion: float = 1e-3,
+              tag: str = "pseudo") -> Dict[str, Any]:
+    """Label every image of ``dataset`` with class-balanced thresholds and write the labels and
+    the manifest under ``out_dir``; returns the manifest (see the module docstring).
+
+    dataset: items {"image": float32 (3, H, W) normalised, "name": str}, all of one size (the
+        pseudo-label size); labels are made and stored at that size.
+    ctx: device, precision, workers, progress, TensorBoard writer and stop hooks
+        (``runtime.pseudo_state_every``, ``write_threads``, ``stop_after_pseudo_batches``).
+    portion: the share of each class's (subsampled) pixels kept, in [0, 1].
+    scales, flip: the views whose softmax is averaged. subsample: ClassBalancedThresholds'.
+    vote: None (confident labels) or {"window", "weight", "iterations"} for ``tpld_vote``.
+    mine_portion: classes below this share of the argmax pixels are listed in "mine_classes".
+    colour: also write palette PNGs for viewing. tag: TensorBoard prefix.
+
+    Pass 1 is not checkpointed: a kill during it redoes it (its stored values can take GBs);
+    a kill in pass 2 resumes after pass 1 from out_dir/state.pt."""
+    out_dir = Path(out_dir)
+    label_dir = out_dir / LABEL_DIR
+    settings = _settings(model, dataset, portion=portion, scales=scales, flip=flip,
+                         subsample=subsample, vote=vote, batch_size=batch_size,
+                         mine_portion=mine_portion)
+    manifest = read_cbst_manifest(out_dir)
+    if manifest is not None and manifest.get("complete") and manifest.get("settings") == settings \
+            and _labels_present(label_dir, [image["name"] for image in manifest["images"]]):
+        return manifest
+    if manifest is not None:
+        # Another pass's manifest would describe labels this pass is about to overwrite.
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    started = time.perf_counter()
+    state = _load_state(out_dir / STATE_NAME, settings, label_dir)
+    seconds_before = state["seconds"] if state else 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        if state is None:
+            lambdas, class_counts = _thresholds(model, dataset, ctx, settings, tag)
+            state = {"settings": settings, "lambdas": lambdas.cpu(),
+                     "class_counts": class_counts.cpu(), "done": 0, "names": [],
+                     "confidences": torch.zeros(0, dtype=torch.float64),
+                     "histogram_confident": torch.zeros(_HISTOGRAM_BINS, dtype=torch.int64),
+                     "histogram": torch.zeros(_HISTOGRAM_BINS, dtype=torch.int64),
+                     "seconds": seconds_before + time.perf_counter() - started}
+            save_torch_atomic(state, out_dir / STATE_NAME)
+            seconds_before, started = state["seconds"], time.perf_counter()
+        state = _labels(model, dataset, ctx, settings, state, label_dir, out_dir, colour, tag,
+                        seconds_before, started)
+    finally:
+        model.train(was_training)
+
+    manifest = _manifest(settings, state)
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+    (out_dir / STATE_NAME).unlink(missing_ok=True)
+    _log_manifest(ctx.writer, tag, manifest)
+    return manifest
+
+
+def _probabilities(model, batch, ctx: RunContext, settings: Mapping[str, Any]):
+    """(mean softmax over the views of a batch, float32 (B, C, H, W), and the batch's images
+    (B, 3, H, W)), both on the device."""
+    images = ctx.images_to_device(batch["image"])
+    if list(images.shape[-2:]) != settings["size"]:
+        raise ValueError(f"every image of the data set must be {settings['size'][0]}x"
+                         f"{settings['size'][1]} (the pseudo-label size), got "
+                         f"{images.shape[-2]}x{images.shape[-1]}; build it with a fixed resize")
+    probs = predict_probs(model, images, scales=settings["scales"], flip=settings["flip"],
+                          autocast_dtype=ctx.amp_dtype)
+    if probs.shape[1] != settings["num_classes"]:
+        raise ValueError(f"the model returns {probs.shape[1]} classes but its model_config says "
+                         f"num_classes = {settings['num_classes']}")
+    return probs.div_(len(settings["scales"]) * (2 if settings["flip"] else 1)), images
+
+
+def _loader(dataset, indices: Sequence[int], ctx: RunContext, batch_size: int) -> DataLoader:
+    return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
+                      num_workers=ctx.runtime["workers"], pin_memory=ctx.pin_memory)
+
+
+def _progress(ctx: RunContext, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="img",
+                disable=not ctx.runtime["progress"], dynamic_ncols=True)
+
+
+def _thresholds(model, dataset, ctx: RunContext, settings: Mapping[str, Any], tag: str):
+    """Pass 1: lambdas float32 (C,) at the portion and argmax pixel counts int64 (C,)."""
+    accumulator = ClassBalancedThresholds(settings["num_classes"],
+                                          subsample=settings["subsample"])
+    num_images = settings["num_images"]
+    loader = _loader(dataset, range(num_images), ctx, settings["batch_size"])
+    with torch.no_grad(), _progress(ctx, num_images, 0, f"{tag} thresholds") as bar:
+        for batch in loader:
+            probs, _ = _probabilities(model, batch, ctx, settings)
+            accumulator.update(probs)
+            bar.update(probs.shape[0])
+            ctx.count("pseudo_batches")
+    return accumulator.thresholds(settings["portion"]), accumulator.class_counts()
+
+
+def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state: Dict[str, Any],
+            label_dir: Path, out_dir: Path, colour: bool, tag: str, seconds_before: float,
+            started: float) -> Dict[str, Any]:
+    """Pass 2 from ``state["done"]`` on: writes the labels; returns the final state."""
+    device = ctx.device
+    runtime = ctx.runtime
+    num_images = settings["num_images"]
+    vote = settings["vote"]
+    lambdas = state["lambdas"].to(device)
+    done = state["done"]
+    names: List[str] = list(state["names"])
+    confidences_done = state["confidences"]
+    confidences_pending: List[torch.Tensor] = []
+    histogram_confident = state["histogram_confident"].to(device)
+    histogram = state["histogram"].to(device)
+
+    loader = _loader(dataset, range(done, num_images), ctx, settings["batch_size"])
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=runtime["write_threads"],
+                                                 thread_name_prefix="cbst-png")
+    writes: List[concurrent.futures.Future] = []
+
+    def snapshot() -> Dict[str, Any]:
+        nonlocal confidences_done, confidences_pending
+        for future in writes:
+            future.result()  # re-raises a failed write before the state claims its image
+        writes.clear()
+        if confidences_pending:
+            confidences_done = torch.cat([confidences_done]
+                                         + [c.cpu() for c in confidences_pending])
+            confidences_pending = []
+        return {**state, "done": done, "names": list(names), "confidences": confidences_done,
+                "histogram_confident": histogram_confident.cpu(), "histogram": histogram.cpu(),
+                "seconds": seconds_before + time.perf_counter() - started}
+
+    try:
+        with torch.no_grad(), _progress(ctx, num_images, done, f"{tag} labels") as bar:
+            for batch_index, batch in enumerate(loader):
+                probs, images = _probabilities(model, batch, ctx, settings)
+                confident = cbst_pseudo_label(probs, lambdas)
+                labels = confident if vote is None else tpld_vote(probs, lambdas, **vote)
+                confidences_pending.append(image_confidence(probs, lambdas))
+                # index_add_, not bincount: CUDA's bincount reads the maximum back to the host.
+                for counts, maps in ((histogram_confident, confident), (histogram, labels)):
+                    flat = maps.reshape(-1).long()
+                    counts.index_add_(0, flat, torch.ones_like(flat))
+                batch_names = list(batch["name"])
+                writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names, labels,
+                                          colour))
+                if ctx.writer is not None and done < _IMAGES_LOGGED:
+                    _log_images(ctx.writer, tag, images, labels)
+                names.extend(batch_names)
+                done += labels.shape[0]
+                bar.update(labels.shape[0])
+                if (batch_index + 1) % runtime["pseudo_state_every"] == 0:
+                    save_torch_atomic(snapshot(), out_dir / STATE_NAME)
+                ctx.count("pseudo_batches")
+            return snapshot()
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _density(histogram: torch.Tensor, num_classes: int) -> List[float]:
+    total = max(1, int(histogram.sum()))
+    return [int(histogram[c]) / total for c in range(num_classes)]
+
+
+def _manifest(settings: Mapping[str, Any], state: Mapping[str, Any]) -> Dict[str, Any]:
+    num_classes = settings["num_classes"]
+    class_counts = [int(count) for count in state["class_counts"].tolist()]
+    total = max(1, sum(class_counts))
+    density_confident = _density(state["histogram_confident"], num_classes)
+    density = _density(state["histogram"], num_classes)
+    return {"format": CBST_MANIFEST_FORMAT, "complete": True, "settings": dict(settings),
+            "lambdas": state["lambdas"].tolist(), "class_counts": class_counts,
+            "class_fraction": [count / total for count in class_counts],
+            "mine_classes": mine_classes(class_counts, settings["mine_portion"]),
+            "density_confident": density_confident, "density": density,
+            "labelled_fraction_confident": sum(density_confident),
+            "labelled_fraction": sum(density), "class_names": _class_names(num_classes),
+            "seconds": state["seconds"],
+            "images": [{"name": name, "confidence": confidence}
+                       for name, confidence in zip(state["names"],
+                                                   state["confidences"].tolist())]}
+
+
+def _log_manifest(writer, tag: str, manifest: Mapping[str, Any]) -> None:
+    if writer is None:
+        return
+    for c, name in enumerate(manifest["class_names"]):
+        writer.add_scalar(f"{tag}/lambda/{name}", manifest["lambdas"][c], 0)
+        writer.add_scalar(f"{tag}/density/{name}", manifest["density"][c], 0)
+        writer.add_scalar(f"{tag}/density_confident/{name}", manifest["density_confident"][c], 0)
+    writer.add_scalar(f"{tag}/labelled_fraction", manifest["labelled_fraction"], 0)
+    writer.add_scalar(f"{tag}/labelled_fraction_confident",
+                      manifest["labelled_fraction_confident"], 0)
+    writer.add_histogram(f"{tag}/image_confidence",
+                         torch.tensor([image["confidence"] for image in manifest["images"]],
+                                      dtype=torch.float64), 0)

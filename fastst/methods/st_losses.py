@@ -1,0 +1,92 @@
+"""Losses of the class-balanced self-training rounds (SPEC 5-6) on mixed source + target batches,
+composed from the fused ops of ``fastst.ops`` (the upsample to the label size is fused in; no
+full-resolution logits are made) without any host synchronisation.
+
+Every function takes the batch's low-resolution ``logits`` (B, C, h, w), its ``labels`` (B, H, W)
+int64/uint8 (ground truth on source crops, pseudo labels on target crops, 255 = none) and
+``is_target`` (B,) bool. Source and target crops are separated by setting the other domain's
+labels to 255, not by indexing, so the batch composition never has to be read back to the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastst.ops import bootstrap_loss, mrkld_loss
+
+__all__ = ["IGNORE", "domain_labels", "cbst_loss", "tpld_phase1_loss", "lrent_soft_labels",
+           "lrent_loss"]
+
+IGNORE = 255
+
+
+def domain_labels(labels: torch.Tensor, is_target: torch.Tensor, target: bool) -> torch.Tensor:
+    """``labels`` with every pixel of the other domain's crops set to 255: (B, H, W) int64."""
+    keep = is_target if target else ~is_target
+    return torch.where(keep.view(-1, 1, 1), labels.long(), torch.full_like(labels.long(), IGNORE))
+
+
+def cbst_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor, *,
+              mrkld_weight: float) -> torch.Tensor:
+    """CBST (``mrkld_weight = 0``: CE over the valid pixels of all crops) and CRST-MRKLD
+    (SPEC 5): ``ce_sum / n_valid + w * kld_sum / n_valid_tgt``, one fused pass."""
+    return mrkld_loss(logits, labels, is_target, mrkld_weight=mrkld_weight,
+                      size=tuple(labels.shape[-2:]))
+
+
+def tpld_phase1_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor,
+                     lambdas: torch.Tensor, *, beta: float, mrkld_weight: float) -> torch.Tensor:
+    """TPLD phase 1 (SPEC 6): the MRKLD loss with the target crops' CE replaced by the
+    bootstrapping term, over the same ``n_valid`` (valid pixels of all crops)::
+
+        (ce_sum(source) + boot_sum(target)) / n_valid + w * kld_sum(target) / n_valid_tgt
+          = mrkld(all crops) + (boot_sum(target) - ce_sum(target)) / n_valid
+
+    Three fused passes: the MRKLD loss, and two bootstrapping sums on the target crops (with
+    the class thresholds ``lambdas`` (C,) and ``beta``; and with lambda = 1, beta = 1, which is
+    exactly the CE sum). 0 when no pixel is valid."""
+    size = tuple(labels.shape[-2:])
+    target_labels = domain_labels(labels, is_target, target=True)
+    n_valid = (labels != IGNORE).sum().clamp(min=1)
+    boot_sum = bootstrap_loss(logits, target_labels, lambdas, beta=beta, size=size,
+                              reduction="sum")
+    ce_target_sum = bootstrap_loss(logits, target_labels, torch.ones_like(lambdas), beta=1.0,
+                                   size=size, reduction="sum")
+    return cbst_loss(logits, labels, is_target, mrkld_weight=mrkld_weight) + \
+        (boot_sum - ce_target_sum) / n_valid
+
+
+def lrent_soft_labels(probs: torch.Tensor, lambdas: torch.Tensor, alpha: float):
+    """CRST-LRENT soft pseudo labels of the released code: ``y = normalise((p / lambda) ** (1 /
+    alpha))`` over classes, and the pixels it selects, those where ``sum -y log(p + 1e-32) +
+    alpha sum y log(y + 1e-32) < sum -y log(lambda + 1e-32)``.
+
+    Args: probs (B, C, H, W) float (the teacher's), lambdas (C,) > 0, alpha > 0.
+    Returns: (soft (B, C, H, W) float32, zero at unselected pixels; selected (B, H, W) bool)."""
+    probs = probs.float()
+    lam = lambdas.float().view(1, -1, 1, 1)
+    # The power is taken in log space, as a softmax: (p / lambda) ** (1 / alpha) overflows
+    # float32 for small alpha (alpha = 0.05 and p / lambda = 1e3 give 1e60).
+    logits = torch.log(probs / lam + 1e-45) / alpha
+    soft = torch.softmax(logits, dim=1)
+    regularised = (-soft * torch.log(probs + 1e-32)).sum(1) + \
+        alpha * (soft * torch.log(soft + 1e-32)).sum(1)
+    selection = (-soft * torch.log(lam + 1e-32)).sum(1)
+    selected = regularised < selection
+    return soft * selected.unsqueeze(1), selected
+
+
+def lrent_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor,
+               soft: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """CRST-LRENT (released ``reg_loss_calc_expand`` with its default ``mr_weight_kld = 0``):
+    ``sum -y log p / n_valid`` with ``y`` the one-hot source label on source crops and the soft
+    label on the selected pixels of target crops, ``n_valid`` their number. ``soft``
+    (B, C, H, W) and ``selected`` (B, H, W) come from ``lrent_soft_labels`` (their values on
+    source crops are not used). One fused soft-target pass."""
+    size = tuple(labels.shape[-2:])
+    source_labels = domain_labels(labels, is_target, target=False)
+    target_selected = selected & is_target.view(-1, 1, 1)
+    soft = soft * target_selected.unsqueeze(1)
+    ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
+    n_valid = ((source_labels != IGNORE) | target_selected).sum().clamp(min=1)
+    return bootstrap_loss(logits, source_labels, ones, beta=1.0, soft_target=soft, size=size,
+                          reduction="sum") / n_valid

@@ -1,0 +1,198 @@
+"""TPLD (Shin et al., ECCV 2020): two-phase pseudo-label densification on top of CRST (SPEC 6).
+
+Phase 1 (``tpld_phase1``) is a CRST-MRKLD round (fastst.methods.cbst) whose pseudo labels are
+densified by sliding-window voting (``vote_window``, ``vote_weight``, ``vote_iterations``) and
+whose target CE is replaced by the bootstrapping loss (``beta``) with the round's thresholds.
+The manifest records the label density before and after voting.
+
+Phase 2 (``tpld_phase2``) ranks the target images by their confidence ``conf_t`` under the
+round's thresholds; the top ``easy_portion`` are easy, the rest hard (DIR/<stage>/split.json).
+Each iteration takes ``batch_size`` easy and ``batch_size`` hard target crops and no source crop:
+
+* easy crops: the bootstrapping loss against full calibrated targets, the teacher's (the model
+  the round started from) one-hot confident class where ``p / lambda >= 1`` and
+  ``(p / lambda) ** gamma`` elsewhere, computed on the crop;
+* hard crops: intra-domain adversarial training on the weighted self-information maps
+  ``I = -p log2 p / log2 C`` (ADVENT): ``FCDiscriminator(C)`` tells easy (1) from hard (0) with
+  BCE-with-logits on ``I.detach()``; the segmenter gets ``lambda_adv`` times the BCE of its hard
+  maps against the easy label. The discriminator's accuracy (outputs > 0 on easy, < 0 on hard,
+  per patch) is logged.
+
+One phase-2 epoch is ``floor(N_target / (2 * batch_size))`` iterations (each reads
+``2 * batch_size`` target images).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastst.atomic import write_json_atomic
+from fastst.methods.cbst import CBSTRound, ClassBalancedRound
+from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
+from fastst.methods.st_losses import tpld_phase1_loss
+from fastst.methods.trainer import stage_iterations
+from fastst.methods.warmup import class_probabilities
+from fastst.models import FCDiscriminator
+from fastst.ops import (bootstrap_loss, cbst_pseudo_label, self_information, split_easy_hard,
+                        tpld_soft_targets)
+
+__all__ = ["TPLDPhase1", "TPLDPhase2", "EASY_LABEL", "HARD_LABEL", "SPLIT_NAME"]
+
+EASY_LABEL = 1.0
+HARD_LABEL = 0.0
+SPLIT_NAME = "split.json"
+
+
+class TPLDPhase1(CBSTRound):
+    method = "tpld_phase1"
+
+    def vote(self) -> Dict[str, Any]:
+        settings = self.settings
+        return {"window": settings["vote_window"], "weight": settings["vote_weight"],
+                "iterations": settings["vote_iterations"]}
+
+    def loss(self, logits, images, labels, is_target) -> torch.Tensor:
+        return tpld_phase1_loss(logits, labels, is_target, self.lambdas(),
+                                beta=self.settings["beta"],
+                                mrkld_weight=self.settings["mrkld_weight"])
+
+
+def _bce(outputs: torch.Tensor, label: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(outputs.float(), torch.full_like(outputs.float(),
+                                                                               label))
+
+
+class TPLDPhase2(ClassBalancedRound):
+    method = "tpld_phase2"
+
+    def split(self) -> Dict[str, Any]:
+        """The easy/hard split of the target set by conf_t (written to DIR/<stage>/split.json)."""
+        images = self.manifest["images"]
+        conf = torch.tensor([image["confidence"] for image in images], dtype=torch.float64)
+        easy = split_easy_hard(conf, self.settings["easy_portion"])
+        easy_indices = easy.nonzero().flatten().tolist()
+        hard_indices = (~easy).nonzero().flatten().tolist()
+        if not easy_indices or len(hard_indices) < self.settings["batch_size"] \
+                or len(easy_indices) < self.settings["batch_size"]:
+            raise ValueError(f"stage {self.name}: easy_portion {self.settings['easy_portion']} of "
+                             f"{len(images)} target images gives {len(easy_indices)} easy and "
+                             f"{len(hard_indices)} hard images; each needs at least batch_size = "
+                             f"{self.settings['batch_size']}")
+        split = {"easy_portion": self.settings["easy_portion"],
+                 "num_easy": len(easy_indices), "num_hard": len(hard_indices),
+                 "easy_min_confidence": float(conf[easy].min()),
+                 "hard_max_confidence": float(conf[~easy].max()),
+                 "easy_mean_confidence": float(conf[easy].mean()),
+                 "hard_mean_confidence": float(conf[~easy].mean()),
+                 "easy": [images[i]["name"] for i in easy_indices],
+                 "hard": [images[i]["name"] for i in hard_indices],
+                 "easy_indices": easy_indices, "hard_indices": hard_indices}
+        write_json_atomic(split, self.dir / SPLIT_NAME)
+        writer = self.ctx.writer
+        if writer is not None:
+            writer.add_scalar(f"{self.name}/split/num_easy", split["num_easy"], 0)
+            writer.add_scalar(f"{self.name}/split/num_hard", split["num_hard"], 0)
+            writer.add_scalar(f"{self.name}/split/easy_min_confidence",
+                              split["easy_min_confidence"], 0)
+            writer.add_histogram(f"{self.name}/split/easy_confidence", conf[easy], 0)
+            writer.add_histogram(f"{self.name}/split/hard_confidence", conf[~easy], 0)
+        return split
+
+    def setup(self, model: nn.Module) -> None:
+        config, settings, ctx = self.ctx.config, self.settings, self.ctx
+        self.division = self.split()
+        batch_size = settings["batch_size"]
+        for part in ("easy", "hard"):
+            # One data set object per stream: each stream sets its own epoch on it (the seeded
+            # augmentation), so a shared one would depend on the order the streams advance.
+            target = build_role(config, "target", transform=crop_transform(config, "target"),
+                                seed=self.seed_of(part, "augment"))
+            setattr(self, part, self.stream(part, batch_size, dataset=IndexedSubset(
+                target, self.division[f"{part}_indices"])))
+        numbers = stage_iterations(settings, len(target) // 2)
+        self.per_epoch, self.total, self.period = (numbers["per_epoch"], numbers["total"],
+                                                   numbers["period"])
+        self.easy_batches = self.hard_batches = None
+        self.teacher_model = self.teacher()
+        torch.manual_seed(self.seed_of("discriminator") % 2**63)
+        self.discriminator = FCDiscriminator(model.model_config["num_classes"],
+                                             ndf=settings["d_ndf"],
+                                             first_kernel=settings["d_first_kernel"])
+        self.discriminator.to(ctx.device, memory_format=ctx.memory_format).train()
+        d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=settings["d_lr"],
+                                       betas=tuple(settings["d_betas"]))
+        self.optimizers = [self.model_optimizer(model), d_optimizer]
+
+    def step(self, model: nn.Module, iteration: int) -> Dict[str, torch.Tensor]:
+        ctx, settings = self.ctx, self.settings
+        if self.easy_batches is None:
+            self.easy_batches = self.easy.batches(start=iteration)
+            self.hard_batches = self.hard.batches(start=iteration)
+        easy_images = ctx.images_to_device(next(self.easy_batches)["image"])
+        hard_images = ctx.images_to_device(next(self.hard_batches)["image"])
+        size = tuple(easy_images.shape[-2:])
+        lambdas = self.lambdas()
+        teacher_probs = self.teacher_probs(easy_images)
+        confident = cbst_pseudo_label(teacher_probs, lambdas)
+        soft = tpld_soft_targets(teacher_probs, lambdas, gamma=settings["gamma"])
+        optimizer, d_optimizer = self.optimizers
+        discriminator = self.discriminator
+
+        optimizer.zero_grad(set_to_none=True)
+        discriminator.requires_grad_(False)
+        with ctx.autocast():
+            easy_logits = model(easy_images)
+        easy_loss = bootstrap_loss(easy_logits, confident, lambdas, beta=settings["beta"],
+                                   soft_target=soft, size=size)
+        easy_loss.backward()
+        with ctx.autocast():
+            hard_logits = model(hard_images)
+        hard_info = self_information(class_probabilities(hard_logits, size))
+        with ctx.autocast():
+            adv = _bce(discriminator(hard_info), EASY_LABEL)
+        (settings["lambda_adv"] * adv).backward()
+
+        discriminator.requires_grad_(True)
+        d_optimizer.zero_grad(set_to_none=True)
+        easy_info = self_information(class_probabilities(easy_logits.detach(), size))
+        with ctx.autocast():
+            easy_out = discriminator(easy_info)
+            hard_out = discriminator(hard_info.detach())
+        d_loss = (_bce(easy_out, EASY_LABEL) + _bce(hard_out, HARD_LABEL)) / 2
+        d_loss.backward()
+        # Both updates after both backward passes, so that one guard can skip them together
+        # (the discriminator's loss reads only detached maps: the order changes nothing).
+        self.finite_guard(easy_loss=easy_loss, adv=adv, discriminator=d_loss)
+        optimizer.step()
+        d_optimizer.step()
+        accuracy = ((easy_out > 0).float().mean() + (hard_out < 0).float().mean()) / 2
+        if self.log_images_now:
+            self.visual = {"image": easy_images, "logits": easy_logits, "label": confident}
+        return {"easy_loss": easy_loss.detach(), "adv": adv.detach(),
+                "discriminator": d_loss.detach(), "d_accuracy": accuracy.detach()}
+
+    def pseudo_summary(self) -> Optional[Dict[str, Any]]:
+        summary = super().pseudo_summary()
+        division = getattr(self, "division", None)
+        if summary is not None and division is not None:
+            summary["split"] = {key: division[key] for key in (
+                "num_easy", "num_hard", "easy_min_confidence", "easy_mean_confidence",
+                "hard_mean_confidence")}
+        return summary
+
+    def restore_finished(self, state) -> None:
+        super().restore_finished(state)
+        path = self.dir / SPLIT_NAME
+        if path.is_file():
+            with open(path) as handle:
+                self.division = json.load(handle)
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {**super().extra_state(), "discriminator": self.discriminator.state_dict()}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
