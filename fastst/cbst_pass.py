@@ -29,6 +29,17 @@ manifest as an uninterrupted pass. Batches of both passes count towards
 (atomically) and removes the state; a finished pass with the same settings and all its label
 files is not redone.
 
+Several processes (``torchrun``; ``fastst.distributed``): in both passes the one-process batches
+are dealt to the ranks in steps of N (``DistributedContext.pass_steps``), so each rank computes
+the probabilities of exactly the batches one process would. Pass 1: each rank feeds its own
+accumulator, and the thresholds of all ranks' kept values together come from an exact two-level
+radix select over their float bits (per-class histograms of the high 16 bits, summed over the
+ranks, locate each threshold's bin; histograms of the low 16 bits inside that bin, summed again,
+locate the value): 2 x C x 65,536 counters travel instead of the kept values (GBs at full size).
+Labels, votes and confidences are per image, so pass 2 needs no exchange but the names,
+confidences and label histograms, gathered for rank 0's state and manifest. Every rank writes the
+PNGs of its own images. The manifest and labels equal those of one process.
+
 manifest.json: {"format": "fastst-cbst-pseudo-v1", "complete": true, "settings": {portion,
 scales, flip, subsample, vote (or null), batch_size, num_images, num_classes, mine_portion,
 size}, "lambdas": [C], "class_counts": [C] (argmax pixels), "class_fraction": [C],
@@ -48,6 +59,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from fastst import distributed
 from fastst.data.pseudo_label import save_pseudo_labels
 from fastst.inference import predict_probs
 from fastst.methods.context import RunContext, save_torch_atomic, write_json_atomic
@@ -176,16 +188,22 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
     settings = _settings(model, dataset, portion=portion, scales=scales, flip=flip,
                          subsample=subsample, vote=vote, batch_size=batch_size,
                          mine_portion=mine_portion)
-    manifest = read_cbst_manifest(out_dir)
-    if manifest is not None and manifest.get("complete") and manifest.get("settings") == settings \
-            and _labels_present(label_dir, [image["name"] for image in manifest["images"]]):
-        return manifest
-    if manifest is not None:
+    dctx = distributed.current()
+    # Rank 0 reads the files and tells the others, so that every rank takes the same decision.
+    manifest = read_cbst_manifest(out_dir) if dctx.is_main else None
+    finished = manifest is not None and manifest.get("complete") \
+        and manifest.get("settings") == settings \
+        and _labels_present(label_dir, [image["name"] for image in manifest["images"]])
+    if manifest is not None and not finished:
         # Another pass's manifest would describe labels this pass is about to overwrite.
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    manifest = dctx.broadcast_object(manifest if finished else None)
+    if manifest is not None:
+        return manifest
 
     started = time.perf_counter()
-    state = _load_state(out_dir / STATE_NAME, settings, label_dir)
+    state = dctx.broadcast_object(_load_state(out_dir / STATE_NAME, settings, label_dir)
+                                  if dctx.is_main else None)
     seconds_before = state["seconds"] if state else 0.0
     was_training = model.training
     model.eval()
@@ -198,7 +216,8 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
                      "histogram_confident": torch.zeros(_HISTOGRAM_BINS, dtype=torch.int64),
                      "histogram": torch.zeros(_HISTOGRAM_BINS, dtype=torch.int64),
                      "seconds": seconds_before + time.perf_counter() - started}
-            save_torch_atomic(state, out_dir / STATE_NAME)
+            if dctx.is_main:
+                save_torch_atomic(state, out_dir / STATE_NAME)
             seconds_before, started = state["seconds"], time.perf_counter()
         state = _labels(model, dataset, ctx, settings, state, label_dir, out_dir, colour, tag,
                         seconds_before, started)
@@ -206,8 +225,10 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
         model.train(was_training)
 
     manifest = _manifest(settings, state)
-    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
-    (out_dir / STATE_NAME).unlink(missing_ok=True)
+    if dctx.is_main:  # the ranks' PNGs are on disk: _labels' last snapshot was a collective
+        write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+        (out_dir / STATE_NAME).unlink(missing_ok=True)
+    dctx.barrier()
     _log_manifest(ctx.writer, tag, manifest)
     return manifest
 
@@ -236,7 +257,8 @@ def _loader(dataset, indices: Sequence[int], ctx: RunContext, batch_size: int) -
 def _progress(ctx: RunContext, total: int, initial: int, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit="img",
-                disable=not ctx.runtime["progress"], dynamic_ncols=True)
+                disable=not (ctx.runtime["progress"] and distributed.current().is_main),
+                dynamic_ncols=True)
 
 
 def _thresholds(model, dataset, ctx: RunContext, settings: Mapping[str, Any], tag: str):
@@ -244,14 +266,80 @@ def _thresholds(model, dataset, ctx: RunContext, settings: Mapping[str, Any], ta
     accumulator = ClassBalancedThresholds(settings["num_classes"],
                                           subsample=settings["subsample"])
     num_images = settings["num_images"]
-    loader = _loader(dataset, range(num_images), ctx, settings["batch_size"])
+    dctx = distributed.current()
+    steps = dctx.pass_steps(num_images, settings["batch_size"])
+    loader = _loader(dataset, [i for spans in steps for i in range(*spans[dctx.rank])], ctx,
+                     settings["batch_size"])
     with torch.no_grad(), _progress(ctx, num_images, 0, f"{tag} thresholds") as bar:
-        for batch in loader:
-            probs, _ = _probabilities(model, batch, ctx, settings)
-            accumulator.update(probs)
-            bar.update(probs.shape[0])
+        batches = iter(loader)
+        for spans in steps:
+            start, stop = spans[dctx.rank]
+            if stop > start:
+                probs, _ = _probabilities(model, next(batches), ctx, settings)
+                accumulator.update(probs)
+            bar.update(spans[-1][1] - spans[0][0])
             ctx.count("pseudo_batches")
-    return accumulator.thresholds(settings["portion"]), accumulator.class_counts()
+    if not dctx.is_distributed:
+        return accumulator.thresholds(settings["portion"]), accumulator.class_counts()
+    counts = dctx.all_reduce_(accumulator.class_counts().to(ctx.device))
+    values, classes = _kept_values(accumulator, ctx.device)
+    return (thresholds_over_ranks(values, classes, settings["num_classes"], settings["portion"],
+                                  dctx), counts)
+
+
+def _kept_values(accumulator: ClassBalancedThresholds, device: torch.device):
+    """(values float32 (n,), classes uint8 (n,)): what ``accumulator`` has kept, on ``device``."""
+    values, classes = accumulator.kept()
+    return values.to(device), classes.to(device)
+
+
+_RADIX = 1 << 16
+
+
+def _locate(histogram: torch.Tensor, position: torch.Tensor):
+    """For each row c of ``histogram`` (C, 65536) int64, the bin holding the element at
+    0-based ascending ``position[c]`` and that element's position inside the bin."""
+    cumulative = histogram.cumsum(1)
+    found = torch.searchsorted(cumulative, position.unsqueeze(1), right=True).squeeze(1)
+    found = found.clamp(max=_RADIX - 1)
+    before = torch.where(found > 0, cumulative.gather(1, (found - 1).clamp(min=0).unsqueeze(1))
+                         .squeeze(1), torch.zeros_like(found))
+    return found, position - before
+
+
+def thresholds_over_ranks(values: torch.Tensor, classes: torch.Tensor, num_classes: int,
+                          portion: float, dctx) -> torch.Tensor:
+    """The class-balanced thresholds (SPEC 5) of the kept values of every rank together:
+    lambda_k = (class k's values sorted descending)[floor(len_k * portion) - 1], 1 where that
+    count is 0, exactly what one ``ClassBalancedThresholds`` fed every batch gives.
+
+    values: float32 (n,) >= +0 (max probabilities), classes: (n,) integer ids, this rank's.
+    dctx: the ``DistributedContext`` (world size 1: this rank's values alone). Two rounds of
+    per-class histograms over the float bits (non-negative floats order like their bits):
+    the high 16 bits pick each threshold's bin, the low 16 bits inside it the value; each round
+    all-reduces C x 65,536 int64 counters. Returns float32 (C,) on the values' device."""
+    device = values.device
+    bits = values.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    cls = classes.long()
+    high = bits >> 16
+    histogram = torch.zeros(num_classes * _RADIX, dtype=torch.int64, device=device)
+    histogram.index_add_(0, cls * _RADIX + high, torch.ones_like(high))
+    histogram = dctx.all_reduce_(histogram).view(num_classes, _RADIX)
+    kept = histogram.sum(1).tolist()
+    # floor in float64, as ClassBalancedThresholds does (Python float times int).
+    selected = [int(math.floor(count * portion)) for count in kept]
+    position = torch.tensor([count - n if n > 0 else 0 for count, n in zip(kept, selected)],
+                            dtype=torch.int64, device=device)
+    chosen_high, rest = _locate(histogram, position)
+    inside = high == chosen_high[cls]
+    low_histogram = torch.zeros(num_classes * _RADIX, dtype=torch.int64, device=device)
+    low_histogram.index_add_(0, cls[inside] * _RADIX + (bits[inside] & 0xFFFF),
+                             torch.ones_like(high[inside]))
+    low_histogram = dctx.all_reduce_(low_histogram).view(num_classes, _RADIX)
+    chosen_low, _ = _locate(low_histogram, rest)
+    found = ((chosen_high << 16) | chosen_low).to(torch.int32).view(torch.float32)
+    has_value = torch.tensor([n > 0 for n in selected], device=device)
+    return torch.where(has_value, found, torch.ones_like(found))
 
 
 def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state: Dict[str, Any],
@@ -269,8 +357,14 @@ def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state:
     confidences_pending: List[torch.Tensor] = []
     histogram_confident = state["histogram_confident"].to(device)
     histogram = state["histogram"].to(device)
-
-    loader = _loader(dataset, range(done, num_images), ctx, settings["batch_size"])
+    dctx = distributed.current()
+    if not dctx.is_main:
+        # Rank 0 carries the counts of the images done before; the ranks' sum is the total.
+        histogram_confident.zero_()
+        histogram.zero_()
+    steps = dctx.pass_steps(num_images - done, settings["batch_size"])
+    loader = _loader(dataset, [done + i for spans in steps for i in range(*spans[dctx.rank])],
+                     ctx, settings["batch_size"])
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=runtime["write_threads"],
                                                  thread_name_prefix="cbst-png")
     writes: List[concurrent.futures.Future] = []
@@ -284,31 +378,50 @@ def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state:
             confidences_done = torch.cat([confidences_done]
                                          + [c.cpu() for c in confidences_pending])
             confidences_pending = []
+        # A collective: once it returns, every rank has waited for its own PNGs above.
+        totals = [dctx.all_reduce_(h.clone()) for h in (histogram_confident, histogram)]
         return {**state, "done": done, "names": list(names), "confidences": confidences_done,
-                "histogram_confident": histogram_confident.cpu(), "histogram": histogram.cpu(),
+                "histogram_confident": totals[0].cpu(), "histogram": totals[1].cpu(),
                 "seconds": seconds_before + time.perf_counter() - started}
 
     try:
         with torch.no_grad(), _progress(ctx, num_images, done, f"{tag} labels") as bar:
-            for batch_index, batch in enumerate(loader):
-                probs, images = _probabilities(model, batch, ctx, settings)
-                confident = cbst_pseudo_label(probs, lambdas)
-                labels = confident if vote is None else tpld_vote(probs, lambdas, **vote)
-                confidences_pending.append(image_confidence(probs, lambdas))
-                # index_add_, not bincount: CUDA's bincount reads the maximum back to the host.
-                for counts, maps in ((histogram_confident, confident), (histogram, labels)):
-                    flat = maps.reshape(-1).long()
-                    counts.index_add_(0, flat, torch.ones_like(flat))
-                batch_names = list(batch["name"])
-                writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names, labels,
-                                          colour))
-                if ctx.writer is not None and done < _IMAGES_LOGGED:
-                    _log_images(ctx.writer, tag, images, labels)
+            batches = iter(loader)
+            for step_index, spans in enumerate(steps):
+                start, stop = spans[dctx.rank]
+                batch_names: List[str] = []
+                confidence = None
+                if stop > start:
+                    batch = next(batches)
+                    probs, images = _probabilities(model, batch, ctx, settings)
+                    confident = cbst_pseudo_label(probs, lambdas)
+                    labels = confident if vote is None else tpld_vote(probs, lambdas, **vote)
+                    confidence = image_confidence(probs, lambdas)
+                    # index_add_, not bincount: CUDA's bincount reads the maximum back to the
+                    # host.
+                    for counts, maps in ((histogram_confident, confident), (histogram, labels)):
+                        flat = maps.reshape(-1).long()
+                        counts.index_add_(0, flat, torch.ones_like(flat))
+                    batch_names = list(batch["name"])
+                    writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names,
+                                              labels, colour))
+                    if ctx.writer is not None and done < _IMAGES_LOGGED:
+                        _log_images(ctx.writer, tag, images, labels)
+                if dctx.is_distributed:  # the step's names and confidences, in pass order
+                    parts = dctx.all_gather_object(
+                        (batch_names, [] if confidence is None else confidence.cpu().tolist()))
+                    batch_names = [name for part in parts for name in part[0]]
+                    confidence = torch.tensor([c for part in parts for c in part[1]],
+                                              dtype=torch.float64)
+                confidences_pending.append(confidence)
                 names.extend(batch_names)
-                done += labels.shape[0]
-                bar.update(labels.shape[0])
-                if (batch_index + 1) % runtime["pseudo_state_every"] == 0:
-                    save_torch_atomic(snapshot(), out_dir / STATE_NAME)
+                step_count = spans[-1][1] - spans[0][0]
+                done += step_count
+                bar.update(step_count)
+                if (step_index + 1) % runtime["pseudo_state_every"] == 0:
+                    snapshotted = snapshot()
+                    if dctx.is_main:
+                        save_torch_atomic(snapshotted, out_dir / STATE_NAME)
                 ctx.count("pseudo_batches")
             return snapshot()
     finally:

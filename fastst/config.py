@@ -47,10 +47,15 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "chain": "last",
     "model": {"backbone": "resnet101", "pretrained": None},
     "data": {
+        # subset (semi-supervised mode): null, or {fraction, seed, part: labelled|unlabelled}
+        # keeping one part of a seeded split of the images (fastst.methods.datasets); domain:
+        # which synthetic domain a role reads (null: source for source, target otherwise).
         "source": {"dataset": "gta5", "root": "data/GTA5", "split": "train", "list_file": None,
-                   "resize": None, "crop_height_range": [341, 950]},
+                   "resize": None, "crop_height_range": [341, 950], "subset": None,
+                   "domain": None},
         "target": {"dataset": "cityscapes", "root": "data/cityscapes", "split": "train",
-                   "list_file": None, "resize": None, "crop_height_range": [341, 1000]},
+                   "list_file": None, "resize": None, "crop_height_range": [341, 1000],
+                   "subset": None, "domain": None},
         "val": {"dataset": "cityscapes", "root": "data/cityscapes", "split": "val",
                 "list_file": None, "input_size": [512, 1024]},
         "synthetic": None,
@@ -87,9 +92,16 @@ BASE_DEFAULTS: Dict[str, Any] = {
         "max_nonfinite_steps": 10,
         # Check the data files before the first stage trains (remembered in DIR/data_check.json).
         "check_data": True,
-        # An earlier run directory whose finished stages this run copies instead of training
-        # them again, where they were made with the same recipe (fastst.methods.reuse).
+        # Score each round's pseudo labels against the target's own labels where it has them
+        # (labelled proportion, P-mIoU per class; fastst.quality). Reporting only.
+        "pseudo_quality": True,
+        # An earlier run directory (or a list of them) whose finished stages this run copies
+        # instead of training them again, where they were made with the same recipe
+        # (fastst.methods.reuse).
         "reuse_from": None,
+        # Multi-process runs (torchrun): BatchNorm statistics over the global batch (all ranks,
+        # CUDA only) instead of each rank's share of it.
+        "sync_bn": False,
     },
 }
 
@@ -100,10 +112,18 @@ _COMMON_STAGE = {"epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4, "freeze
                  "iterations": None, "iterations_per_epoch": None}
 STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "source_only": {**_COMMON_STAGE, "freeze_bn_affine": False},
+    # variant: "output" (IAST's output-space GAN), "multilevel" (AdaptSegNet: + an auxiliary
+    # classifier on layer3 and its own discriminator, weights lambda_seg_aux / lambda_adv_aux)
+    # or "advent" (GAN on self-information maps); gan: "lsgan", "bce" or "auto" (the variant's
+    # own: lsgan for output, bce otherwise). See fastst/methods/warmup.py.
     "warmup": {**_COMMON_STAGE, "d_lr": 2.0e-5, "lambda_adv": 0.05, "d_ndf": 64,
-               "d_first_kernel": 3},
+               "d_first_kernel": 3, "variant": "output", "gan": "auto",
+               "lambda_adv_aux": 0.0002, "lambda_seg_aux": 0.1},
+    # selector: "ias" (instance-adaptive, pseudo.mode), "constant" (max p >= threshold) or
+    # "cbst" (class-balanced thresholds at portion, with subsample). See fastst/methods/iast.py.
     "iast": {**_COMMON_STAGE, "alpha": 0.2, "pseudo_size": [640, 1280], "lambda_kld": 0.1,
-             "lambda_ent": 3.0, "source_weight": 0.0},
+             "lambda_ent": 3.0, "source_weight": 0.0, "selector": "ias", "threshold": 0.9,
+             "portion": 0.2, "subsample": 4},
 }
 # The class-balanced rounds (SPEC 5-6): SGD with a constant lr, BN in eval mode, pseudo labels
 # from the 0.9-scale input and its flip at pseudo_size with class-balanced thresholds at
@@ -134,6 +154,9 @@ _IAS_MODES = ("official", "paper")
 _OPTIMIZERS = ("adam", "sgd")
 _LR_SCHEDULES = ("cosine", "constant")
 _CBST_LOSSES = ("ce", "mrkld", "lrent")
+WARMUP_VARIANTS = ("output", "multilevel", "advent")
+WARMUP_GANS = ("auto", "lsgan", "bce")
+IAST_SELECTORS = ("ias", "constant", "cbst")
 
 
 def available_presets() -> List[str]:
@@ -357,6 +380,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
         _str(config, f"data.{part}.split")
         _str(config, f"data.{part}.list_file", optional=True)
     for part in ("source", "target"):
+        _validate_subset(config, f"data.{part}.subset")
+        if config["data"][part]["domain"] not in (None, "source", "target"):
+            _fail(f"data.{part}.domain", "null, source or target", config["data"][part]["domain"])
         _size(config, f"data.{part}.resize", optional=True)
         _size(config, f"data.{part}.crop_height_range")
         low, high = config["data"][part]["crop_height_range"]
@@ -405,6 +431,18 @@ def validate_config(config: Mapping[str, Any]) -> None:
     _validate_runtime(config)
 
 
+def _validate_subset(config: Mapping[str, Any], key: str) -> None:
+    subset = get_key(config, key)
+    if subset is None:
+        return
+    expected = "null or {fraction: (0, 1], seed: int >= 0, part: labelled or unlabelled}"
+    if not isinstance(subset, dict) or set(subset) != {"fraction", "seed", "part"}:
+        _fail(key, expected, subset)
+    _real(config, f"{key}.fraction", 0, 1, low_open=True)
+    _int(config, f"{key}.seed", 0)
+    _choice(config, f"{key}.part", ("labelled", "unlabelled"))
+
+
 def _validate_stages(config: Mapping[str, Any]) -> None:
     stages, pipeline = config["stages"], config["pipeline"]
     if not isinstance(pipeline, list) or not pipeline or not all(isinstance(s, str)
@@ -432,12 +470,20 @@ def _validate_stages(config: Mapping[str, Any]) -> None:
             _real(config, f"{prefix}.lambda_adv", 0)
             _int(config, f"{prefix}.d_ndf", 1)
             _int(config, f"{prefix}.d_first_kernel", 1)
+            _choice(config, f"{prefix}.variant", WARMUP_VARIANTS)
+            _choice(config, f"{prefix}.gan", WARMUP_GANS)
+            _real(config, f"{prefix}.lambda_adv_aux", 0)
+            _real(config, f"{prefix}.lambda_seg_aux", 0)
         elif method == "iast":
             _real(config, f"{prefix}.alpha", 0, 1, low_open=True)
             _size(config, f"{prefix}.pseudo_size")
             _real(config, f"{prefix}.lambda_kld", 0)
             _real(config, f"{prefix}.lambda_ent", 0)
             _real(config, f"{prefix}.source_weight", 0)
+            _choice(config, f"{prefix}.selector", IAST_SELECTORS)
+            _real(config, f"{prefix}.threshold", 0, 1, low_open=True)
+            _real(config, f"{prefix}.portion", 0, 1)
+            _int(config, f"{prefix}.subsample", 1)
         elif method in ("cbst", "tpld_phase1", "tpld_phase2"):
             _validate_class_balanced(config, prefix, method)
 
@@ -497,7 +543,8 @@ def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str
 def _validate_runtime(config: Mapping[str, Any]) -> None:
     _choice(config, "runtime.device", _DEVICES)
     _choice(config, "runtime.amp", _AMP)
-    for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data"):
+    for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data",
+                "pseudo_quality", "sync_bn"):
         if not isinstance(config["runtime"][key], bool):
             _fail(f"runtime.{key}", "true or false", config["runtime"][key])
     _int(config, "runtime.workers", 0)
@@ -507,7 +554,10 @@ def _validate_runtime(config: Mapping[str, Any]) -> None:
         _int(config, f"runtime.{key}", 1)
     _int(config, "runtime.stop_after_iterations", 0, optional=True)
     _int(config, "runtime.stop_after_pseudo_batches", 0, optional=True)
-    _str(config, "runtime.reuse_from", optional=True)
+    reuse = config["runtime"]["reuse_from"]
+    if reuse is not None and not (isinstance(reuse, str) and reuse) and not (
+            isinstance(reuse, list) and all(isinstance(r, str) and r for r in reuse)):
+        _fail("runtime.reuse_from", "null, a run directory or a list of them", reuse)
     _int(config, "runtime.max_nonfinite_steps", 1)
 
 
@@ -541,7 +591,9 @@ def recipe_differences(saved: Mapping[str, Any], config: Mapping[str, Any]) -> L
 
 
 def read_config_file(path: "os.PathLike[str] | str") -> Optional[Dict[str, Any]]:
-    """The config dict stored at ``path``, or None if the file does not exist."""
+    """The config dict stored at ``path``, or None if the file does not exist. Keys that this
+    version has and the file lacks (it was written before they existed) get their defaults, so
+    that an older run directory still resumes and its stages can be reused."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -549,4 +601,7 @@ def read_config_file(path: "os.PathLike[str] | str") -> Optional[Dict[str, Any]]
         data = yaml.safe_load(handle)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a configuration mapping")
-    return data
+    try:
+        return resolve(data, source=str(path))
+    except ConfigError:  # keys this version does not know: compare the file as it is
+        return data

@@ -9,6 +9,10 @@ the label's full resolution; multi-scale and flip evaluation sum the softmax map
 argmax (SPEC section 3, `fastst.inference.predict_probs`). mIoU values are fractions in [0, 1]
 (the printed table shows percent); classes absent from both prediction and ground truth are NaN
 (null in the JSON) and left out of the means.
+
+Under ``torchrun`` (``torchrun --standalone --nproc_per_node N -m fastst.evaluate ...``) each rank
+scores its share of the batches and the confusion matrices are summed over the ranks: the same
+matrix, hence the same mIoU, as one process; rank 0 prints and writes the JSON.
 """
 import argparse
 import json
@@ -17,8 +21,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from . import distributed
 from .atomic import write_json_atomic
 from .data.ids import CLASS_NAMES, NUM_CLASSES
 from .inference import predict_probs
@@ -29,7 +34,7 @@ __all__ = ["evaluate", "main"]
 
 def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device="cpu",
              num_classes=NUM_CLASSES, progress=True, input_size=None, autocast_dtype=None,
-             num_workers=0):
+             num_workers=0, distributed_context=None):
     """Run `model` over `dataset` and return the filled `ConfusionMatrix` (on `device`).
 
     dataset: items {"image": float32 (3,H,W) normalised, "label": int64 (H,W) train ids with
@@ -37,20 +42,31 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
     input_size: (H, W) the model sees at scale 1.0 (default: the image's size); predictions are
     upsampled to the label's size either way.
     The model is moved to `device` and put in eval mode for the run; its previous train/eval
-    modes are restored afterwards. `progress` shows a tqdm bar with rate and ETA."""
+    modes are restored afterwards. `progress` shows a tqdm bar with rate and ETA.
+    distributed_context: a `fastst.distributed.DistributedContext` (default: the process's,
+    `distributed.current()`). With world size N > 1, rank r scores the batches r, r + N, ...
+    (the batches of a one-process run, so each image is predicted exactly as there) and the
+    matrices are summed over the ranks: every rank returns the one-process matrix."""
     from tqdm import tqdm
 
     if len(dataset) == 0:
         raise ValueError("the data set to evaluate is empty")
+    dctx = distributed.current() if distributed_context is None else distributed_context
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    shard = dataset
+    if dctx.is_distributed:
+        batches = range(dctx.rank, -(-len(dataset) // batch_size), dctx.world_size)
+        shard = Subset(dataset, [i for b in batches
+                                 for i in range(b * batch_size,
+                                                min((b + 1) * batch_size, len(dataset)))])
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     confusion = ConfusionMatrix(num_classes, device=device)
     modes = {module: module.training for module in model.modules()}
     model.to(device).eval()
     try:
-        with tqdm(total=len(dataset), desc="evaluate", unit="img", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=len(shard), desc="evaluate", unit="img",
+                  disable=not (progress and dctx.is_main), dynamic_ncols=True) as bar:
             for batch in loader:
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
@@ -65,6 +81,7 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
     finally:
         for module, training in modes.items():
             module.train(training)
+    dctx.all_reduce_(confusion.matrix)  # a no-op in one process
     return confusion
 
 
@@ -165,10 +182,18 @@ def main(argv=None):
     num_classes = model.model_config["num_classes"] if hasattr(model, "model_config") \
         else NUM_CLASSES
     autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
-    confusion = evaluate(model, dataset, scales=tuple(args.scales), flip=args.flip,
-                         batch_size=args.batch_size, device=device, num_classes=num_classes,
-                         progress=not args.no_progress, input_size=args.resize,
-                         autocast_dtype=autocast_dtype, num_workers=args.workers)
+    dctx = distributed.init_from_env(device)  # under torchrun: one shard of the batches a rank
+    try:
+        confusion = evaluate(model, dataset, scales=tuple(args.scales), flip=args.flip,
+                             batch_size=args.batch_size,
+                             device=dctx.device if dctx.is_distributed else device,
+                             num_classes=num_classes, progress=not args.no_progress,
+                             input_size=args.resize, autocast_dtype=autocast_dtype,
+                             num_workers=args.workers, distributed_context=dctx)
+    finally:
+        distributed.shutdown()
+    if not dctx.is_main:
+        return 0
     print(confusion.table())
     if args.json:
         result = results_dict(confusion, scales=list(args.scales), flip=args.flip,

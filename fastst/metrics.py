@@ -5,7 +5,6 @@ off the 19-class matrix with `fastst.data.ids.CLASSES_16` / `CLASSES_13`."""
 import math
 
 import torch
-import torch.distributed as dist
 
 from .data.ids import CLASS_NAMES, CLASSES_13, CLASSES_16, NUM_CLASSES
 
@@ -63,10 +62,12 @@ class ConfusionMatrix:
         return self
 
     def all_reduce(self):
-        """Sum the matrix over all processes when torch.distributed is initialised (the matrix
-        must be on a device the process group's backend supports); no-op otherwise."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+        """Sum the matrix over all processes when torch.distributed is initialised (moved to
+        the process group's communication device for the collective and back); no-op
+        otherwise. Every process then holds the matrix of the whole data set."""
+        from .distributed import current
+
+        current().all_reduce_(self.matrix)
         return self
 
     def iou(self):

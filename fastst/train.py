@@ -29,6 +29,13 @@ fingerprint of file names, sizes and mtimes; ``runtime.check_data=false`` skips 
 the run with a report naming the files. Exit status: 0 done, 2 bad input (preset, key, value,
 data, checkpoint) or a full disk (rerun the same command once there is space), 1 training gave
 up on non-finite losses, 3 a ``runtime.stop_after_*`` hook fired.
+
+Several GPUs: ``torchrun --standalone --nproc_per_node N -m fastst.train --preset NAME ...``
+runs the same pipeline in N processes (``fastst.distributed``: NCCL on GPUs, gloo on the CPU).
+Each stage's batch is split evenly over the ranks (it must be divisible by N), gradients are
+averaged by DistributedDataParallel, the pseudo-label passes and the evaluation split their
+images over the ranks and give the labels, thresholds and mIoU of a one-process run, and rank 0
+alone writes config.yaml, checkpoints, result.json, summary.json and TensorBoard events.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from fastst import distributed
 from fastst.checkpoint import (ClassCountMismatch, check_num_classes, load_checkpoint,
                                read_torch_file)
 from fastst.config import (ConfigError, available_presets, dump_config, load_config,
@@ -52,7 +60,7 @@ from fastst.faults import (DataCheckFailed, NonFiniteLossError, check_run_data, 
                            disk_full_message, remove_stale_temp_files)
 from fastst.methods.context import (RunContext, StopRequested, colorize, denormalize,
                                     resolve_device, write_json_atomic)
-from fastst.methods.datasets import build_role
+from fastst.methods.datasets import build_role, split_names
 from fastst.methods.reuse import reuse_stage
 from fastst.methods.streams import derive_seed
 from fastst.methods.trainer import CHECKPOINT_NAME
@@ -61,6 +69,7 @@ __all__ = ["run_pipeline", "select_stages", "main", "format_table"]
 
 RESULT_NAME = "result.json"
 SUMMARY_NAME = "summary.json"
+SEMI_SPLIT_NAME = "semi_split.json"
 _VAL_IMAGES_LOGGED = 4
 
 
@@ -192,6 +201,29 @@ def _log_val_images(ctx: RunContext, model, val_set, stage: str) -> None:
     ctx.writer.add_images(f"{stage}/val_label", colorize(labels).cpu(), 0)
 
 
+def _pseudo_quality(ctx: RunContext, stage) -> Optional[Dict[str, Any]]:
+    """Labelled proportion and P-mIoU of the stage's pseudo labels against the target's own
+    labels (fastst.quality), logged to TensorBoard; None when the target has no labels."""
+    from fastst.data.ids import CLASS_NAMES
+    from fastst.pseudo import LABEL_DIR
+    from fastst.quality import pseudo_label_quality
+
+    config = ctx.config
+    try:
+        truth = build_role(config, "target", resize=stage.settings["pseudo_size"], labels=True)
+        quality = pseudo_label_quality(stage.pseudo_dir / LABEL_DIR, truth,
+                                       config["num_classes"], CLASS_NAMES)
+    except (FileNotFoundError, ValueError):  # a target without label files
+        return None
+    if quality is not None and ctx.writer is not None:
+        tag = f"{stage.name}/pseudo_quality"
+        ctx.writer.add_scalar(f"{tag}/labelled_proportion", quality["labelled_proportion"], 0)
+        ctx.writer.add_scalar(f"{tag}/p_miou", 100 * _nan(quality["p_miou"]), 0)
+        for name, value in quality["p_iou"].items():
+            ctx.writer.add_scalar(f"{tag}/p_iou/{name}", 100 * _nan(value), 0)
+    return quality
+
+
 def _read_result(path: Path) -> Optional[Dict[str, Any]]:
     import json
 
@@ -210,8 +242,9 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
     """Run ``stages`` for one seed in ``run_dir``; returns the results of every pipeline stage
     that has one in ``run_dir`` (finished now or before), in pipeline order."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    dctx = distributed.current()
     writer = None
-    if config["runtime"]["tensorboard"]:
+    if config["runtime"]["tensorboard"] and dctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -220,13 +253,18 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
     try:
         val_set = None
         for index, name in enumerate(stages):
+            # Every rank decides from the same files: none is being written past this point.
+            dctx.barrier()
             stage = stage_class(config["stages"][name]["method"])(ctx, name)
             result_path = stage.dir / RESULT_NAME
             if _read_result(result_path) is not None and stage.checkpoint_path.is_file():
                 continue
-            if not stage.checkpoint_path.is_file() and reuse_stage(
-                    config, run_dir, seed, name, CHECKPOINT_NAME, RESULT_NAME):
-                print(f"{name}: reused from {config['runtime']['reuse_from']}", file=sys.stderr)
+            if not stage.checkpoint_path.is_file() and dctx.broadcast_object(
+                    dctx.is_main and reuse_stage(config, run_dir, seed, name, CHECKPOINT_NAME,
+                                                 RESULT_NAME)):
+                if dctx.is_main:
+                    reused = _read_result(result_path) or {}
+                    print(f"{name}: reused from {reused.get('reused_from')}", file=sys.stderr)
                 continue
             model = stage.run(_initial_model(config, run_dir, stages, index, seed, init))
             if val_set is None:
@@ -241,7 +279,12 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
             pseudo = stage.pseudo_summary()
             if pseudo is not None:
                 result["pseudo"] = pseudo
-            write_json_atomic(result, result_path)
+                quality = _pseudo_quality(ctx, stage) if config["runtime"]["pseudo_quality"] \
+                    and dctx.is_main else None
+                if quality is not None:
+                    pseudo["quality"] = quality
+            if dctx.is_main:
+                write_json_atomic(result, result_path)
             if writer is not None:
                 writer.add_scalar("target_miou", 100 * _nan(result["miou"]),
                                   list(config["pipeline"]).index(name))
@@ -251,6 +294,7 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
     finally:
         if writer is not None:
             writer.close()
+    dctx.barrier()  # the result.json files below are rank 0's
     results = []
     for name in config["pipeline"]:
         result = _read_result(run_dir / name / RESULT_NAME)
@@ -278,6 +322,10 @@ def summarize(config: Mapping[str, Any], per_seed: Mapping[int, List[Dict[str, A
                  "target_miou": statistics.fmean(values),
                  "seconds": statistics.fmean(row["seconds"] for row in rows),
                  "iterations": rows[0].get("iterations")}
+        for key in ("labelled_proportion", "p_miou"):
+            found = [_pseudo_quality_value(row, key) for row in rows]
+            if all(value is not None for value in found):
+                entry[key] = statistics.fmean(found)
         if len(seeds) > 1:
             entry["target_miou_std"] = statistics.stdev(values)
             entry["target_miou_per_seed"] = values
@@ -291,20 +339,38 @@ def summarize(config: Mapping[str, Any], per_seed: Mapping[int, List[Dict[str, A
             "total_seconds": sum(s["seconds"] for s in stages)}
 
 
+def _pseudo_quality_value(row: Mapping[str, Any], key: str) -> Optional[float]:
+    quality = (row.get("pseudo") or {}).get("quality") or {}
+    value = quality.get(key)
+    return None if value is None else float(value)
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
-    """The stages x target mIoU table printed at the end of a run (mIoU in percent)."""
+    """The stages x target mIoU table printed at the end of a run (mIoU in percent), with the
+    pseudo labels' labelled proportion and P-mIoU where the target has labels."""
     several = len(summary["seeds"]) > 1
     header = "target mIoU (mean ± std over seeds " + ", ".join(map(str, summary["seeds"])) + ")" \
         if several else "target mIoU"
+    quality = any("labelled_proportion" in stage for stage in summary["stages"])
     width = max([len("stage")] + [len(s["name"]) for s in summary["stages"]]) + 2
-    lines = [f"{'stage':<{width}}{header:>{max(12, len(header))}}   time"]
+    column = max(12, len(header))
+    extra = f"{'labelled %':>12}{'P-mIoU':>9}" if quality else ""
+    lines = [f"{'stage':<{width}}{header:>{column}}{extra}   time"]
     for stage in summary["stages"]:
         value = f"{100 * stage['target_miou']:.2f}"
         if several:
             value += f" ± {100 * stage['target_miou_std']:.2f}"
-        lines.append(f"{stage['name']:<{width}}{value:>{max(12, len(header))}}   "
+        extra = ""
+        if quality:
+            proportion = f"{100 * stage['labelled_proportion']:.1f}" \
+                if "labelled_proportion" in stage else ""
+            p_miou = f"{100 * stage['p_miou']:.2f}" if "p_miou" in stage else \
+                ("-" if proportion else "")
+            extra = f"{proportion:>12}{p_miou:>9}"
+        lines.append(f"{stage['name']:<{width}}{value:>{column}}{extra}   "
                      f"{_duration(stage['seconds'])}")
-    lines.append(f"{'total':<{width}}{'':>{max(12, len(header))}}   "
+    blank = f"{'':>21}" if quality else ""
+    lines.append(f"{'total':<{width}}{'':>{column}}{blank}   "
                  f"{_duration(summary['total_seconds'])}")
     return "\n".join(lines)
 
@@ -322,6 +388,7 @@ def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequenc
     training), NonFiniteLossError when a stage gives up on non-finite losses, and OSError (with
     the file's name) when a write fails, e.g. on a full disk."""
     out_dir = Path(out_dir)
+    device, dctx = _join_processes(config)
     saved = read_config_file(out_dir / "config.yaml")
     if saved is not None:
         differences = recipe_differences(saved, config)
@@ -329,25 +396,72 @@ def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequenc
             shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:10])
             raise ConfigError(f"{out_dir} holds a run with another configuration ({shown}); "
                               "use another --out, or delete the directory to start over")
-    dump_config(config, out_dir / "config.yaml")
+    dctx.barrier()  # every rank has read config.yaml before rank 0 replaces it
+    semi_split = split_names(config)
+    if dctx.is_main:
+        dump_config(config, out_dir / "config.yaml")
+        if semi_split is not None:  # the semi-supervised mode's seeded split, for the record
+            write_json_atomic(semi_split, out_dir / SEMI_SPLIT_NAME)
     stages = list(config["pipeline"]) if stages is None else list(stages)
     if init is not None and not Path(init).is_file():
         raise FileNotFoundError(f"--init {init!r} does not exist")
-    device = resolve_device(config["runtime"]["device"])
     _configure_process(config, device)
-    # A process killed mid-write leaves its temporary file (never a partial file under the final
-    # name); such leftovers can be as large as a checkpoint.
-    remove_stale_temp_files(out_dir)
+    if dctx.is_main:
+        # A process killed mid-write leaves its temporary file (never a partial file under the
+        # final name); such leftovers can be as large as a checkpoint.
+        remove_stale_temp_files(out_dir)
     if config["runtime"].get("check_data", True):
-        check_run_data(config, out_dir)
+        _check_data(config, out_dir, dctx)
+    dctx.barrier()
     seeds = [config["seed"] + k for k in range(config["seeds"])]
     per_seed = {}
     for seed in seeds:
         run_dir = out_dir if len(seeds) == 1 else out_dir / f"seed{seed}"
         per_seed[seed] = run_seed(config, run_dir, seed, stages, device, init)
     summary = summarize(config, per_seed)
-    write_json_atomic(summary, out_dir / SUMMARY_NAME)
+    if dctx.is_main:
+        write_json_atomic(summary, out_dir / SUMMARY_NAME)
     return summary
+
+
+def _join_processes(config: Mapping[str, Any]):
+    """(device, DistributedContext): under torchrun join the process group (a no-op for one
+    process, or when the caller joined one already); each rank then runs on its own GPU."""
+    device = resolve_device(config["runtime"]["device"])
+    dctx = distributed.init_from_env(device)
+    if not dctx.is_distributed:
+        return device, dctx
+    if config["runtime"]["sync_bn"] and dctx.device.type != "cuda":
+        raise ConfigError("runtime.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has "
+                          "no CPU implementation); set runtime.sync_bn=false")
+    for name in config["pipeline"]:
+        batch_size = config["stages"][name]["batch_size"]
+        if batch_size % dctx.world_size:
+            raise ConfigError(f"stages.{name}.batch_size = {batch_size} is not divisible by the "
+                              f"{dctx.world_size} processes: each rank takes batch_size / "
+                              f"{dctx.world_size} items of every batch; choose a multiple of "
+                              f"{dctx.world_size} or another torchrun --nproc_per_node")
+    return dctx.device, dctx
+
+
+def _check_data(config: Mapping[str, Any], out_dir: Path, dctx) -> None:
+    """``check_run_data`` on rank 0 (it writes DIR/data_check.json); the other ranks raise
+    what it raised, so that every rank stops on bad data."""
+    if not dctx.is_distributed:
+        check_run_data(config, out_dir)
+        return
+    failure = None
+    if dctx.is_main:
+        try:
+            check_run_data(config, out_dir)
+        except Exception as error:
+            dctx.broadcast_object((type(error).__name__, str(error)))
+            raise
+    failure = dctx.broadcast_object(failure)
+    if failure is not None:
+        kinds = {"DataCheckFailed": DataCheckFailed, "FileNotFoundError": FileNotFoundError,
+                 "ConfigError": ConfigError}
+        raise kinds.get(failure[0], RuntimeError)(f"(rank 0) {failure[1]}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -389,8 +503,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if full is None:
             raise
         parser.exit(2, f"{parser.prog}: error: {disk_full_message(full, out_dir)}\n")
-    print(format_table(summary))
-    print(f"summary: {out_dir / SUMMARY_NAME}; TensorBoard: tensorboard --logdir {out_dir}")
+    finally:
+        main_rank = distributed.current().is_main
+        distributed.shutdown()
+    if main_rank:
+        print(format_table(summary))
+        print(f"summary: {out_dir / SUMMARY_NAME}; TensorBoard: tensorboard --logdir {out_dir}")
     return 0
 
 

@@ -5,13 +5,14 @@ never read, ``labels=False``) and "val" (the labelled target evaluation split). 
 data set is generated on first use under its root, domain "source" for the source role and
 "target" for the others, with the generator arguments of ``data.synthetic``.
 """
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
 from fastst.data import build_dataset, train_transform
 
-__all__ = ["build_role", "crop_arguments", "crop_transform", "IndexedSubset"]
+__all__ = ["build_role", "crop_arguments", "crop_transform", "IndexedSubset", "split_indices",
+           "split_names"]
 
 _DOMAINS = {"source": "source", "target": "target", "val": "target"}
 
@@ -61,10 +62,40 @@ def build_role(config: Mapping[str, Any], role: str, *, transform=None,
     spec = config["data"][role]
     if resize is None and role != "val":
         resize = spec["resize"]
+    subset = spec.get("subset")
     kwargs = {"transform": transform, "resize": None if resize is None else list(resize),
               "seed": seed, "list_file": spec["list_file"],
               "labels": role != "target" if labels is None else labels}
     if spec["dataset"] == "synthetic":
-        kwargs["domain"] = _DOMAINS[role]
+        kwargs["domain"] = spec.get("domain") or _DOMAINS[role]
         kwargs["synthetic"] = dict(config["data"]["synthetic"] or {})
-    return build_dataset(spec["dataset"], spec["root"], spec["split"], **kwargs)
+    dataset = build_dataset(spec["dataset"], spec["root"], spec["split"], **kwargs)
+    if subset is not None:
+        labelled, unlabelled = split_indices(len(dataset), subset["fraction"], subset["seed"])
+        keep = labelled if subset["part"] == "labelled" else unlabelled
+        dataset.samples = [dataset.samples[i] for i in keep]
+    return dataset
+
+
+def split_indices(num_items: int, fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """The seeded labelled/unlabelled split of the semi-supervised mode: the first
+    floor(fraction * num_items) of ``torch.randperm(num_items)`` (generator seeded with ``seed``)
+    are labelled, the rest unlabelled; each part in ascending index order."""
+    import torch
+
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(int(seed)))
+    count = int(fraction * num_items)
+    return sorted(order[:count].tolist()), sorted(order[count:].tolist())
+
+
+def split_names(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """{role: {"fraction", "seed", "part", "names": [image stems]}} for the roles that read a
+    subset (what DIR/split.json records), or None when none does."""
+    roles = {}
+    for role in ("source", "target"):
+        subset = config["data"][role].get("subset")
+        if subset is not None:
+            dataset = build_role(config, role, labels=False)
+            roles[role] = {**subset, "names": [dataset.samples[i][0].stem
+                                               for i in range(len(dataset))]}
+    return roles or None

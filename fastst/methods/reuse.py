@@ -5,8 +5,9 @@ need not train those stages again: a stage is copied from DIR when DIR's run mad
 same recipe, i.e. when
 
 * DIR/config.yaml has the same stages up to and including it, in the same order and with the
-  same settings, and the same global keys (model, data, optim, eval, num_classes, seed); the
-  keys of later stages, ``pipeline`` beyond it, ``name``, ``seeds`` and ``runtime`` may differ;
+  same settings, and the same global keys (model, data, optim, eval, num_classes, seed, and
+  ``pseudo`` when one of those stages is an IAST round); the keys of later stages, ``pipeline``
+  beyond it, ``name``, ``seeds`` and ``runtime`` may differ;
 * the seed was run there (DIR itself for a one-seed run, DIR/seed<s> otherwise);
 * its checkpoint is complete and its result.json readable.
 
@@ -40,7 +41,10 @@ def same_recipe_through(saved: Mapping[str, Any], config: Mapping[str, Any], sta
         return False
     if any(saved.get("stages", {}).get(name) != config["stages"][name] for name in prefix):
         return False
-    keys = (set(saved) | set(config)) - set(_FREE_KEYS)
+    free = set(_FREE_KEYS)
+    if not any(config["stages"][name]["method"] == "iast" for name in prefix):
+        free.add("pseudo")  # the IAS pass settings matter only to IAST rounds
+    keys = (set(saved) | set(config)) - free
     return all(saved.get(key) == config.get(key) for key in keys)
 
 
@@ -53,12 +57,19 @@ def _seed_dir(root: Path, saved: Mapping[str, Any], seed: int) -> Optional[Path]
 
 def reuse_stage(config: Mapping[str, Any], run_dir: Path, seed: int, stage: str,
                 checkpoint_name: str, result_name: str) -> bool:
-    """Copy ``stage`` from ``runtime.reuse_from`` into ``run_dir`` when it is reusable (see the
-    module docstring); True if copied."""
-    source = config["runtime"].get("reuse_from")
-    if source is None:
+    """Copy ``stage`` from ``runtime.reuse_from`` (a directory or a list of them, tried in
+    order) into ``run_dir`` when it is reusable (see the module docstring); True if copied."""
+    sources = config["runtime"].get("reuse_from")
+    if sources is None:
         return False
-    root = Path(source)
+    for source in [sources] if isinstance(sources, str) else sources:
+        if _reuse_from(Path(source), config, run_dir, seed, stage, checkpoint_name, result_name):
+            return True
+    return False
+
+
+def _reuse_from(root: Path, config: Mapping[str, Any], run_dir: Path, seed: int, stage: str,
+                checkpoint_name: str, result_name: str) -> bool:
     saved = read_config_file(root / "config.yaml")
     if saved is None or not same_recipe_through(saved, config, stage):
         return False

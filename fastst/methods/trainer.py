@@ -30,9 +30,20 @@ which extra state it checkpoints (``extra_state``). ``Stage.run`` does the rest:
 Data order is a pure function of (seed, stage, iteration) (``streams.BatchStream``), and model
 and optimizer state are restored exactly, so on the CPU a resumed stage ends with the same
 weights as an uninterrupted one.
+
+In a run of several processes (``torchrun``, ``fastst.distributed``) each rank reads
+``batch_size / world_size`` items of every global batch, ``step`` gets the model inside
+DistributedDataParallel (BN layers converted to SyncBatchNorm first with ``runtime.sync_bn``;
+by default each rank normalises with its own batch statistics and DDP keeps rank 0's running
+statistics), ``finite_guard`` averages the gradients of the other trained modules (the
+discriminators) over the ranks and makes the skip decision for all ranks together, logged losses
+are means over the ranks, torch's RNG is seeded per rank (saved per rank in checkpoints), and
+rank 0 alone writes checkpoints and logs; the ranks meet at a barrier after the stage's last
+checkpoint, which the next stage reads.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -41,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastst import distributed
 from fastst.checkpoint import checkpoint_state, load_checkpoint, load_model, save_checkpoint
 from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
@@ -91,6 +103,8 @@ class Stage:
         self.total: Optional[int] = None
         self.init_model: Optional[Callable[[], nn.Module]] = None
         self.skipped_steps = 0
+        self.dist = distributed.current()
+        self._model_param_ids: set = set()
 
     # --- hooks -----------------------------------------------------------------------------
 
@@ -125,8 +139,28 @@ class Stage:
         infinite. ``step`` calls it once, after ``backward`` and before its first
         ``optimizer.step()``, so that the loop can skip the whole update: no optimizer state
         moves, the gradients are zeroed. Costs one host synchronisation per iteration (the
-        only one the loop makes between logging intervals)."""
-        check_finite(losses)
+        only one the loop makes between logging intervals).
+
+        In a distributed run it first averages over the ranks the gradients of every optimized
+        parameter outside the DDP-wrapped model (discriminators; DDP has averaged the model's
+        during backward), then skips on every rank when a loss is not finite on any rank."""
+        dctx = self.dist
+        if not dctx.is_distributed:
+            check_finite(losses)
+            return
+        others = [p.grad for optimizer in self.optimizers for group in optimizer.param_groups
+                  for p in group["params"]
+                  if id(p) not in self._model_param_ids and p.grad is not None]
+        dctx.all_reduce_mean_(others)
+        if not losses:
+            return
+        values = torch.stack([loss.detach().reshape(()).float() for loss in losses.values()])
+        flag = (~torch.isfinite(values)).any().to(torch.int32).reshape(1)
+        if not bool(dctx.all_reduce_(flag, "max")):
+            return
+        numbers = values.cpu().tolist()
+        bad = {name: value for name, value in zip(losses, numbers) if not math.isfinite(value)}
+        raise NonFiniteLoss(bad or {"loss on another rank": math.nan})
 
     def seed_of(self, *parts) -> int:
         return derive_seed(self.ctx.seed, self.name, *parts)
@@ -140,7 +174,8 @@ class Stage:
                                  seed=self.seed_of(role, "augment"))
         return BatchStream(dataset, batch_size, self.seed_of(role, "order"),
                            workers=self.ctx.runtime["workers"], pin_memory=self.ctx.pin_memory,
-                           name=f"{role} set of stage {self.name}")
+                           name=f"{role} set of stage {self.name}", rank=self.dist.rank,
+                           world_size=self.dist.world_size)
 
     def model_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam (IAST) or SGD with momentum (CBST/CRST/TPLD, the stage's ``optimizer`` key) over
@@ -162,6 +197,43 @@ class Stage:
         numbers = stage_iterations(self.settings, source_size)
         self.per_epoch, self.total, self.period = (numbers["per_epoch"], numbers["total"],
                                                    numbers["period"])
+
+    def parallel_model(self, model: nn.Module) -> nn.Module:
+        """The module ``step`` calls: ``model`` itself in one process; in a distributed run
+        ``model`` in DistributedDataParallel (which averages its gradients over the ranks during
+        backward and broadcasts rank 0's buffers at each forward). Call after ``setup``, once
+        the trainable parameters are final."""
+        dctx = self.dist
+        if not dctx.is_distributed:
+            return model
+        self._model_param_ids = {id(p) for p in model.parameters()}
+        device = self.ctx.device
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _use_sync_bn(self, model: nn.Module) -> None:
+        """``runtime.sync_bn``: BatchNorm layers normalise with the statistics of the global
+        batch (all ranks) instead of each rank's own; in place, same parameters and buffers."""
+        if not (self.dist.is_distributed and self.ctx.runtime.get("sync_bn", False)):
+            return
+        if self.ctx.device.type != "cuda":
+            raise ValueError("runtime.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has "
+                             "no CPU implementation); set runtime.sync_bn=false")
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def _seed_rank(self, *parts) -> None:
+        """Seed torch's generators differently on each rank (distributed runs only)."""
+        if self.dist.is_distributed:
+            torch.manual_seed(self.seed_of("rank", self.dist.rank, *parts) % 2**63)
+
+    def _restore_rng(self, state: Mapping[str, Any], start: int) -> None:
+        ranks = state.get("rng_ranks")
+        if not self.dist.is_distributed:
+            set_rng_state(state["rng"])
+        elif ranks is not None and len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank])
+        else:  # saved by a run with another number of processes
+            self._seed_rank("resume", start)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -187,7 +259,10 @@ class Stage:
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
+        self._use_sync_bn(model)
         self.setup(model)
+        train_model = self.parallel_model(model)
+        dctx = self.dist
         constant = self.settings.get("lr_schedule", "cosine") == "constant"
         schedule = CosineSchedule(self.optimizers, self.period,
                                   1.0 if constant else ctx.config["optim"]["eta_min_ratio"])
@@ -197,20 +272,25 @@ class Stage:
                 optimizer.load_state_dict(saved)
             schedule.load_state_dict(state["scheduler"])
             self.load_extra_state(state)
-            set_rng_state(state["rng"])
             start = int(state["iteration"])
+            self._restore_rng(state, start)
             self.skipped_steps = int(state.get("skipped_steps", 0))
+        else:
+            self._seed_rank()
         last_saved = start if state is not None else None
 
         def save(iteration: int, complete: bool) -> None:
             nonlocal last_saved
             self.seconds = seconds_before + time.perf_counter() - started
-            save_checkpoint(self.checkpoint_path, checkpoint_state(
-                model, stage=self.name, method=self.method, iteration=iteration,
-                complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
-                scheduler=schedule.state_dict(), rng=rng_state(), seconds=self.seconds,
-                total_iterations=self.total, skipped_steps=self.skipped_steps,
-                **self.extra_state()))
+            rng = rng_state()
+            per_rank = {"rng_ranks": dctx.all_gather_object(rng)} if dctx.is_distributed else {}
+            if dctx.is_main:
+                save_checkpoint(self.checkpoint_path, checkpoint_state(
+                    model, stage=self.name, method=self.method, iteration=iteration,
+                    complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
+                    scheduler=schedule.state_dict(), rng=rng, seconds=self.seconds,
+                    total_iterations=self.total, skipped_steps=self.skipped_steps,
+                    **per_rank, **self.extra_state()))
             last_saved = iteration
 
         runtime = ctx.runtime
@@ -221,13 +301,13 @@ class Stage:
         from tqdm import tqdm
 
         with tqdm(total=self.total, initial=start, desc=self.name, unit="it",
-                  disable=not runtime["progress"], dynamic_ncols=True) as bar:
+                  disable=not (runtime["progress"] and dctx.is_main), dynamic_ncols=True) as bar:
             for iteration in range(start, self.total):
                 lr = schedule.step(iteration)
                 self.log_images_now = ctx.writer is not None and \
                     (iteration + 1) % runtime["image_every"] == 0
                 try:
-                    parts = self.step(model, iteration)
+                    parts = self.step(train_model, iteration)
                 except NonFiniteLoss as skipped:
                     streak += 1
                     self._skip_step(model, iteration, skipped, streak, max_nonfinite, last_saved)
@@ -238,7 +318,7 @@ class Stage:
                     since_log += 1
                 done = iteration + 1
                 if since_log and (done % runtime["log_every"] == 0 or done == self.total):
-                    means = {key: float(value) / since_log for key, value in sums.items()}
+                    means = self._mean_over_ranks(sums, since_log)
                     self._log_scalars(means, lr, done)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
                     sums, since_log = {}, 0
@@ -250,8 +330,26 @@ class Stage:
                 if done % runtime["checkpoint_every"] == 0 and done < self.total and not streak:
                     save(done, complete=False)
                 ctx.count("iterations")
+        # Each rank's last forward left its own BatchNorm running statistics (DDP broadcasts
+        # rank 0's only at the start of a forward; the parameters agree, DDP having averaged
+        # the gradients): every rank now takes rank 0's, which are checkpointed, before the
+        # stage is evaluated on all ranks.
+        with torch.no_grad():
+            dctx.broadcast_(list(model.buffers()))
         save(self.total, complete=True)
+        # The next stage (and the evaluation's result.json) reads the checkpoint rank 0 wrote.
+        dctx.barrier()
         return model
+
+    def _mean_over_ranks(self, sums: Mapping[str, torch.Tensor], count: int) -> Dict[str, float]:
+        """{name: sum / count}, averaged over the ranks in a distributed run (one collective);
+        every rank has the same names, in the same order."""
+        if not self.dist.is_distributed:
+            return {key: float(value) / count for key, value in sums.items()}
+        values = torch.stack([value.detach().reshape(()).float() for value in sums.values()])
+        self.dist.all_reduce_(values)
+        scale = count * self.dist.world_size
+        return {key: value / scale for key, value in zip(sums, values.cpu().tolist())}
 
     def _skip_step(self, model: nn.Module, iteration: int, skipped: NonFiniteLoss, streak: int,
                    limit: int, last_saved: Optional[int]) -> None:
@@ -265,8 +363,9 @@ class Stage:
                  if last_saved is not None else
                  f"no checkpoint of {self.name} was written; it will start over")
         losses = ", ".join(f"{name} = {value}" for name, value in skipped.losses.items())
-        buffers_finite = all(bool(torch.isfinite(buffer).all()) for buffer in model.buffers()
-                             if buffer.is_floating_point())
+        buffers_finite = not self.dist.any(not all(
+            bool(torch.isfinite(buffer).all()) for buffer in model.buffers()
+            if buffer.is_floating_point()))
         if not buffers_finite:
             raise NonFiniteLossError(
                 f"stage {self.name}, iteration {iteration + 1}: {losses}, and the forward pass "

@@ -4,11 +4,16 @@
 IAST, AdaptSegNet and CBST/CRST/TPLD (SPEC section 4). Its forward returns logits at 1/8 of the
 input resolution (321 -> 41); callers upsample (the fastst ops fuse that into the loss or the
 pseudo-labelling). With ResNet-101 and 19 classes it has 43,901,068 parameters.
+
+``MultiLevelDeepLabV2(model)`` adds AdaptSegNet's auxiliary ASPP classifier on layer3 for
+multi-level adversarial training, around an unchanged ``DeepLabV2``: the plain model's
+parameters, state_dict keys and checkpoints are those of ``model`` itself, and the auxiliary
+head is a separate module (the warm-up saves it next to the model, never inside it).
 """
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,7 +21,7 @@ from torch import nn
 from fastst.checkpoint import CHECKPOINT_FORMAT, load_state_dict_checked, read_torch_file
 from fastst.models.resnet import RESNET_SPECS, build_resnet
 
-__all__ = ["ASPPClassifier", "DeepLabV2", "deeplabv2"]
+__all__ = ["ASPPClassifier", "DeepLabV2", "MultiLevelDeepLabV2", "deeplabv2"]
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 
@@ -74,12 +79,7 @@ class DeepLabV2(nn.Module):
         """x: float (B, 3, H, W), ImageNet-normalised RGB, any memory format ->
         logits (B, num_classes, ceil(H/8), ceil(W/8)) in x's dtype (the autocast dtype under
         autocast)."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError("DeepLabV2 expects images of shape (B, 3, H, W), "
-                             f"got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"DeepLabV2 expects floating-point images, got {x.dtype}; convert "
-                            "and normalise them first (ImageNet mean/std)")
+        _check_images(x)
         return self.classifier(self.backbone(x))
 
     def param_groups(self, lr: float) -> List[Dict[str, Any]]:
@@ -99,6 +99,68 @@ class DeepLabV2(nn.Module):
                 for param in (module.weight, module.bias):
                     if param is not None:
                         param.requires_grad_(not frozen)
+        return self
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"DeepLabV2 expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"DeepLabV2 expects floating-point images, got {x.dtype}; convert "
+                        "and normalise them first (ImageNet mean/std)")
+
+
+class MultiLevelDeepLabV2(nn.Module):
+    """A ``DeepLabV2`` plus AdaptSegNet's auxiliary classifier on the layer3 features.
+
+    AdaptSegNet's multi-level model (Tsai et al., CVPR 2018) predicts twice: an ASPP classifier
+    on layer3 (``aux_classifier``, same dilations and N(0, 0.01) init as the main one, on
+    ``backbone.out_channels // 2`` channels: 1024 for ResNet-101) and the model's own on layer4.
+    The wrapped model is used as it is, so it can be checkpointed alone with
+    ``fastst.checkpoint.checkpoint_state(wrapper.model)`` and loaded into a plain
+    ``DeepLabV2``; the auxiliary classifier is drawn from the global torch RNG when built.
+
+    Attributes:
+        model: the wrapped ``DeepLabV2`` (its forward still returns the main logits only).
+        aux_classifier: the ``ASPPClassifier`` on layer3.
+        model_config: ``model.model_config``.
+    """
+
+    def __init__(self, model: DeepLabV2) -> None:
+        super().__init__()
+        if not isinstance(model, DeepLabV2):
+            raise TypeError(f"MultiLevelDeepLabV2 wraps a fastst DeepLabV2, got "
+                            f"{type(model).__name__}")
+        self.model = model
+        # layer4 doubles layer3's channels in every ResNet (planes 4w -> 8w, same expansion).
+        self.aux_classifier = ASPPClassifier(model.backbone.out_channels // 2,
+                                             model.model_config["num_classes"])
+
+    @property
+    def model_config(self) -> Dict[str, Any]:
+        return self.model.model_config
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: float (B, 3, H, W), ImageNet-normalised -> (aux_logits, logits), both
+        (B, num_classes, ceil(H/8), ceil(W/8)) in x's dtype (or the autocast dtype); ``logits``
+        equals ``model(x)``."""
+        _check_images(x)
+        net = self.model.backbone
+        features = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        layer3 = net.layer3(net.layer2(net.layer1(features)))
+        return self.aux_classifier(layer3), self.model.classifier(net.layer4(layer3))
+
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
+        """The model's groups (backbone at ``lr``, head at ``10 * lr``) with the auxiliary
+        classifier in the head group, as AdaptSegNet's ``optim_parameters`` (layer5 and layer6
+        at 10x)."""
+        backbone, head = self.model.param_groups(lr)
+        aux = list(self.aux_classifier.parameters())
+        return [backbone, {**head, "params": head["params"] + aux}]
+
+    def freeze_bn_affine(self, frozen: bool = True) -> "MultiLevelDeepLabV2":
+        """``model.freeze_bn_affine(frozen)`` (the auxiliary classifier has no BatchNorm)."""
+        self.model.freeze_bn_affine(frozen)
         return self
 
 

@@ -155,6 +155,14 @@ class ClassBalancedThresholds:
         self._counts = counts if self._counts is None else self._counts + counts
         self._append(values, classes)
 
+    def kept(self) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(values float32 (n,), classes uint8 (n,)): the subsampled max probabilities kept so
+        far and their argmax classes (views of the accumulator's buffers; empty before the
+        first batch). What several processes merge to get the thresholds of their union."""
+        if self._values is None:
+            return torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.uint8)
+        return self._values[: self._size], self._classes[: self._size]
+
     def class_counts(self) -> torch.Tensor:
         """Pixels per argmax class over every batch so far, not subsampled: int64 (C,)."""
         if self._counts is None:

@@ -1,0 +1,226 @@
+"""The sweeps of the IAST paper's Tables 3, 4, 5, 8 and 9, as runs of ``fastst.train`` pipelines:
+``python -m fastst.experiments TABLE``.
+
+    python -m fastst.experiments table5                      # on the synthetic demo (CPU)
+    python -m fastst.experiments table9 --preset iast_gta5 data.source.root=/data/GTA5 ...
+    python -m fastst.experiments table8 --preset iast_semi_cityscapes
+
+TABLE is one of:
+  table3  lambda_ent (lambda_i) in 0.5..5 at lambda_kld 0.1, lambda_kld 0.05/0.15 at lambda_ent 3
+  table4  gamma in 0, 1, 4, 8, 16 (beta 1): first round's labelled proportion and P-mIoU, mIoU
+  table5  the ablation: source, warm-up, + constant-threshold ST, + IAS, + R_c, + R_i
+  table8  semi-supervised: 1/8, 1/4, 1/2 of the target labelled (baseline and IAST), and full
+  table9  IAST over other warm-ups: AdaptSegNet (multi-level), AdvEnt, none (from source-only)
+
+Each variant is a pipeline of the base preset (``--preset``: ``demo`` for tables 3, 4, 5, 9 and
+``demo_semi`` for table 8 by default, i.e. the synthetic domains on a CPU; ``iast_gta5`` /
+``iast_synthia`` / ``iast_semi_cityscapes`` give the released settings) with the variant's
+overrides, run in DIR/<table>/<variant>/ (DIR: ``--out``, default runs/experiments). Stages that
+variants share (source-only, warm-up) are trained once: every variant reuses them from the
+earlier variants' directories (``runtime.reuse_from``). Reruns resume and skip finished variants.
+The table is printed and written to DIR/<table>/results.md and results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from fastst.atomic import atomic_write, write_json_atomic
+from fastst.config import ConfigError, load_config
+
+__all__ = ["Variant", "TABLES", "table_variants", "run_table", "main"]
+
+
+@dataclass
+class Variant:
+    """One row of a table: its name, its overrides of the base preset, and the columns read
+    from the finished run (``columns(results by stage name) -> {column: value}``)."""
+    name: str
+    overrides: List[str] = field(default_factory=list)
+    columns: Optional[Callable[[Mapping[str, Mapping[str, Any]]], Dict[str, Any]]] = None
+
+
+def _rounds(config: Mapping[str, Any]) -> List[str]:
+    return [s for s in config["pipeline"] if config["stages"][s]["method"] == "iast"]
+
+
+def _pipeline(stages: Sequence[str]) -> str:
+    return "pipeline=[" + ", ".join(stages) + "]"
+
+
+def _each_round(config, **settings) -> List[str]:
+    return [f"stages.{name}.{key}={value}" for name in _rounds(config)
+            for key, value in settings.items()]
+
+
+def _final(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    last = list(results.values())[-1]
+    return {"mIoU": last["target_miou"]}
+
+
+def _miou_of(stage: str):
+    return lambda results: {"mIoU": results[stage]["target_miou"]}
+
+
+def _table3(config) -> List[Variant]:
+    rows = [(lambda_ent, 0.1) for lambda_ent in (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)]
+    rows += [(3.0, 0.05), (3.0, 0.15)]
+    return [Variant(f"lambda_i={i} lambda_c={c}",
+                    _each_round(config, lambda_ent=i, lambda_kld=c), _final) for i, c in rows]
+
+
+def _table4(config) -> List[Variant]:
+    first = _rounds(config)[0]
+
+    def columns(results):
+        quality = (results[first].get("pseudo") or {}).get("quality") or {}
+        return {"proportion": quality.get("labelled_proportion"), "P-mIoU": quality.get("p_miou"),
+                **_final(results)}
+
+    return [Variant(f"gamma={gamma}", [f"pseudo.gamma={gamma}", "pseudo.beta=1.0"]
+                    + _each_round(config, alpha=0.2), columns)
+            for gamma in (0.0, 1.0, 4.0, 8.0, 16.0)]
+
+
+def _table5(config) -> List[Variant]:
+    rounds = _rounds(config)
+    full = {name: config["stages"][name] for name in rounds}
+    head = [s for s in config["pipeline"] if s not in rounds]
+    off = _each_round(config, lambda_kld=0.0, lambda_ent=0.0)
+    return [
+        Variant("source", [_pipeline(head[:1])], _final),
+        Variant("warm-up", [_pipeline(head)], _final),
+        Variant("+ constant ST", off + _each_round(config, selector="constant"), _final),
+        Variant("+ IAS", off + _each_round(config, selector="ias"), _final),
+        Variant("+ R_c", _each_round(config, selector="ias", lambda_ent=0.0)
+                + [f"stages.{n}.lambda_kld={full[n]['lambda_kld']}" for n in rounds], _final),
+        Variant("+ R_i", _each_round(config, selector="ias"), _final),
+    ]
+
+
+def _table8(config) -> List[Variant]:
+    rounds = _rounds(config)
+    variants = []
+    for label, fraction in (("1/8", 0.125), ("1/4", 0.25), ("1/2", 0.5)):
+        subset = [f"data.source.subset.fraction={fraction}",
+                  f"data.target.subset.fraction={fraction}"]
+        variants.append(Variant(label, subset, lambda results: {
+            "baseline": results["source_only"]["target_miou"],
+            "IAST": list(results.values())[-1]["target_miou"]}))
+    variants.append(Variant("full", ["data.source.subset=null", "data.target.subset=null",
+                                     _pipeline([s for s in config["pipeline"]
+                                                if s not in rounds])],
+                            lambda results: {"baseline": results["source_only"]["target_miou"],
+                                             "IAST": None}))
+    return variants
+
+
+def _table9(config) -> List[Variant]:
+    rounds = _rounds(config)
+    warmups = [s for s in config["pipeline"] if config["stages"][s]["method"] == "warmup"]
+    if not warmups:
+        raise ConfigError("table9 needs a base preset with a warm-up stage (e.g. demo, iast_gta5)")
+    warmup = warmups[0]
+
+    def columns(base_stage):
+        return lambda results: {"base": results[base_stage]["target_miou"],
+                                "+IAST": list(results.values())[-1]["target_miou"]}
+
+    no_warmup = [s for s in config["pipeline"] if s != warmup]
+    return [
+        Variant("output-space AT", [f"stages.{warmup}.variant=output"], columns(warmup)),
+        # Each method with its released adversarial weights (AdaptSegNet: 0.001 / 0.0002 and a
+        # 4x4 first discriminator layer; AdvEnt: 0.001).
+        Variant("AdaptSegNet", [f"stages.{warmup}.variant=multilevel",
+                                f"stages.{warmup}.lambda_adv=0.001",
+                                f"stages.{warmup}.lambda_adv_aux=0.0002",
+                                f"stages.{warmup}.d_first_kernel=4"], columns(warmup)),
+        Variant("AdvEnt", [f"stages.{warmup}.variant=advent", f"stages.{warmup}.lambda_adv=0.001"],
+                columns(warmup)),
+        Variant("source (no warm-up)", [_pipeline(no_warmup)], columns(no_warmup[0])),
+    ] if rounds else []
+
+
+TABLES: Dict[str, Callable[[Mapping[str, Any]], List[Variant]]] = {
+    "table3": _table3, "table4": _table4, "table5": _table5, "table8": _table8,
+    "table9": _table9}
+DEFAULT_PRESETS = {"table8": "demo_semi"}
+
+
+def table_variants(table: str, preset: Optional[str] = None,
+                   overrides: Sequence[str] = ()) -> List[Variant]:
+    """The variants of ``table`` over ``preset`` (its default when None) with ``overrides``."""
+    if table not in TABLES:
+        raise ConfigError(f"unknown table {table!r}; valid tables: {', '.join(TABLES)}")
+    base = load_config(preset or DEFAULT_PRESETS.get(table, "demo"), list(overrides))
+    return TABLES[table](base)
+
+
+def run_table(table: str, out_dir, *, preset: Optional[str] = None,
+              overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Run every variant of ``table`` (resuming finished ones) and write results.md/.json in
+    ``out_dir/<table>``; returns {"table", "preset", "rows": [{"variant", columns...}]}."""
+    from fastst.train import run_pipeline
+
+    preset = preset or DEFAULT_PRESETS.get(table, "demo")
+    variants = table_variants(table, preset, overrides)
+    table_dir = Path(out_dir) / table
+    rows = []
+    earlier: List[str] = []
+    for index, variant in enumerate(variants):
+        run_dir = table_dir / f"{index}_{_slug(variant.name)}"
+        reuse = [f"runtime.reuse_from={json.dumps(earlier)}"] if earlier else []
+        config = load_config(preset, list(overrides) + variant.overrides + reuse)
+        summary = run_pipeline(config, run_dir)
+        results = {stage["name"]: stage for stage in summary["stages"]}
+        rows.append({"variant": variant.name, **variant.columns(results)})
+        earlier.append(str(run_dir))
+    report = {"table": table, "preset": preset, "overrides": list(overrides), "rows": rows}
+    write_json_atomic(report, table_dir / "results.json")
+    with atomic_write(table_dir / "results.md", "w") as handle:
+        handle.write(format_rows(report) + "\n")
+    return report
+
+
+def format_rows(report: Mapping[str, Any]) -> str:
+    """A markdown table of ``report["rows"]``; fractions shown in percent."""
+    rows = report["rows"]
+    columns = [key for key in rows[0] if key != "variant"] if rows else []
+    lines = [f"{report['table']} on preset {report['preset']}", "",
+             "| variant | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["-" if row[c] is None else f"{100 * row[c]:.2f}" for c in columns]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastst.experiments",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", help=", ".join(TABLES))
+    parser.add_argument("--preset", default=None, help="base preset (default: demo; demo_semi "
+                        "for table8)")
+    parser.add_argument("--out", default="runs/experiments", help="output directory")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides applied to every variant")
+    args = parser.parse_args(argv)
+    try:
+        report = run_table(args.table, args.out, preset=args.preset, overrides=args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    print(format_rows(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

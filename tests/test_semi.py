@@ -1,0 +1,77 @@
+"""Semi-supervised mode: the seeded labelled/unlabelled split of the target train set
+(data.*.subset), recorded in DIR/semi_split.json, reproducible by seed, and a pipeline that trains
+CE on the labelled part and IAS rounds on the rest."""
+import json
+
+import pytest
+
+from fastst import train
+from fastst.config import ConfigError, load_config
+from fastst.methods.datasets import build_role, split_indices
+from test_train import fixture_root, restore_threads, tiny_overrides  # noqa: F401
+
+
+def test_split_is_a_seeded_partition():
+    labelled, unlabelled = split_indices(100, 0.125, 0)
+    assert len(labelled) == 12 and len(unlabelled) == 88
+    assert sorted(labelled + unlabelled) == list(range(100))
+    assert split_indices(100, 0.125, 0) == (labelled, unlabelled)
+    assert split_indices(100, 0.125, 1)[0] != labelled
+    # A larger fraction of the same seed keeps the smaller one's labelled images.
+    assert set(labelled) <= set(split_indices(100, 0.25, 0)[0])
+
+
+def semi_overrides(root, seed=0, fraction=0.5):
+    cityscapes = root / "cityscapes"
+    return tiny_overrides(root, stages=("source_only", "round1"), **{
+        "pipeline": "[source_only, round1]", "runtime.tensorboard": "false",
+        "data.source.dataset": "cityscapes", "data.source.root": cityscapes,
+        "data.source.crop_height_range": "[24, 32]",
+        "data.source.subset": f"{{fraction: {fraction}, seed: {seed}, part: labelled}}",
+        "data.target.subset": f"{{fraction: {fraction}, seed: {seed}, part: unlabelled}}",
+        "stages.round1.source_weight": 1.0})
+
+
+def test_semi_pipeline_records_a_reproducible_split(fixture_root, tmp_path):
+    config = load_config("iast_gta5", semi_overrides(fixture_root))
+    summary = train.run_pipeline(config, tmp_path / "a")
+    assert [s["name"] for s in summary["stages"]] == ["source_only", "round1"]
+    split = json.loads((tmp_path / "a" / "semi_split.json").read_text())
+    labelled, unlabelled = split["source"]["names"], split["target"]["names"]
+    assert len(labelled) == 3 and len(unlabelled) == 3 and not set(labelled) & set(unlabelled)
+    everything = build_role(load_config("iast_gta5", tiny_overrides(fixture_root)), "target")
+    assert sorted(labelled + unlabelled) == sorted(everything[i]["name"]
+                                                   for i in range(len(everything)))
+    manifest = json.loads((tmp_path / "a" / "round1" / "pseudo" / "manifest.json").read_text())
+    assert sorted(image["name"] for image in manifest["images"]) == sorted(unlabelled)
+
+    again = load_config("iast_gta5", semi_overrides(fixture_root))
+    train.run_pipeline(again, tmp_path / "b", stages=["source_only"])
+    assert json.loads((tmp_path / "b" / "semi_split.json").read_text()) == split
+    other = load_config("iast_gta5", semi_overrides(fixture_root, seed=3))
+    train.run_pipeline(other, tmp_path / "c", stages=["source_only"])
+    assert json.loads((tmp_path / "c" / "semi_split.json").read_text()) != split
+
+
+def test_labelled_items_carry_their_labels(fixture_root):
+    config = load_config("iast_gta5", semi_overrides(fixture_root))
+    source = build_role(config, "source")
+    assert all((source[i]["label"] != 255).any() for i in range(len(source)))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{fraction: 0, seed: 0, part: labelled}", "fraction must be a finite number > 0"),
+    ("{fraction: 0.5, seed: 0, part: some}", "part must be one of labelled, unlabelled"),
+    ("{fraction: 0.5}", "subset must be null or {fraction"),
+])
+def test_bad_subsets_are_rejected(value, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{")):
+        load_config("demo_semi", [f"data.source.subset={value}"])
+
+
+def test_demo_semi_preset_splits_the_synthetic_target():
+    config = load_config("demo_semi")
+    assert config["data"]["source"]["domain"] == "target"
+    assert config["data"]["source"]["subset"]["part"] == "labelled"
+    assert all(config["stages"][s]["source_weight"] == 1.0 for s in ("round1", "round2",
+                                                                      "round3"))
