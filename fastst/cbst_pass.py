@@ -134,9 +134,13 @@ def _check_scales(scales: object) -> List[float]:
 
 
 def _settings(model, dataset, *, portion, scales, flip, subsample, vote, batch_size,
-              mine_portion) -> Dict[str, Any]:
+              mine_portion, threshold) -> Dict[str, Any]:
     """The validated settings, as they are stored in the state and the manifest."""
     portion = check_real("portion", portion, low=0.0, high=1.0)
+    if threshold is not None:
+        threshold = check_real("threshold", threshold, low=0.0, high=1.0)
+        if threshold <= 0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     scales = _check_scales(scales)
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be a bool, got {flip!r}")
@@ -160,14 +164,14 @@ def _settings(model, dataset, *, portion, scales, flip, subsample, vote, batch_s
     return {"portion": portion, "scales": scales, "flip": flip, "subsample": subsample,
             "vote": vote, "batch_size": batch_size, "num_images": num_images,
             "num_classes": num_classes, "mine_portion": mine_portion,
-            "size": [int(image.shape[1]), int(image.shape[2])]}
+            "size": [int(image.shape[1]), int(image.shape[2])], "threshold": threshold}
 
 
 def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, portion: float,
               scales: Sequence[float] = (0.9,), flip: bool = True, subsample: int = 4,
               vote: Optional[Mapping[str, Any]] = None, batch_size: int = 2,
               colour: bool = False, mine_portion: float = 1e-3,
-              tag: str = "pseudo") -> Dict[str, Any]:
+              threshold: Optional[float] = None, tag: str = "pseudo") -> Dict[str, Any]:
     """Label every image of ``dataset`` with class-balanced thresholds and write the labels and
     the manifest under ``out_dir``; returns the manifest (see the module docstring).
 
@@ -180,6 +184,9 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
     vote: None (confident labels) or {"window", "weight", "iterations"} for ``tpld_vote``.
     mine_portion: classes below this share of the argmax pixels are listed in "mine_classes".
     colour: also write palette PNGs for viewing. tag: TensorBoard prefix.
+    threshold: None, or one threshold in (0, 1] for every class instead of the class-balanced
+        ones (IAST's constant-threshold self-training: labels argmax p where p / threshold >= 1);
+        pass 1 is skipped, and class_counts / mine_classes are then empty.
 
     Pass 1 is not checkpointed: a kill during it redoes it (its stored values can take GBs);
     a kill in pass 2 resumes after pass 1 from out_dir/state.pt."""
@@ -187,7 +194,7 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
     label_dir = out_dir / LABEL_DIR
     settings = _settings(model, dataset, portion=portion, scales=scales, flip=flip,
                          subsample=subsample, vote=vote, batch_size=batch_size,
-                         mine_portion=mine_portion)
+                         mine_portion=mine_portion, threshold=threshold)
     dctx = distributed.current()
     # Rank 0 reads the files and tells the others, so that every rank takes the same decision.
     manifest = read_cbst_manifest(out_dir) if dctx.is_main else None
@@ -208,8 +215,13 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
     was_training = model.training
     model.eval()
     try:
-        if state is None:
+        if state is None and threshold is not None:
+            lambdas = torch.full((settings["num_classes"],), settings["threshold"],
+                                 dtype=torch.float32)
+            class_counts = torch.zeros(0, dtype=torch.int64)
+        elif state is None:
             lambdas, class_counts = _thresholds(model, dataset, ctx, settings, tag)
+        if state is None:
             state = {"settings": settings, "lambdas": lambdas.cpu(),
                      "class_counts": class_counts.cpu(), "done": 0, "names": [],
                      "confidences": torch.zeros(0, dtype=torch.float64),

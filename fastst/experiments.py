@@ -170,7 +170,8 @@ def run_table(table: str, out_dir, *, preset: Optional[str] = None,
     variants = table_variants(table, preset, overrides)
     table_dir = Path(out_dir) / table
     rows = []
-    earlier: List[str] = []
+    given = load_config(preset, list(overrides))["runtime"]["reuse_from"]
+    earlier: List[str] = [] if given is None else [given] if isinstance(given, str) else list(given)
     for index, variant in enumerate(variants):
         run_dir = table_dir / f"{index}_{_slug(variant.name)}"
         reuse = [f"runtime.reuse_from={json.dumps(earlier)}"] if earlier else []
@@ -213,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="runs/experiments", help="output directory")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides applied to every variant")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --out / --preset
     try:
         report = run_table(args.table, args.out, preset=args.preset, overrides=args.overrides)
     except ConfigError as error:

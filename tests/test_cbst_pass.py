@@ -166,7 +166,8 @@ def test_pass_equals_the_ops_by_hand_and_writes_a_manifest(model, dataset, tmp_p
 
     assert manifest["settings"] == {**{k: v for k, v in OPTIONS.items() if k != "scales"},
                                     "scales": [0.9, 1.0], "vote": VOTE,
-                                    "num_images": NUM_IMAGES, "num_classes": C, "size": [H, W]}
+                                    "num_images": NUM_IMAGES, "num_classes": C, "size": [H, W],
+                                    "threshold": None}
     assert manifest["format"] == "fastst-cbst-pseudo-v1" and manifest["complete"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
     assert read_cbst_manifest(tmp_path / "out") == manifest
@@ -196,6 +197,29 @@ def test_without_vote_the_labels_are_the_confident_map(model, dataset, tmp_path)
     assert manifest["settings"]["vote"] is None
     assert manifest["density"] == manifest["density_confident"]
     assert manifest["labelled_fraction"] == manifest["labelled_fraction_confident"]
+
+
+def test_a_fixed_threshold_labels_every_class_alike_without_pass_one(model, dataset, tmp_path,
+                                                                     monkeypatch):
+    """IAST's constant-threshold selector: every lambda is the threshold, pass 1 never runs."""
+    def no_pass_one(*args, **kwargs):
+        raise AssertionError("pass 1 must not run with a fixed threshold")
+
+    monkeypatch.setattr(cbst_pass_module, "_thresholds", no_pass_one)
+    manifest = run(model, dataset, tmp_path / "out", context(tmp_path), threshold=0.5)
+    batches, _, _ = by_hand(model, dataset, **OPTIONS)
+    lambdas = torch.full((C,), 0.5)
+    names = [f"img_{i}" for i in range(NUM_IMAGES)]
+    expected = torch.cat([cbst_pseudo_label(p, lambdas) for p in batches]).numpy()
+    np.testing.assert_array_equal(read_labels(tmp_path / "out", names), expected)
+    direct = torch.cat([torch.where(p.max(1).values >= 0.5, p.argmax(1), 255) for p in batches])
+    np.testing.assert_array_equal(expected, direct.numpy())
+    assert 0 < manifest["labelled_fraction"] < 1
+    assert manifest["lambdas"] == [0.5] * C and manifest["settings"]["threshold"] == 0.5
+    assert manifest["class_counts"] == [] and manifest["mine_classes"] == []
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="threshold"):
+            run(model, dataset, tmp_path / "bad", context(tmp_path), threshold=bad)
 
 
 def test_mine_classes_rule():

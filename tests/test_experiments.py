@@ -52,3 +52,13 @@ def test_table4_runs_on_fixtures_and_reuses_shared_stages(fixture_root, tmp_path
     on_disk = json.loads((tmp_path / "table4" / "results.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(rows))
     assert "| gamma=8.0 |" in (tmp_path / "table4" / "results.md").read_text()
+
+
+def test_cli_takes_overrides_after_options_and_rejects_bad_tables(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main(["table7", "--out", str(tmp_path), "runtime.progress=false"])
+    assert exit_info.value.code == 2
+    assert "valid tables" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        experiments.main(["table5", "--out", str(tmp_path), "no.such.key=1"])
+    assert "unknown key 'no.such.key'" in capsys.readouterr().err

@@ -17,7 +17,6 @@ from fastst.data.pseudo_label import pseudo_label_path
 from fastst.methods import iast, warmup
 from fastst.methods.context import StopRequested
 from fastst.methods.datasets import build_role
-from fastst.methods.iast import CONSTANT_MANIFEST_FORMAT, constant_pseudo_label
 from fastst.methods.warmup import (adversarial_loss, class_probabilities, discriminator_input,
                                    discriminator_loss, resolve_gan)
 from fastst.models import FCDiscriminator, deeplabv2
@@ -252,14 +251,14 @@ def test_constant_selector_straight_after_source_only(fixture_root, tmp_path):
     out = tmp_path / "run" / "round1"
 
     manifest = json.loads((out / "pseudo" / "manifest.json").read_text())
-    assert manifest["format"] == CONSTANT_MANIFEST_FORMAT and manifest["complete"]
+    assert manifest["format"] == "fastst-cbst-pseudo-v1" and manifest["complete"]
     assert manifest["settings"]["threshold"] == threshold
     assert [image["name"] for image in manifest["images"]] == names
     labels = _read_labels(out / "pseudo" / "labels", names)
     expected = torch.where(confidence.double() >= threshold, probs.argmax(dim=1),
                            torch.full_like(probs.argmax(dim=1), 255)).to(torch.uint8)
     assert torch.equal(labels, expected)
-    assert torch.equal(constant_pseudo_label(probs, threshold), expected)
+    assert torch.equal(cbst_pseudo_label(probs, torch.full((NUM_CLASSES,), threshold)), expected)
     labelled = (expected != 255).double().mean().item()
     assert 0.3 < labelled < 0.7
     assert manifest["labelled_fraction"] == pytest.approx(labelled)
@@ -333,7 +332,7 @@ def test_ablation_rounds_switch_selector_and_regularisers(fixture_root, tmp_path
         assert loss == pytest.approx(ce + lambda_kld * kld + lambda_ent * ent, rel=1e-6)
         if lambda_kld == lambda_ent == 0:
             assert loss == ce
-    formats = {"ias": "fastst-pseudo-v1", "constant": CONSTANT_MANIFEST_FORMAT,
+    formats = {"ias": "fastst-pseudo-v1", "constant": "fastst-cbst-pseudo-v1",
                "cbst": "fastst-cbst-pseudo-v1"}
     for name in stages[1:]:
         result = {s["name"]: s for s in summary["stages"]}[name]["pseudo"]
@@ -344,19 +343,6 @@ def test_ablation_rounds_switch_selector_and_regularisers(fixture_root, tmp_path
         assert manifest["format"] == formats[selector]
         labels = sorted((tmp_path / "run" / name / "pseudo" / "labels").glob("*.png"))
         assert len(labels) == 6 and Image.open(labels[0]).size == (32, 16)
-
-
-def test_constant_pseudo_label_rejects_bad_input():
-    probs = torch.softmax(torch.randn(1, 3, 2, 2), dim=1)
-    for threshold in (0.0, 1.5, float("nan"), True):
-        with pytest.raises(ValueError, match="threshold must be a number in"):
-            constant_pseudo_label(probs, threshold)
-    with pytest.raises(ValueError, match="probs must be a float"):
-        constant_pseudo_label(probs[0], 0.5)
-    one = constant_pseudo_label(torch.tensor([[[[0.5]], [[0.5]]]]), 1.0)
-    assert one.tolist() == [[[255]]]
-    tie = constant_pseudo_label(torch.tensor([[[[0.5]], [[0.5]]]]), 0.5)
-    assert tie.dtype == torch.uint8 and tie.tolist() == [[[0]]], "ties: the lowest class"
 
 
 # --- configuration --------------------------------------------------------------------------
