@@ -62,6 +62,14 @@ def _final(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     return {"mIoU": last["target_miou"]}
 
 
+def _rounds_columns(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The first round's mIoU and P-mIoU beside the final mIoU (None before any round)."""
+    rounds = [r for r in results.values() if r.get("method") == "iast"]
+    first = rounds[0] if rounds else {}
+    return {"round 1": first.get("target_miou"), "P-mIoU round 1": first.get("p_miou"),
+            **_final(results)}
+
+
 def _miou_of(stage: str):
     return lambda results: {"mIoU": results[stage]["target_miou"]}
 
@@ -92,13 +100,14 @@ def _table5(config) -> List[Variant]:
     head = [s for s in config["pipeline"] if s not in rounds]
     off = _each_round(config, lambda_kld=0.0, lambda_ent=0.0)
     return [
-        Variant("source", [_pipeline(head[:1])], _final),
-        Variant("warm-up", [_pipeline(head)], _final),
-        Variant("+ constant ST", off + _each_round(config, selector="constant"), _final),
-        Variant("+ IAS", off + _each_round(config, selector="ias"), _final),
+        Variant("source", [_pipeline(head[:1])], _rounds_columns),
+        Variant("warm-up", [_pipeline(head)], _rounds_columns),
+        Variant("+ constant ST", off + _each_round(config, selector="constant"), _rounds_columns),
+        Variant("+ IAS", off + _each_round(config, selector="ias"), _rounds_columns),
         Variant("+ R_c", _each_round(config, selector="ias", lambda_ent=0.0)
-                + [f"stages.{n}.lambda_kld={full[n]['lambda_kld']}" for n in rounds], _final),
-        Variant("+ R_i", _each_round(config, selector="ias"), _final),
+                + [f"stages.{n}.lambda_kld={full[n]['lambda_kld']}" for n in rounds],
+                _rounds_columns),
+        Variant("+ R_i", _each_round(config, selector="ias"), _rounds_columns),
     ]
 
 
