@@ -323,23 +323,29 @@ def _log_images(writer, tag: str, images: torch.Tensor, labels: torch.Tensor) ->
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastst.pseudo",
-        description="IAS pseudo labels for the target train set of a preset, from a checkpoint.")
+        description="Pseudo labels for the target train set of a preset, from a checkpoint, as a "
+                    "self-training stage of it makes them (IAS, constant or class-balanced "
+                    "selectors of IAST rounds; CBST/CRST rounds; TPLD phases with voting).")
     parser.add_argument("--checkpoint", required=True, help="fastst checkpoint (.pt) to label with")
     parser.add_argument("--preset", required=True, help="preset naming the target data set and "
-                        "the IAS settings (see python -m fastst.train --help)")
+                        "the pseudo-label settings (see python -m fastst.train --help)")
     parser.add_argument("--out", required=True, help="output directory (labels/, manifest.json)")
-    parser.add_argument("--stage", default=None, help="the IAST stage whose alpha and pseudo-label "
-                        "size to use (default: the first IAST stage of the pipeline)")
+    parser.add_argument("--stage", default=None, help="the self-training stage whose settings to "
+                        "use (default: the first one of the pipeline)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="configuration overrides, as for python -m fastst.train")
     return parser
 
 
+# The stage methods whose rounds make pseudo labels (each Stage class has ``label_pass``).
+LABELLING_METHODS = ("iast", "cbst", "tpld_phase1", "tpld_phase2")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from fastst.checkpoint import load_model
     from fastst.config import ConfigError, load_config
+    from fastst.methods import stage_class
     from fastst.methods.context import StopRequested, resolve_device
-    from fastst.methods.datasets import build_role
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -347,12 +353,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = load_config(args.preset, args.overrides)
     except ConfigError as error:
         parser.error(str(error))
-    rounds = [name for name in config["pipeline"] if config["stages"][name]["method"] == "iast"]
+    rounds = [name for name in config["pipeline"]
+              if config["stages"][name]["method"] in LABELLING_METHODS]
     stage = args.stage or (rounds[0] if rounds else None)
     if stage not in rounds:
-        parser.error(f"--stage must name an IAST stage of preset {args.preset!r}: "
+        parser.error(f"--stage must name a self-training stage of preset {args.preset!r}: "
                      f"{', '.join(rounds) or 'it has none'}; got {stage!r}")
-    settings = config["stages"][stage]
     try:
         device = resolve_device(config["runtime"]["device"])
         model = load_model(args.checkpoint, map_location="cpu")
@@ -365,15 +371,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = dctx.device
     model.to(device, memory_format=torch.channels_last if device.type == "cuda"
              and config["runtime"]["channels_last"] else torch.contiguous_format)
-    dataset = build_role(config, "target", resize=settings["pseudo_size"])
     ctx = RunContext(config=config, run_dir=Path(args.out), seed=config["seed"], device=device)
-    pseudo = config["pseudo"]
+    round_stage = stage_class(config["stages"][stage]["method"])(ctx, stage)
     try:
-        manifest = ias_pass(model, dataset, args.out, ctx, alpha=settings["alpha"],
-                            size=settings["pseudo_size"], beta=pseudo["beta"],
-                            gamma=pseudo["gamma"], mode=pseudo["mode"], group=pseudo["group"],
-                            batch_size=pseudo["batch_size"], order_seed=pseudo["order_seed"],
-                            colour=pseudo["colour"], tag=stage)
+        round_stage.manifest = round_stage.label_pass(model, args.out)
+        summary = round_stage.pseudo_summary()
     except StopRequested as stop:
         print(stop, file=sys.stderr)
         return 3
@@ -381,14 +383,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         distributed.shutdown()
     if not dctx.is_main:
         return 0
+    manifest = round_stage.manifest
+    # IAS: the EMA thresholds theta; class-balanced selectors and rounds: their lambdas.
+    thresholds = summary.get("theta") or summary["lambdas"]
     print(f"{manifest['settings']['num_images']} pseudo labels in {Path(args.out) / LABEL_DIR}; "
           f"{100 * manifest['labelled_fraction']:.1f}% of the pixels labelled")
     width = max(len(name) for name in manifest["class_names"]) + 2
-    print(f"{'class':<{width}}{'theta':>8}{'density %':>11}")
-    for name, theta, density in zip(manifest["class_names"], manifest["theta"],
-                                    manifest["density"]):
-        print(f"{name:<{width}}{theta:8.4f}{100 * density:11.2f}")
-    return 0 if all(math.isfinite(t) for t in manifest["theta"]) else 1
+    print(f"{'class':<{width}}{'threshold':>10}{'density %':>11}")
+    for name, threshold, density in zip(manifest["class_names"], thresholds,
+                                        manifest["density"]):
+        print(f"{name:<{width}}{threshold:10.4f}{100 * density:11.2f}")
+    return 0 if all(math.isfinite(t) for t in thresholds) else 1
 
 
 if __name__ == "__main__":

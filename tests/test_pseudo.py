@@ -157,7 +157,19 @@ def test_cli_labels_a_preset_target_set_from_a_checkpoint(model, target, tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["alpha"] == 0.25 and manifest["settings"]["size"] == [16, 32]
     assert len(list((out / "labels").glob("*_pseudo_label.png"))) == NUM_IMAGES
-    assert "theta" in capsys.readouterr().out
+    assert "threshold" in capsys.readouterr().out
+
+    # A TPLD phase-1 stage: its class-balanced pass with voting, as the round itself runs it.
+    voted = tmp_path / "voted"
+    code = pseudo.main(["--checkpoint", str(checkpoint), "--preset", "tpld_gta5", "--out",
+                        str(voted), "--stage", "phase1_2", f"data.target.root={target}",
+                        "stages.phase1_2.pseudo_size=[16, 32]", "runtime.workers=0",
+                        "runtime.progress=false", "runtime.threads=1"])
+    assert code == 0
+    manifest = json.loads((voted / "manifest.json").read_text())
+    assert manifest["format"] == "fastst-cbst-pseudo-v1" and manifest["settings"]["portion"] == 0.25
+    assert manifest["settings"]["vote"] == {"window": 7, "weight": 0.7, "iterations": 3}
+    assert len(list((voted / "labels").glob("*_pseudo_label.png"))) == NUM_IMAGES
 
     with pytest.raises(SystemExit):
         pseudo.main(["--checkpoint", str(checkpoint), "--preset", "iast_gta5", "--out",

@@ -158,9 +158,9 @@ def test_parts_are_detached_and_loss_carries_the_gradient(backend, device):
 
 def test_no_gradient_work_without_grad():
     logits, target = make_inputs(1, 4, 3, 3, 6, 6, seed=12)
-    parts, grad = region_loss_cpp(logits, target, 0.1, 3.0, IGNORE, 6, 6, True, False)
+    parts, grad = region_loss_cpp(logits, target, 0.1, 3.0, IGNORE, 6, 6, True, False, False)
     assert grad.numel() == 0
-    parts_g, grad_g = region_loss_cpp(logits, target, 0.1, 3.0, IGNORE, 6, 6, True, True)
+    parts_g, grad_g = region_loss_cpp(logits, target, 0.1, 3.0, IGNORE, 6, 6, True, False, True)
     assert torch.equal(parts, parts_g) and grad_g.shape == logits.shape
     with torch.no_grad():
         loss = region_loss(logits.requires_grad_(True), target)
@@ -180,9 +180,9 @@ def test_opcheck(op, device):
     logits, target = make_inputs(2, 3, 3, 4, 5, 7, seed=13)
     x = logits.to(device).clone().requires_grad_(True)
     t = target.to(device)
-    torch.library.opcheck(op, (x, t, 0.1, 3.0, IGNORE, 5, 7, True, True))
+    torch.library.opcheck(op, (x, t, 0.1, 3.0, IGNORE, 5, 7, True, True, True))
     torch.library.opcheck(op, (x.detach().to(torch.bfloat16), t.to(torch.uint8), 0.1, 3.0, IGNORE, 5, 7,
-                               False, False))
+                               False, False, False))
 
 
 @pytest.mark.parametrize("backend,device", _fused_backends())

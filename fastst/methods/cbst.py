@@ -59,15 +59,18 @@ class ClassBalancedRound(Stage):
             self.manifest = require_finished_pass(read_cbst_manifest(self.pseudo_dir),
                                                   self.pseudo_dir, self.checkpoint_path)
             return
+        self.manifest = self.label_pass(model, self.pseudo_dir)
+
+    def label_pass(self, model: nn.Module, out_dir) -> Dict[str, Any]:
+        """The round's class-balanced pass with ``model`` into ``out_dir`` (labels/ and
+        manifest.json); also what ``python -m fastst.pseudo`` runs for this stage."""
         settings, pseudo = self.settings, self.ctx.config["pseudo"]
         images = build_role(self.ctx.config, "target", resize=settings["pseudo_size"])
-        self.manifest = cbst_pass(model, images, self.pseudo_dir, self.ctx,
-                                  portion=settings["portion"],
-                                  scales=tuple(settings["pseudo_scales"]),
-                                  flip=settings["pseudo_flip"], subsample=settings["subsample"],
-                                  vote=self.vote(), batch_size=pseudo["batch_size"],
-                                  colour=pseudo["colour"],
-                                  mine_portion=settings.get("mine_portion", 1e-3), tag=self.name)
+        return cbst_pass(model, images, out_dir, self.ctx, portion=settings["portion"],
+                         scales=tuple(settings["pseudo_scales"]), flip=settings["pseudo_flip"],
+                         subsample=settings["subsample"], vote=self.vote(),
+                         batch_size=pseudo["batch_size"], colour=pseudo["colour"],
+                         mine_portion=settings.get("mine_portion", 1e-3), tag=self.name)
 
     def restore_finished(self, state) -> None:
         self.manifest = read_cbst_manifest(self.pseudo_dir)

@@ -78,24 +78,25 @@ class IASTRound(Stage):
             self.manifest = require_finished_pass(self.read_pseudo_manifest(), self.pseudo_dir,
                                                   self.checkpoint_path)
             return
+        self.manifest = self.label_pass(model, self.pseudo_dir)
+
+    def label_pass(self, model: nn.Module, out_dir) -> Dict[str, Any]:
+        """Label the target train set with ``model`` by this round's selector into ``out_dir``
+        (labels/ and manifest.json); the round's own pass, and ``python -m fastst.pseudo``'s."""
         settings, pseudo = self.settings, self.ctx.config["pseudo"]
         images = build_role(self.ctx.config, "target", resize=settings["pseudo_size"])
         if self.selector in ("cbst", "constant"):
             # constant: every class's threshold is `threshold` (pass 1 skipped).
             threshold = settings["threshold"] if self.selector == "constant" else None
-            self.manifest = cbst_pass(model, images, self.pseudo_dir, self.ctx,
-                                      portion=settings["portion"], scales=CBST_SCALES,
-                                      flip=CBST_FLIP, subsample=settings["subsample"], vote=None,
-                                      batch_size=pseudo["batch_size"], colour=pseudo["colour"],
-                                      threshold=threshold, tag=self.name)
-        else:
-            self.manifest = ias_pass(model, images, self.pseudo_dir, self.ctx,
-                                     alpha=settings["alpha"], size=settings["pseudo_size"],
-                                     beta=pseudo["beta"], gamma=pseudo["gamma"],
-                                     mode=pseudo["mode"], group=pseudo["group"],
-                                     batch_size=pseudo["batch_size"],
-                                     order_seed=pseudo["order_seed"], colour=pseudo["colour"],
-                                     tag=self.name)
+            return cbst_pass(model, images, out_dir, self.ctx, portion=settings["portion"],
+                             scales=CBST_SCALES, flip=CBST_FLIP, subsample=settings["subsample"],
+                             vote=None, batch_size=pseudo["batch_size"], colour=pseudo["colour"],
+                             threshold=threshold, tag=self.name)
+        return ias_pass(model, images, out_dir, self.ctx, alpha=settings["alpha"],
+                        size=settings["pseudo_size"], beta=pseudo["beta"], gamma=pseudo["gamma"],
+                        mode=pseudo["mode"], group=pseudo["group"],
+                        batch_size=pseudo["batch_size"], order_seed=pseudo["order_seed"],
+                        colour=pseudo["colour"], tag=self.name)
 
     def setup(self, model: nn.Module) -> None:
         config, batch_size = self.ctx.config, self.settings["batch_size"]

@@ -4,6 +4,11 @@ Backends: "cpp" (C++/OpenMP, the CPU default) and "triton" (the CUDA default) ar
 reads the low-resolution logits and the labels, upsamples on the fly, and yields the parts and
 d loss / d logits in the low-resolution layout; no (B, C, H, W) tensor is made, forward or
 backward. "torch" is reference.py (F.interpolate + log_softmax + masked sums, autograd).
+
+In the fused backends a term whose lambda is 0 costs nothing unless `return_parts` asks for the
+parts: lambda_kld = 0 skips the KLD's reduction, lambda_ent = 0 the entropy's (and the softmax
+of runs of ignored pixels); both 0 is plain mean cross-entropy over the labelled pixels. The
+loss and gradient are bit-for-bit the same either way.
 """
 from __future__ import annotations
 
@@ -63,7 +68,9 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
         logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled bilinearly (as
             F.interpolate with `align_corners`) to the target's (H, W) when the sizes differ.
         target: (B, H, W) uint8 or int64 labels in 0..C-1, `ignore_index` = unlabelled.
-        lambda_kld, lambda_ent: weights of the KLD and entropy terms, finite and >= 0.
+        lambda_kld, lambda_ent: weights of the KLD and entropy terms, finite and >= 0; a 0
+            turns the term off, and the fused backends then skip its work (unless
+            `return_parts`).
         size: None or the target's (H, W) (checked).
         return_parts: also return the unweighted (ce, kld, ent), for logging; the fused
             backends compute them in the same pass and return them detached (only `loss`
@@ -86,7 +93,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
                                      return_parts=return_parts)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     parts, _ = _fused_op(name)(logits, target, lambda_kld, lambda_ent, ignore_index,
-                               target.shape[1], target.shape[2], align_corners, compute_grad)
+                               target.shape[1], target.shape[2], align_corners, return_parts, compute_grad)
     if return_parts:
         return parts[0], parts[1].detach(), parts[2].detach(), parts[3].detach()
     return parts[0]

@@ -16,7 +16,11 @@ sums are taken only over the pixels a program owns (upper source row i, left sou
 its block): NUM_SUMS float32 partials per program, added in float64 on the device, no host sync.
 
 Per-pixel parts (p = softmax(v), u = v - max v, s = sum exp u, "labelled" = a class in [0, C)):
-  REGION          sums (ce, kld, ent), gradient as kernels/region_loss.h.
+  REGION          sums (ce, kld, ent), gradient as kernels/region_loss.h. The constexpr flags
+                  NEED_KLD / NEED_ENT (True for the other modes) leave out a term whose lambda
+                  is 0: without NEED_KLD no sum of u (kld sum 0); without NEED_ENT no E, no
+                  (u - E) gradient term (ent sum 0), and a row of only ignored pixels is not
+                  visited at all (its gradient is 0). Loss and gradient are unchanged.
   BOOTSTRAP_HARD  c = (beta onehot(y) + (1 - beta) q) at labelled pixels, 0 elsewhere, with
                   q = div_rn(p, lambda) (IEEE division, SPEC 6); sum 0 gets
                   -sum_k c_k log q_k = S log s - sum c u + sum c log lambda (S = sum_k c_k),
@@ -91,26 +95,37 @@ def _softmax_stats(v, cls_ok):
 
 
 @triton.jit
-def _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C: tl.constexpr):
+def _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C: tl.constexpr,
+                  NEED_KLD: tl.constexpr, NEED_ENT: tl.constexpr):
     """Region loss (SPEC 2). coef: [1/n_v, 1/(C n_i), lambda_kld, lambda_ent]. Returns the
-    per-pixel (ce, kld, ent) and the gradient tile."""
+    per-pixel (ce, kld, ent) and the gradient tile; a term not NEEDed (its lambda is 0) gives
+    0 and is not computed. Without NEED_ENT the gradient p scale_p + shift is the full one's
+    exactly: scale_pv is then a signed zero everywhere (kernels/region_loss.h,
+    pixel_grad_without_entropy)."""
     inv_nv = tl.load(coef_ptr)
     inv_c_ni = tl.load(coef_ptr + 1)
     lambda_kld = tl.load(coef_ptr + 2)
     lambda_ent = tl.load(coef_ptr + 3)
     inv_c = 1.0 / C
-    expected = tl.sum(e * tl.where(cls_ok[:, None], u, 0.0), axis=0) * inv_s
     u_label = tl.sum(tl.where(is_label, u, 0.0), axis=0)
-    u_sum = tl.sum(tl.where(cls_ok[:, None], u, 0.0), axis=0)
     ce = tl.where(labelled, log_s - u_label, 0.0)
-    kld = tl.where(labelled, log_s - u_sum * inv_c, 0.0)
-    ent = tl.where(unlabelled, log_s - expected, 0.0)
+    if NEED_KLD:
+        u_sum = tl.sum(tl.where(cls_ok[:, None], u, 0.0), axis=0)
+        kld = tl.where(labelled, log_s - u_sum * inv_c, 0.0)
+    else:
+        kld = tl.zeros_like(ce)
     lab = labelled.to(tl.float32)
     scale_p = lab * (1.0 + lambda_kld * inv_c) * inv_nv
-    scale_pv = (1.0 - lab) * -lambda_ent * inv_c_ni
     shift = lab * -lambda_kld * inv_c * inv_c * inv_nv
     p = e * inv_s[None, :]
-    g = p * (scale_p[None, :] + scale_pv[None, :] * (u - expected[None, :])) + shift[None, :]
+    if NEED_ENT:
+        expected = tl.sum(e * tl.where(cls_ok[:, None], u, 0.0), axis=0) * inv_s
+        ent = tl.where(unlabelled, log_s - expected, 0.0)
+        scale_pv = (1.0 - lab) * -lambda_ent * inv_c_ni
+        g = p * (scale_p[None, :] + scale_pv[None, :] * (u - expected[None, :])) + shift[None, :]
+    else:
+        ent = tl.zeros_like(ce)
+        g = p * scale_p[None, :] + shift[None, :]
     g = g - tl.where(is_label & labelled[None, :], inv_nv, 0.0)
     return ce, kld, ent, g
 
@@ -171,13 +186,15 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
                        ignore_index,
                        MODE: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_X: tl.constexpr,
                        BLOCK_J: tl.constexpr, ROWS: tl.constexpr, RESIZE: tl.constexpr,
-                       ALIGN_CORNERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+                       ALIGN_CORNERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                       NEED_KLD: tl.constexpr, NEED_ENT: tl.constexpr):
     """Program (jb, i, b). x: (B, C, h, w) float32/float16/bfloat16, any strides; t: (B, H, W)
     uint8/int64 contiguous; grad: (B, C, h, w) float32; partial: (programs, 3) float32 sums over
     the owned pixels; coef: float32 mode constants (see the per-pixel helpers); lam, log_lam: (C,)
     float32 (bootstrap); soft: (B, C, H, W) float32 contiguous (BOOTSTRAP_SOFT); crop: (B,) uint8
     target-crop flags (MRKLD). Pointers a mode does not use are never read. Same size (RESIZE
-    False): the program owns row i, pixels jb*BLOCK_X .. +BLOCK_X, and BLOCK_J == BLOCK_X."""
+    False): the program owns row i, pixels jb*BLOCK_X .. +BLOCK_X, and BLOCK_J == BLOCK_X.
+    NEED_KLD / NEED_ENT: the REGION terms to compute (both True in the other modes)."""
     jb = tl.program_id(0)
     i = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -235,6 +252,14 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
         visit = owns_row
         if COMPUTE_GRAD:
             visit = visit | ((wy != 0.0) & (y < H))
+        if MODE == _REGION:
+            if not NEED_ENT:
+                # without the entropy, ignored pixels have no part and a +0 gradient: a row
+                # segment with no labelled pixel needs neither its logits nor a softmax
+                row_ok = x_ok & ((xs * 0 + y) < H)  # a tensor mask: the interpreter rejects scalar ones
+                row_label = tl.load(t_ptr + (b * H + y) * W + xs, mask=row_ok, other=ignore_index).to(tl.int32)
+                row_labelled = (row_label != ignore_index) & (row_label >= 0) & (row_label < C)
+                visit = visit & (tl.max(row_labelled.to(tl.int32), axis=0) > 0)
         if visit:
             if RESIZE:
                 v = ly0 * (lx0[None, :] * tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
@@ -249,7 +274,8 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
             u, e, log_s, inv_s = _softmax_stats(v, cls_ok)
             is_label = cls[:, None] == label[None, :]
             if MODE == _REGION:
-                l0, l1, l2, g = _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C)
+                l0, l1, l2, g = _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C,
+                                              NEED_KLD, NEED_ENT)
             elif MODE == _MRKLD:
                 l0, l1, l2, g = _mrkld_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, target_crop, coef_ptr, C)
             else:
@@ -346,7 +372,8 @@ def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coe
                       ignore_index: int, out_h: int, out_w: int, align_corners: bool,
                       grad: Optional[torch.Tensor], *, lambdas: Optional[torch.Tensor] = None,
                       log_lambdas: Optional[torch.Tensor] = None, soft_target: Optional[torch.Tensor] = None,
-                      is_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      is_target: Optional[torch.Tensor] = None, need_kld: bool = True,
+                      need_ent: bool = True) -> torch.Tensor:
     """Run the fused-loss kernel in `mode` over every pixel.
 
     Args:
@@ -356,6 +383,8 @@ def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coe
         lambdas, log_lambdas: (C,) float32 contiguous (bootstrap modes).
         soft_target: (B, C, out_h, out_w) float32 contiguous (BOOTSTRAP_SOFT).
         is_target: (B,) uint8 contiguous target-crop flags (MRKLD).
+        need_kld, need_ent: REGION only: False leaves out that term (its lambda must be 0);
+            its sum is then 0. The other modes ignore them.
     Returns:
         (NUM_SUMS,) float64: the per-pixel sums of the mode over every pixel (device tensor).
     """
@@ -389,6 +418,7 @@ def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coe
             inv_h, inv_w, ignore_index,
             MODE=mode, C=C, C_PAD=c_pad, BLOCK_X=block_x, BLOCK_J=block_j, ROWS=rows, RESIZE=resize,
             ALIGN_CORNERS=bool(align_corners), COMPUTE_GRAD=grad is not None,
+            NEED_KLD=bool(need_kld) or mode != REGION, NEED_ENT=bool(need_ent) or mode != REGION,
             num_warps=4,
         )
     return partial.sum(dim=0, dtype=torch.float64)

@@ -7,6 +7,7 @@ The kernel is the shared fused-loss skeleton of `fused_loss.py` in its REGION mo
 every full-resolution pixel that touches them), so gradients are bit-identical from run to run
 (`deterministic=True` holds by construction). This file holds the op: the normalisers, computed
 on the device (no host synchronisation), and the parts from the kernel's (ce, kld, ent) sums.
+A term whose lambda is 0 is compiled out unless `need_parts` (`needed_terms`); its part is NaN.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 """
@@ -16,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from .._region_loss_ops import new_region_loss_outputs, register_region_loss_op
+from .._region_loss_ops import needed_terms, new_region_loss_outputs, register_region_loss_op
 from .fused_loss import REGION, check_runnable, labelled_mask, launch_fused_loss
 
 __all__ = ["region_loss_triton"]
@@ -25,10 +26,11 @@ __all__ = ["region_loss_triton"]
 @torch.library.custom_op("fastst::region_loss_triton", mutates_args=())
 def region_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambda_kld: float,
                        lambda_ent: float, ignore_index: int, out_h: int, out_w: int,
-                       align_corners: bool, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                       align_corners: bool, need_parts: bool,
+                       compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused region loss (Triton): arguments and outputs as `fastst::region_loss_cpp`
-    (parts (4,) float32; grad (B, C, h, w) float32 or (0,)). CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1."""
+    (parts (4,) float32, a skipped part NaN; grad (B, C, h, w) float32 or (0,)). CUDA tensors,
+    or CPU tensors under TRITON_INTERPRET=1."""
     B, C, h, w = logits.shape
     parts, grad = new_region_loss_outputs(logits, compute_grad)
     check_runnable("fastst::region_loss_triton", logits.device)
@@ -39,12 +41,20 @@ def region_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambda_kld: f
     coef64 = torch.stack([torch.where(labelled > 0, 1.0 / torch.maximum(labelled, one), 0.0 * one),
                           torch.where(ignored > 0, 1.0 / (C * torch.maximum(ignored, one)), 0.0 * one),
                           lambda_kld * one, lambda_ent * one])
+    need_kld, need_ent = needed_terms(lambda_kld, lambda_ent, need_parts)
     sums = launch_fused_loss(REGION, logits, target, coef64.to(torch.float32), ignore_index, out_h, out_w,
-                             align_corners, grad if compute_grad else None)
+                             align_corners, grad if compute_grad else None, need_kld=need_kld, need_ent=need_ent)
+    not_computed = torch.full_like(one, float("nan"))
     ce = sums[0] * coef64[0]
-    kld = sums[1] * coef64[0] / C
-    ent = sums[2] * coef64[1]
-    parts.copy_(torch.stack([ce + lambda_kld * kld + lambda_ent * ent, ce, kld, ent]))
+    kld = sums[1] * coef64[0] / C if need_kld else not_computed
+    ent = sums[2] * coef64[1] if need_ent else not_computed
+    # the order of ce + lambda_kld kld + lambda_ent ent; a term left out added a signed zero
+    loss = ce
+    if need_kld:
+        loss = loss + lambda_kld * kld
+    if need_ent:
+        loss = loss + lambda_ent * ent
+    parts.copy_(torch.stack([loss, ce, kld, ent]))
     return parts, grad
 
 
