@@ -65,8 +65,8 @@ from fastst.inference import predict_probs
 from fastst.methods.context import RunContext, save_torch_atomic, write_json_atomic
 from fastst.ops import ClassBalancedThresholds, cbst_pseudo_label, image_confidence, tpld_vote
 from fastst.ops._checks import check_real
-from fastst.pseudo import (_IMAGES_LOGGED, LABEL_DIR, MANIFEST_NAME, _class_names, _labels_present,
-                           _load_state, _log_images, read_manifest)
+from fastst.pseudo import (IMAGES_LOGGED, LABEL_DIR, MANIFEST_NAME, class_names, labels_present,
+                           load_pass_state, log_pass_images, read_manifest)
 
 __all__ = ["cbst_pass", "read_cbst_manifest", "mine_classes", "CBST_MANIFEST_FORMAT"]
 
@@ -200,7 +200,7 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
     manifest = read_cbst_manifest(out_dir) if dctx.is_main else None
     finished = manifest is not None and manifest.get("complete") \
         and manifest.get("settings") == settings \
-        and _labels_present(label_dir, [image["name"] for image in manifest["images"]])
+        and labels_present(label_dir, [image["name"] for image in manifest["images"]])
     if manifest is not None and not finished:
         # Another pass's manifest would describe labels this pass is about to overwrite.
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -209,7 +209,7 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
         return manifest
 
     started = time.perf_counter()
-    state = dctx.broadcast_object(_load_state(out_dir / STATE_NAME, settings, label_dir)
+    state = dctx.broadcast_object(load_pass_state(out_dir / STATE_NAME, settings, label_dir)
                                   if dctx.is_main else None)
     seconds_before = state["seconds"] if state else 0.0
     was_training = model.training
@@ -417,8 +417,8 @@ def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state:
                     batch_names = list(batch["name"])
                     writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names,
                                               labels, colour))
-                    if ctx.writer is not None and done < _IMAGES_LOGGED:
-                        _log_images(ctx.writer, tag, images, labels)
+                    if ctx.writer is not None and done < IMAGES_LOGGED:
+                        log_pass_images(ctx.writer, tag, images, labels)
                 if dctx.is_distributed:  # the step's names and confidences, in pass order
                     parts = dctx.all_gather_object(
                         (batch_names, [] if confidence is None else confidence.cpu().tolist()))
@@ -457,7 +457,7 @@ def _manifest(settings: Mapping[str, Any], state: Mapping[str, Any]) -> Dict[str
             "mine_classes": mine_classes(class_counts, settings["mine_portion"]),
             "density_confident": density_confident, "density": density,
             "labelled_fraction_confident": sum(density_confident),
-            "labelled_fraction": sum(density), "class_names": _class_names(num_classes),
+            "labelled_fraction": sum(density), "class_names": class_names(num_classes),
             "seconds": state["seconds"],
             "images": [{"name": name, "confidence": confidence}
                        for name, confidence in zip(state["names"],

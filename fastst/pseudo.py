@@ -62,7 +62,7 @@ from fastst.methods.context import (RunContext, colorize, denormalize, save_torc
 from fastst.ops import ias_pseudo_label
 
 __all__ = ["ias_pass", "MANIFEST_FORMAT", "read_manifest", "verify_labels", "require_finished_pass",
-           "main"]
+           "main", "class_names", "labels_present", "load_pass_state", "log_pass_images"]
 
 MANIFEST_FORMAT = "fastst-pseudo-v1"
 MANIFEST_NAME = "manifest.json"
@@ -71,7 +71,7 @@ LABEL_DIR = "labels"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The last 8 bytes of every PNG: the IEND chunk type and its (constant) CRC.
 _PNG_END = b"IEND\xaeB`\x82"
-_IMAGES_LOGGED = 4
+IMAGES_LOGGED = 4
 
 
 def read_manifest(out_dir, format: str = MANIFEST_FORMAT) -> Optional[Dict[str, Any]]:
@@ -90,7 +90,7 @@ def read_manifest(out_dir, format: str = MANIFEST_FORMAT) -> Optional[Dict[str, 
     return manifest
 
 
-def _class_names(num_classes: int) -> List[str]:
+def class_names(num_classes: int) -> List[str]:
     return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else \
         [f"class {c}" for c in range(num_classes)]
 
@@ -122,14 +122,14 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
     manifest = read_manifest(out_dir) if dctx.is_main else None
     if manifest is not None and not (
             manifest.get("complete") and manifest["settings"] == settings
-            and _labels_present(label_dir, [image["name"] for image in manifest["images"]])):
+            and labels_present(label_dir, [image["name"] for image in manifest["images"]])):
         manifest = None
     manifest = dctx.broadcast_object(manifest)
     if manifest is not None:
         return manifest
 
     started = time.perf_counter()
-    state = dctx.broadcast_object(_load_state(out_dir / STATE_NAME, settings, label_dir)
+    state = dctx.broadcast_object(load_pass_state(out_dir / STATE_NAME, settings, label_dir)
                                   if dctx.is_main else None)
     device = ctx.device
     num_images = len(dataset)
@@ -173,7 +173,7 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
                                "seconds": seconds_before + time.perf_counter() - started},
                               out_dir / STATE_NAME)
         if ctx.writer is not None:
-            for c, name in enumerate(_class_names(num_classes)):
+            for c, name in enumerate(class_names(num_classes)):
                 ctx.writer.add_scalar(f"{tag}/theta_during_pass/{name}", float(theta[c]), done)
 
     from tqdm import tqdm
@@ -208,8 +208,8 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
                 if batch_names:
                     writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names, own,
                                               colour))
-                if ctx.writer is not None and done < _IMAGES_LOGGED and images is not None:
-                    _log_images(ctx.writer, tag, images, own)
+                if ctx.writer is not None and done < IMAGES_LOGGED and images is not None:
+                    log_pass_images(ctx.writer, tag, images, own)
                 names.extend(step_names)
                 done += labels.shape[0]
                 bar.update(labels.shape[0])
@@ -229,7 +229,7 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
     density = [int(counts[c]) / total_pixels for c in range(num_classes)]
     manifest = {"format": MANIFEST_FORMAT, "complete": True, "settings": settings,
                 "theta": theta.cpu().tolist(), "density": density,
-                "labelled_fraction": sum(density), "class_names": _class_names(num_classes),
+                "labelled_fraction": sum(density), "class_names": class_names(num_classes),
                 "seconds": seconds_before + time.perf_counter() - started,
                 "images": [{"name": name, "theta": row}
                            for name, row in zip(names, thetas_done.tolist())]}
@@ -284,11 +284,11 @@ def require_finished_pass(manifest: Optional[Mapping[str, Any]], out_dir,
     return dict(manifest)
 
 
-def _labels_present(label_dir: Path, names: Sequence[str]) -> bool:
+def labels_present(label_dir: Path, names: Sequence[str]) -> bool:
     return not verify_labels(label_dir, names)
 
 
-def _load_state(path: Path, settings: Mapping[str, Any], label_dir: Path) -> Optional[dict]:
+def load_pass_state(path: Path, settings: Mapping[str, Any], label_dir: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
@@ -309,8 +309,8 @@ def _load_state(path: Path, settings: Mapping[str, Any], label_dir: Path) -> Opt
     return state
 
 
-def _log_images(writer, tag: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    count = min(_IMAGES_LOGGED, images.shape[0])
+def log_pass_images(writer, tag: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    count = min(IMAGES_LOGGED, images.shape[0])
     inputs = torch.nn.functional.interpolate(denormalize(images[:count]).float(),
                                              size=labels.shape[-2:], mode="bilinear",
                                              align_corners=False).round().to(torch.uint8)
