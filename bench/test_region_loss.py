@@ -1,7 +1,9 @@
 """Fused region loss (forward + backward) against the released formulation in eager PyTorch and
 its torch.compile: time (pytest-benchmark) and peak extra host memory (a fresh process per
 measurement, bench/_peak_memory.py). C = 19, logits at 1/8 resolution upsampled to the labels'
-size inside the loss, and the same-size case."""
+size inside the loss, and the same-size case. `test_region_loss_lambdas`: the fused loss with
+IAST's lambdas (0.1, 3.0) against terms turned off (a zero lambda skips the term's work;
+(0, 0) is plain mean cross-entropy), with scattered and with block-shaped ignored regions."""
 import os
 import subprocess
 import sys
@@ -20,7 +22,9 @@ H, W = (128, 256) if QUICK else (512, 1024)
 # (B, h, w): 1/8-resolution logits upsampled in the loss, and logits already at (H, W)
 CASES = ([(2, H // 8, W // 8), (2, H, W)] if QUICK else
          [(1, H // 8, W // 8), (2, H // 8, W // 8), (8, H // 8, W // 8), (1, H, W), (2, H, W)])
-IMPLS = ["triton" if DEVICE == "cuda" else "cpp", "eager"] + ([] if QUICK else ["compile"])
+FUSED = "triton" if DEVICE == "cuda" else "cpp"
+IMPLS = [FUSED, "eager"] + ([] if QUICK else ["compile"])
+LAMBDAS = [(0.1, 3.0), (0.0, 3.0), (0.1, 0.0), (0.0, 0.0)]
 
 
 def _group(B, h, w):
@@ -61,3 +65,23 @@ def test_region_loss_peak_memory(note, case):
          f"{_group(B, h, w)}: cpp {peaks['cpp'] / 2**20:8.1f} MiB, eager {peaks['eager'] / 2**20:8.1f} MiB"
          f" ({peaks['eager'] / max(peaks['cpp'], 2**20):.0f}x less; cpp counted as >= 1 MiB), one (B,C,H,W) fp32 tensor = {full / 2**20:.0f} MiB")
     assert peaks["eager"] > full  # the eager formulation materialises full-resolution tensors
+
+
+@pytest.mark.parametrize("lambdas", LAMBDAS, ids=lambda lam: "kld{}_ent{}".format(*lam))
+@pytest.mark.parametrize("ignored", ["pixels", "blocks"])
+@pytest.mark.parametrize("case", [(2, H // 8, W // 8), (2, H, W)], ids=lambda c: "B{}_{}x{}".format(*c))
+def test_region_loss_lambdas(benchmark, run, lambdas, ignored, case):
+    B, h, w = case
+    x, t = make_inputs(B, h, w, H, W, device=DEVICE, ignored=ignored)
+    x.requires_grad_(True)
+    fn = region_loss_impl(FUSED, lambda_kld=lambdas[0], lambda_ent=lambdas[1])
+
+    def step():
+        x.grad = None
+        loss = fn(x, t)
+        loss.backward()
+        return loss
+
+    group = f"{FUSED} by lambdas, ignored {ignored}: {_group(B, h, w)}"
+    loss = run(benchmark, group, "lambdas {}/{}".format(*lambdas), step, device=DEVICE, rounds=30 if QUICK else 5)
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

@@ -3,9 +3,8 @@ term off and skips its work").
 
 The fused ops (cpp; triton, in its interpreter without a GPU) take `need_parts`: without it a
 term whose lambda is 0 is not computed and its part comes back NaN. Their `need_parts=True` path
-is the full computation, unchanged by the skipping (checked bit for bit against the build before
-it), so the skipped path must give the same loss and gradient bit for bit: the weight-0 term
-only ever added a signed zero. The public op (every backend, torch included) returns the same
+runs every term, the arithmetic from before the skipping existed, so the skipped path must give
+the same loss and gradient bit for bit: the weight-0 term only ever added a signed zero. The public op (every backend, torch included) returns the same
 loss and gradient with and without `return_parts`, and these match the float64 reference of
 tests/test_region_loss.py. Inputs: same size and upsampled, bf16, non-contiguous logits,
 all-ignored, all-labelled, and fully ignored rows next to labelled ones (whole ignored tiles are
@@ -78,6 +77,19 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().cpu().contiguous().view(torch.int32)
 
 
+def _assert_same_gradient(grad, full_grad, device):
+    """Bit-identical on the CPU (C++ built with -ffp-contract=off; the Triton interpreter runs
+    numpy, which never fuses). Compiled Triton on a GPU lets LLVM fuse multiply-adds into FMAs,
+    and the skipped form p * scale_p + shift equals the full p * (scale_p + scale_pv (u - E)) +
+    shift only if both are fused alike, so there a few ulps of the largest entry are allowed."""
+    if device == "cpu":
+        assert torch.equal(_bits(grad), _bits(full_grad)), \
+            f"gradient differs: max |diff| {float((grad - full_grad).abs().max()):.3e}"
+    else:
+        scale = float(full_grad.abs().max()) or 1.0
+        assert float((grad - full_grad).abs().max()) <= 4 * 2.0 ** -23 * scale
+
+
 def test_needed_terms_rule():
     assert needed_terms(0.1, 3.0, False) == (True, True)
     assert needed_terms(0.0, 3.0, False) == (False, True)
@@ -97,8 +109,7 @@ def test_skipped_terms_change_no_bit(op, device, lambdas, case):
     full_parts, full_grad = op(x, t, lambda_kld, lambda_ent, IGNORE, H, W, True, True, True)
     parts, grad = op(x, t, lambda_kld, lambda_ent, IGNORE, H, W, True, False, True)
     assert torch.equal(_bits(parts[:2]), _bits(full_parts[:2])), f"loss, ce {parts[:2]} != {full_parts[:2]}"
-    assert torch.equal(_bits(grad), _bits(full_grad)), \
-        f"gradient differs: max |diff| {float((grad - full_grad).abs().max()):.3e}"
+    _assert_same_gradient(grad, full_grad, device)
     for index, lam in ((2, lambda_kld), (3, lambda_ent)):
         if lam == 0.0:
             assert math.isnan(float(parts[index])), f"part {index} was skipped but reads {float(parts[index])}"
@@ -111,12 +122,15 @@ def test_skipped_terms_change_no_bit(op, device, lambdas, case):
 
 
 def _public(backend, device, logits, target, lambdas, return_parts):
-    """(loss or parts, d loss / d logits) through the public op."""
+    """(loss or parts, detached, and d loss / d logits) through the public op."""
     x = logits.to(device).clone().requires_grad_(True)
     out = region_loss(x, target.to(device), lambda_kld=lambdas[0], lambda_ent=lambdas[1],
                       return_parts=return_parts, backend=backend)
-    (out[0] if return_parts else out).backward()
-    return out, x.grad
+    if return_parts:
+        out[0].backward()
+        return tuple(part.detach() for part in out), x.grad
+    out.backward()
+    return out.detach(), x.grad
 
 
 @pytest.mark.parametrize("backend,device", _backends())
@@ -127,14 +141,13 @@ def test_public_op_with_and_without_parts(backend, device, lambdas, case):
     loss, grad = _public(backend, device, logits, target, lambdas, False)
     parts, grad_with_parts = _public(backend, device, logits, target, lambdas, True)
     assert torch.equal(_bits(loss), _bits(parts[0]))
-    assert torch.equal(_bits(grad), _bits(grad_with_parts))
+    _assert_same_gradient(grad, grad_with_parts, device)
     assert grad.dtype == logits.dtype
     # return_parts gives every part, computed, whatever the lambdas
     assert all(torch.isfinite(p).all() for p in parts)
     expected = expected_parts(logits.float(), target, lambda_kld=lambdas[0], lambda_ent=lambdas[1])
     rtol = 2e-5 if logits.dtype == torch.float32 else 1e-4  # bf16 logits are upcast exactly
     for got, want, name in zip(parts, expected, ("loss", "ce", "kld", "ent")):
-        got = got.detach()
         assert abs(float(got) - want) <= rtol * max(abs(want), 1e-3), f"{name}: {float(got)} != {want}"
     want_grad = closed_form_grad(logits.float(), target, lambda_kld=lambdas[0], lambda_ent=lambdas[1],
                                  align_corners=True)
@@ -152,12 +165,14 @@ def test_both_lambdas_zero_is_mean_cross_entropy(backend, device, case):
     H, W = target.shape[1:]
     y = logits.clone().requires_grad_(True)
     up = F.interpolate(y, size=(H, W), mode="bilinear", align_corners=True)
-    expected = F.cross_entropy(up, target, ignore_index=IGNORE, reduction="sum") / max(int((target != IGNORE).sum()), 1)
+    n_labelled = max(int((target != IGNORE).sum()), 1)
+    expected = F.cross_entropy(up, target, ignore_index=IGNORE, reduction="sum") / n_labelled
     expected.backward()
     if case == "all_ignored_up":  # no labelled pixel: exactly 0, with a gradient of +0 everywhere
         assert float(loss) == 0.0
         assert torch.equal(_bits(grad), torch.zeros_like(_bits(grad)))
-    assert abs(float(loss) - float(expected)) <= 2e-5 * max(float(expected), 1e-3)
+    expected = float(expected.detach())
+    assert abs(float(loss) - expected) <= 2e-5 * max(expected, 1e-3)
     assert float((grad.cpu() - y.grad).abs().max()) <= 1e-4 * (float(y.grad.abs().max()) or 1.0)
 
 

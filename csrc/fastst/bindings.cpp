@@ -139,19 +139,27 @@ PYBIND11_MODULE(_C, mod) {
       "region_loss_cpu",
       [](uintptr_t logits, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
          std::array<int64_t, 4> strides, uintptr_t target, bool target_is_u8, int ignore_index,
-         float lambda_kld, float lambda_ent, bool align_corners, uintptr_t parts, uintptr_t grad) {
+         float lambda_kld, float lambda_ent, bool need_kld, bool need_ent, bool align_corners, uintptr_t parts,
+         uintptr_t grad) {
+        if ((!need_kld && lambda_kld != 0.0f) || (!need_ent && lambda_ent != 0.0f)) {
+          throw std::invalid_argument("fastst._C.region_loss_cpu: a term with a non-zero lambda must be computed "
+                                      "(need_kld / need_ent may be false only where lambda_kld / lambda_ent is 0)");
+        }
         fastst::RegionLossArgs args{};
         set_loss_inputs(args, logits, dtype, shape_in, size_out, strides, target, target_is_u8, ignore_index,
                         align_corners);
         args.lambda_kld = lambda_kld;
         args.lambda_ent = lambda_ent;
+        args.need_kld = need_kld;
+        args.need_ent = need_ent;
         args.parts = ptr<float>(parts);
         args.grad = ptr<float>(grad);
         fastst::region_loss_cpu(args);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Fused region loss (SPEC 2) with on-the-fly bilinear upsample: parts (loss, ce, kld, ent) "
-      "and, when grad != 0, d loss / d logits in the low-resolution layout, on the CPU.");
+      "and, when grad != 0, d loss / d logits in the low-resolution layout, on the CPU. A term whose "
+      "need_kld / need_ent is false (its lambda must be 0) is skipped and its part set to NaN.");
 
   mod.def(
       "cbst_collect_cpu",

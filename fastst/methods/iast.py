@@ -137,13 +137,19 @@ class IASTRound(Stage):
         labels = batch["label"].to(ctx.device, non_blocking=True)
         with ctx.autocast():
             logits = model(images)
-        loss, ce, kld, ent = region_loss(logits, labels, lambda_kld=self.settings["lambda_kld"],
-                                         lambda_ent=self.settings["lambda_ent"],
-                                         size=tuple(labels.shape[-2:]), return_parts=True)
+        # The unweighted parts only on logging steps: a term with lambda 0 then costs nothing
+        # on the other steps (region_loss skips it unless the parts are asked for).
+        logging_step = (iteration + 1) % ctx.runtime["log_every"] == 0
+        out = region_loss(logits, labels, lambda_kld=self.settings["lambda_kld"],
+                          lambda_ent=self.settings["lambda_ent"], size=tuple(labels.shape[-2:]),
+                          return_parts=logging_step)
+        loss = out[0] if logging_step else out
         loss.backward()
         self.finite_guard(target_loss=loss, **parts)
         optimizer.step()
-        parts.update({"target_loss": loss.detach(), "target_ce": ce, "kld": kld, "ent": ent})
+        parts["target_loss"] = loss.detach()
+        if logging_step:
+            parts.update({"target_ce": out[1], "kld": out[2], "ent": out[3]})
         if self.log_images_now:
             self.visual = {"image": images, "logits": logits, "label": labels}
         return parts

@@ -296,8 +296,10 @@ class Stage:
         runtime = ctx.runtime
         max_nonfinite = int(runtime.get("max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS))
         streak = 0
+        # Per loss: its sum and how many steps reported it (a stage may report some parts only
+        # on logging steps, e.g. the region loss's unweighted parts).
         sums: Dict[str, torch.Tensor] = {}
-        since_log = 0
+        counts: Dict[str, int] = {}
         from tqdm import tqdm
 
         with tqdm(total=self.total, initial=start, desc=self.name, unit="it",
@@ -315,13 +317,13 @@ class Stage:
                     streak = 0
                     for key, value in parts.items():
                         sums[key] = sums[key] + value if key in sums else value
-                    since_log += 1
+                        counts[key] = counts.get(key, 0) + 1
                 done = iteration + 1
-                if since_log and (done % runtime["log_every"] == 0 or done == self.total):
-                    means = self._mean_over_ranks(sums, since_log)
+                if counts and (done % runtime["log_every"] == 0 or done == self.total):
+                    means = self._mean_over_ranks(sums, counts)
                     self._log_scalars(means, lr, done)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
-                    sums, since_log = {}, 0
+                    sums, counts = {}, {}
                 if self.log_images_now and self.visual is not None:
                     self._log_visual(done)
                 bar.update(1)
@@ -341,15 +343,16 @@ class Stage:
         dctx.barrier()
         return model
 
-    def _mean_over_ranks(self, sums: Mapping[str, torch.Tensor], count: int) -> Dict[str, float]:
+    def _mean_over_ranks(self, sums: Mapping[str, torch.Tensor],
+                         counts: Mapping[str, int]) -> Dict[str, float]:
         """{name: sum / count}, averaged over the ranks in a distributed run (one collective);
-        every rank has the same names, in the same order."""
+        every rank has the same names, in the same order, and the same counts."""
         if not self.dist.is_distributed:
-            return {key: float(value) / count for key, value in sums.items()}
+            return {key: float(value) / counts[key] for key, value in sums.items()}
         values = torch.stack([value.detach().reshape(()).float() for value in sums.values()])
         self.dist.all_reduce_(values)
-        scale = count * self.dist.world_size
-        return {key: value / scale for key, value in zip(sums, values.cpu().tolist())}
+        return {key: value / (counts[key] * self.dist.world_size)
+                for key, value in zip(sums, values.cpu().tolist())}
 
     def _skip_step(self, model: nn.Module, iteration: int, skipped: NonFiniteLoss, streak: int,
                    limit: int, last_saved: Optional[int]) -> None:

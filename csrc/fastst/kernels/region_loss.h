@@ -9,6 +9,10 @@
 // and the gradient of loss = ce + lambda_kld kld + lambda_ent ent with respect to v_c is
 //   labelled: p_c (1 + lambda_kld / C) / n_v - [c = y] / n_v - lambda_kld / (C^2 n_v)
 //   ignored:  -lambda_ent p_c (u_c - E) / (C n_i)           (since log p_c + H = u_c - E).
+// A term whose lambda is 0 and whose part nobody asked for is not computed (need_kld / need_ent
+// false): no sum_c u_c without the KLD; no E, no (u_c - E) and a zero gradient at ignored pixels
+// without the entropy. Skipping changes no bit of the loss or the gradient (see
+// pixel_grad_without_entropy), because the weight-0 term only ever added a signed zero.
 #pragma once
 #include "loss_inputs.h"
 
@@ -16,6 +20,9 @@ namespace fastst {
 
 struct RegionLossArgs : LossInputs {
   float lambda_kld, lambda_ent;
+  // Whether to compute the KLD / entropy part; a term left out must have lambda 0 (its part
+  // is then reported as NaN: not computed).
+  bool need_kld, need_ent;
   float* parts;  // out (4,): loss, ce, kld, ent
 };
 
@@ -38,6 +45,15 @@ FASTST_HD PixelGradCoef pixel_grad_coef(bool labelled, float inv_nv, float inv_c
 
 FASTST_HD float pixel_grad(float p, float u, float expected_u, const PixelGradCoef& k) {
   return p * (k.scale_p + k.scale_pv * (u - expected_u)) + k.shift;
+}
+
+// pixel_grad when lambda_ent = 0, without E, and bit-identical to it as long as neither form is
+// fused into FMAs differently (the CPU build has -ffp-contract=off). scale_pv is then a signed
+// zero at every pixel (0 * -lambda_ent * ... at labelled pixels, -0 * inv_c_ni at ignored ones),
+// so scale_pv * (u - E) is +-0 and scale_p + (+-0) == scale_p, whether scale_p is positive
+// (labelled) or +0 (ignored, where the result is +0 * p + (-0) = +0, as before).
+FASTST_HD float pixel_grad_without_entropy(float p, const PixelGradCoef& k) {
+  return p * k.scale_p + k.shift;
 }
 
 }  // namespace fastst
