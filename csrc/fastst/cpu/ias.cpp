@@ -19,13 +19,14 @@ namespace {
 constexpr uint32_t kMaxHalfBin = 0x7c00u;  // +inf; NaN/negative patterns (checks off) clamp here
 constexpr int64_t kChunk = 4096;
 
-// Histogram slots a * bins + min(half(m), max_bin) of a chunk of pixels (vectorised: the float16
-// conversion is branch-free; the scatter that follows is not).
+// Histogram slots a * bins + min(half(m), max_bin) - min_bin of a chunk of pixels (vectorised:
+// the float16 conversion is branch-free; the scatter that follows is not).
 FASTST_CPU_CLONES void half_bins(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
-                                 uint32_t max_bin, uint32_t bins, uint32_t* __restrict index) {
+                                 uint32_t min_bin, uint32_t max_bin, uint32_t bins,
+                                 uint32_t* __restrict index) {
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t bin = half_bits_of(m[j]);
-    index[j] = uint32_t(a[j]) * bins + (bin < max_bin ? bin : max_bin);
+    index[j] = uint32_t(a[j]) * bins + (bin < max_bin ? bin : max_bin) - min_bin;
   }
 }
 
@@ -36,14 +37,15 @@ FASTST_CPU_CLONES void label_pixels(const float* __restrict m, const uint8_t* __
   for (int64_t p = 0; p < n; ++p) labels[p] = ias_label_f32(m[p], a[p], threshold[a[p]], kStrict);
 }
 
-// j-th smallest (0-based) value of one class's histogram of float16 bit patterns.
-double histogram_value(const int32_t* hist, int64_t bins, int64_t j) {
+// j-th smallest (0-based) value of one class's histogram of float16 bit patterns, bin b holding
+// the pattern min_bin + b.
+double histogram_value(const int32_t* hist, int64_t bins, uint32_t min_bin, int64_t j) {
   int64_t seen = 0;
   for (int64_t b = 0; b < bins; ++b) {
     seen += hist[b];
-    if (seen > j) return (double)to_float(Half{(uint16_t)b});
+    if (seen > j) return (double)to_float(Half{(uint16_t)(min_bin + b)});
   }
-  return (double)to_float(Half{(uint16_t)(bins - 1)});
+  return (double)to_float(Half{(uint16_t)(min_bin + bins - 1)});
 }
 
 void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double* k, double* theta) {
@@ -51,13 +53,19 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   const int64_t pixels = (b1 - b0) * args.HW;
   const float* m = args.m + b0 * args.HW;
   const uint8_t* a = args.a + b0 * args.HW;
-  // Histogram width: the pattern of the largest m (float16 rounding is monotonic), at most
-  // 0x3c00 + 1 bins for m <= 1. NaN (checks off) never wins the max and is clamped below.
-  float max_m = 0.0f;
-#pragma omp parallel for reduction(max : max_m)
-  for (int64_t p = 0; p < pixels; ++p) max_m = std::max(max_m, m[p]);
+  // Histogram window: the patterns of the smallest and the largest m (float16 rounding is
+  // monotonic): at most 0x3c00 + 1 bins for 0 <= m <= 1, and about 4,400 for m >= 1/19 (every
+  // max of a softmax), so the per-thread histograms stay small enough for the L2 cache. NaN and
+  // negative m (checks off) never win the max and are clamped to the top bin, as before.
+  float max_m = 0.0f, min_m = 1.0f;
+#pragma omp parallel for reduction(max : max_m) reduction(min : min_m)
+  for (int64_t p = 0; p < pixels; ++p) {
+    max_m = std::max(max_m, m[p]);
+    min_m = std::min(min_m, m[p]);
+  }
   const uint32_t max_bin = std::min<uint32_t>(half_bits_of(max_m), kMaxHalfBin);
-  const int64_t bins = int64_t(max_bin) + 1;
+  const uint32_t min_bin = std::min<uint32_t>(half_bits_of(std::max(min_m, 0.0f)), max_bin);
+  const int64_t bins = int64_t(max_bin - min_bin) + 1;
   const int threads = omp_get_max_threads();
   std::vector<std::vector<int32_t>> local(static_cast<size_t>(threads));
   std::vector<int32_t> hist(size_t(C * bins), 0);
@@ -69,7 +77,7 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
 #pragma omp for schedule(static)
     for (int64_t p0 = 0; p0 < pixels; p0 += kChunk) {
       const int64_t n = std::min<int64_t>(kChunk, pixels - p0);
-      half_bins(m + p0, a + p0, n, max_bin, uint32_t(bins), index);
+      half_bins(m + p0, a + p0, n, min_bin, max_bin, uint32_t(bins), index);
       for (int64_t j = 0; j < n; ++j) own[index[j]] += 1;
     }
 #pragma omp for schedule(static)
@@ -85,12 +93,13 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
     int64_t n = 0;
     for (int64_t b = b0; b < b1; ++b) n += args.counts[b * C + c];
     int64_t n_below = 0;  // values strictly smaller than the seed element theta_c
-    for (int64_t b = 0; b < bins && (double)to_float(Half{(uint16_t)b}) < theta[c]; ++b) n_below += hc[b];
+    for (int64_t b = 0; b < bins && (double)to_float(Half{(uint16_t)(min_bin + b)}) < theta[c]; ++b)
+      n_below += hc[b];
     const PercentilePlan plan = official_plan(k[c], n);
     const int64_t s_lo = official_source(plan.j_lo, n_below);
     const int64_t s_hi = official_source(plan.j_hi, n_below);
-    const double lo = s_lo < 0 ? theta[c] : histogram_value(hc, bins, s_lo);
-    const double hi = s_hi < 0 ? theta[c] : histogram_value(hc, bins, s_hi);
+    const double lo = s_lo < 0 ? theta[c] : histogram_value(hc, bins, min_bin, s_lo);
+    const double hi = s_hi < 0 ? theta[c] : histogram_value(hc, bins, min_bin, s_hi);
     theta[c] = official_ema(theta[c], official_lerp(lo, hi, plan.t), args.beta);
   }
 }
