@@ -32,6 +32,17 @@ def atomic_write(path: "os.PathLike[str] | str", mode: str = "wb", *, durable: b
         raise
 
 
+def read_json(path: "os.PathLike[str] | str") -> Any:
+    """The JSON value stored at `path`, or None when the file is missing or unreadable (a
+    partial or corrupt file counts as missing: the writers above never leave one under the
+    final name, so it can only come from elsewhere)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
 def write_json_atomic(data: Any, path: "os.PathLike[str] | str", *, indent: int = 1,
                       sort_keys: bool = False) -> Path:
     """`data` as JSON (with a final newline) at `path`, atomically and durably."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from fastst.atomic import write_json_atomic
+from fastst.atomic import read_json, write_json_atomic
 
 __all__ = ["NonFiniteLoss", "NonFiniteLossError", "check_finite", "DISK_FULL_ERRNOS",
            "disk_full", "disk_full_message", "naming_file", "DataCheckFailed", "DATA_CHECK_NAME",
@@ -178,11 +177,7 @@ def check_run_data(config: Mapping[str, Any], run_dir, *, workers: Optional[int]
 
 
 def _read_marker(path: Path) -> Dict[str, Dict[str, Any]]:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != _DATA_CHECK_FORMAT \
             or not isinstance(data.get("checked"), dict):
         return {}

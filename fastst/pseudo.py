@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import sys
 import time
@@ -55,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from fastst import distributed
+from fastst.atomic import read_json
 from fastst.data.ids import CLASS_NAMES
 from fastst.data.pseudo_label import pseudo_label_path, save_pseudo_labels
 from fastst.methods.context import (RunContext, colorize, denormalize, save_torch_atomic,
@@ -77,14 +77,7 @@ IMAGES_LOGGED = 4
 def read_manifest(out_dir, format: str = MANIFEST_FORMAT) -> Optional[Dict[str, Any]]:
     """The manifest of ``format`` (an IAS pass's by default) in ``out_dir``, or None if it is
     missing, unreadable or of another format."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        with open(path) as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError):
-        return None
+    manifest = read_json(Path(out_dir) / MANIFEST_NAME)
     if not isinstance(manifest, dict) or manifest.get("format") != format:
         return None
     return manifest

@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from fastst import distributed
+from fastst.atomic import read_json
 from fastst.checkpoint import (ClassCountMismatch, check_num_classes, load_checkpoint,
                                read_torch_file)
 from fastst.config import (ConfigError, available_presets, dump_config, load_config,
@@ -225,15 +226,7 @@ def _pseudo_quality(ctx: RunContext, stage) -> Optional[Dict[str, Any]]:
 
 
 def _read_result(path: Path) -> Optional[Dict[str, Any]]:
-    import json
-
-    if not path.is_file():
-        return None
-    try:
-        with open(path) as handle:
-            result = json.load(handle)
-    except (OSError, ValueError):
-        return None
+    result = read_json(path)
     return result if isinstance(result, dict) and "target_miou" in result else None
 
 

@@ -38,6 +38,7 @@ from fastst.pseudo import ias_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import make_fixtures, tiny_overrides  # noqa: E402
+from test_pseudo import one_thread  # noqa: E402,F401
 
 WORLD_SIZE = 2
 PSEUDO_SIZE = (16, 32)
@@ -208,12 +209,6 @@ def launched(tmp_path_factory):
     return root, out, load_model(checkpoint).eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _without_timing(manifest):

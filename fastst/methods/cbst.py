@@ -45,6 +45,7 @@ class ClassBalancedRound(Stage):
 
     manifest: Optional[Dict[str, Any]] = None
     teacher_model: Optional[nn.Module] = None
+    device_lambdas: Optional[torch.Tensor] = None
 
     @property
     def pseudo_dir(self):
@@ -76,8 +77,12 @@ class ClassBalancedRound(Stage):
         self.manifest = read_cbst_manifest(self.pseudo_dir)
 
     def lambdas(self) -> torch.Tensor:
-        """The round's class thresholds, float32 (C,) on the device."""
-        return torch.tensor(self.manifest["lambdas"], dtype=torch.float32, device=self.ctx.device)
+        """The round's class thresholds, float32 (C,) on the device (made once, on the first
+        training step, not copied to the device every step)."""
+        if self.device_lambdas is None:
+            self.device_lambdas = torch.tensor(self.manifest["lambdas"], dtype=torch.float32,
+                                               device=self.ctx.device)
+        return self.device_lambdas
 
     def teacher(self) -> nn.Module:
         """The model the round started from, frozen, in eval mode, on the device (rebuilt from

@@ -17,12 +17,11 @@ again would give.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from fastst.atomic import atomic_write, write_json_atomic
+from fastst.atomic import atomic_write, read_json, write_json_atomic
 from fastst.checkpoint import load_checkpoint
 from fastst.config import read_config_file
 
@@ -79,11 +78,12 @@ def _reuse_from(root: Path, config: Mapping[str, Any], run_dir: Path, seed: int,
     checkpoint, result_path = seed_dir / stage / checkpoint_name, seed_dir / stage / result_name
     if not checkpoint.is_file() or not result_path.is_file():
         return False
+    result = read_json(result_path)
+    if not isinstance(result, dict):
+        return False
     try:
         if not load_checkpoint(checkpoint).get("complete"):
             return False
-        with open(result_path) as handle:
-            result = json.load(handle)
     except (OSError, ValueError, RuntimeError):
         return False
     target_dir = run_dir / stage

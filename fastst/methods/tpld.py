@@ -23,22 +23,19 @@ One phase-2 epoch is ``floor(N_target / (2 * batch_size))`` iterations (each rea
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastst.atomic import write_json_atomic
+from fastst.atomic import read_json, write_json_atomic
 from fastst.methods.cbst import CBSTRound, ClassBalancedRound
 from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
 from fastst.methods.st_losses import tpld_phase1_loss
 from fastst.methods.trainer import stage_iterations
-from fastst.methods.warmup import class_probabilities
+from fastst.methods.warmup import discriminator_input, gan_loss
 from fastst.models import FCDiscriminator
-from fastst.ops import (bootstrap_loss, cbst_pseudo_label, self_information, split_easy_hard,
-                        tpld_soft_targets)
+from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard, tpld_soft_targets
 
 __all__ = ["TPLDPhase1", "TPLDPhase2", "EASY_LABEL", "HARD_LABEL", "SPLIT_NAME"]
 
@@ -59,11 +56,6 @@ class TPLDPhase1(CBSTRound):
         return tpld_phase1_loss(logits, labels, is_target, self.lambdas(),
                                 beta=self.settings["beta"],
                                 mrkld_weight=self.settings["mrkld_weight"])
-
-
-def _bce(outputs: torch.Tensor, label: float) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(outputs.float(), torch.full_like(outputs.float(),
-                                                                               label))
 
 
 class TPLDPhase2(ClassBalancedRound):
@@ -151,18 +143,18 @@ class TPLDPhase2(ClassBalancedRound):
         easy_loss.backward()
         with ctx.autocast():
             hard_logits = model(hard_images)
-        hard_info = self_information(class_probabilities(hard_logits, size))
+        hard_info = discriminator_input(hard_logits, size, "advent")
         with ctx.autocast():
-            adv = _bce(discriminator(hard_info), EASY_LABEL)
+            adv = gan_loss(discriminator(hard_info), EASY_LABEL, "bce")
         (settings["lambda_adv"] * adv).backward()
 
         discriminator.requires_grad_(True)
         d_optimizer.zero_grad(set_to_none=True)
-        easy_info = self_information(class_probabilities(easy_logits.detach(), size))
+        easy_info = discriminator_input(easy_logits.detach(), size, "advent")
         with ctx.autocast():
             easy_out = discriminator(easy_info)
             hard_out = discriminator(hard_info.detach())
-        d_loss = (_bce(easy_out, EASY_LABEL) + _bce(hard_out, HARD_LABEL)) / 2
+        d_loss = (gan_loss(easy_out, EASY_LABEL, "bce") + gan_loss(hard_out, HARD_LABEL, "bce")) / 2
         d_loss.backward()
         # Both updates after both backward passes, so that one guard can skip them together
         # (the discriminator's loss reads only detached maps: the order changes nothing).
@@ -186,10 +178,9 @@ class TPLDPhase2(ClassBalancedRound):
 
     def restore_finished(self, state) -> None:
         super().restore_finished(state)
-        path = self.dir / SPLIT_NAME
-        if path.is_file():
-            with open(path) as handle:
-                self.division = json.load(handle)
+        division = read_json(self.dir / SPLIT_NAME)
+        if division is not None:
+            self.division = division
 
     def extra_state(self) -> Dict[str, Any]:
         return {**super().extra_state(), "discriminator": self.discriminator.state_dict()}

@@ -47,7 +47,8 @@ from fastst.models.deeplabv2 import MultiLevelDeepLabV2
 from fastst.ops import self_information
 
 __all__ = ["Warmup", "SOURCE_LABEL", "TARGET_LABEL", "VARIANTS", "GAN_LOSSES", "resolve_gan",
-           "discriminator_loss", "adversarial_loss", "class_probabilities", "discriminator_input"]
+           "gan_loss", "discriminator_loss", "adversarial_loss", "class_probabilities",
+           "discriminator_input"]
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0
@@ -82,7 +83,9 @@ def discriminator_input(logits: torch.Tensor, size, variant: str) -> torch.Tenso
     return self_information(probs) if variant == "advent" else probs
 
 
-def _gan_loss(outputs: torch.Tensor, label: float, gan: str) -> torch.Tensor:
+def gan_loss(outputs: torch.Tensor, label: float, gan: str) -> torch.Tensor:
+    """Mean loss of discriminator ``outputs`` against the constant ``label``: BCE with logits in
+    float32 (``bce``) or the squared error (``lsgan``)."""
     if gan == "bce":
         outputs = outputs.float()
         return F.binary_cross_entropy_with_logits(outputs, torch.full_like(outputs, label))
@@ -93,14 +96,14 @@ def discriminator_loss(discriminator: nn.Module, source_maps: torch.Tensor,
                        target_maps: torch.Tensor, gan: str = "lsgan") -> torch.Tensor:
     """D's loss on detached maps: ``(GAN(D(source), 0) + GAN(D(target), 1)) / 2``, GAN being the
     mean squared error (``lsgan``) or BCE with logits (``bce``)."""
-    return (_gan_loss(discriminator(source_maps.detach()), SOURCE_LABEL, gan)
-            + _gan_loss(discriminator(target_maps.detach()), TARGET_LABEL, gan)) / 2
+    return (gan_loss(discriminator(source_maps.detach()), SOURCE_LABEL, gan)
+            + gan_loss(discriminator(target_maps.detach()), TARGET_LABEL, gan)) / 2
 
 
 def adversarial_loss(discriminator: nn.Module, target_maps: torch.Tensor,
                      gan: str = "lsgan") -> torch.Tensor:
     """The segmenter's loss ``GAN(D(target), 0)``: target maps made to pass as source."""
-    return _gan_loss(discriminator(target_maps), SOURCE_LABEL, gan)
+    return gan_loss(discriminator(target_maps), SOURCE_LABEL, gan)
 
 
 class Warmup(Stage):
