@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
-from fastst.data import build_dataset, train_transform
+from fastst.data import build_dataset, sample_source_indices, train_transform
 
 __all__ = ["build_role", "crop_arguments", "crop_transform", "IndexedSubset", "split_indices",
            "split_names"]
@@ -80,12 +80,11 @@ def build_role(config: Mapping[str, Any], role: str, *, transform=None,
 def split_indices(num_items: int, fraction: float, seed: int) -> Tuple[List[int], List[int]]:
     """The seeded labelled/unlabelled split of the semi-supervised mode: the first
     floor(fraction * num_items) of ``torch.randperm(num_items)`` (generator seeded with ``seed``)
-    are labelled, the rest unlabelled; each part in ascending index order."""
-    import torch
-
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(int(seed)))
-    count = int(fraction * num_items)
-    return sorted(order[:count].tolist()), sorted(order[count:].tolist())
+    are labelled, the rest unlabelled; each part in ascending index order. The same draw as
+    the CBST rounds' source sample (``sample_source_indices``)."""
+    labelled = sample_source_indices(num_items, fraction, seed)
+    chosen = set(labelled)
+    return labelled, [i for i in range(num_items) if i not in chosen]
 
 
 def split_names(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
