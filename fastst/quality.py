@@ -16,6 +16,7 @@ import torch
 from fastst.data.io import read_label
 from fastst.data.pseudo_label import pseudo_label_path
 from fastst.data.transforms import resize_label
+from fastst.evaluate import results_dict
 from fastst.metrics import ConfusionMatrix
 
 __all__ = ["pseudo_label_quality", "target_has_labels"]
@@ -53,14 +54,7 @@ def pseudo_label_quality(label_dir, dataset, num_classes: int, class_names=None
         confusion.update(pseudo, truth)
         labelled += torch.bincount(pseudo[pseudo < num_classes], minlength=num_classes)
         pixels += pseudo.numel()
-    summary = confusion.summary()
-    names = list(class_names) if class_names is not None and len(class_names) == num_classes \
-        else [f"class {c}" for c in range(num_classes)]
+    scores = results_dict(confusion, [] if class_names is None else list(class_names))
     return {"labelled_proportion": int(labelled.sum()) / max(1, pixels),
-            "p_miou": _finite_or_none(summary["miou"]),
-            "p_iou": {name: _finite_or_none(value) for name, value in zip(names, summary["iou"])},
+            "p_miou": scores["miou"], "p_iou": scores["iou"],
             "labelled_proportion_per_class": (labelled.double() / max(1, pixels)).tolist()}
-
-
-def _finite_or_none(value: float) -> Optional[float]:
-    return None if value != value else float(value)
