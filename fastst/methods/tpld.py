@@ -32,7 +32,6 @@ from fastst.atomic import read_json, write_json_atomic
 from fastst.methods.cbst import CBSTRound, ClassBalancedRound
 from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
 from fastst.methods.st_losses import tpld_phase1_loss
-from fastst.methods.trainer import stage_iterations
 from fastst.methods.warmup import discriminator_input, gan_loss
 from fastst.models import FCDiscriminator
 from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard, tpld_soft_targets
@@ -105,9 +104,7 @@ class TPLDPhase2(ClassBalancedRound):
                                 seed=self.seed_of(part, "augment"))
             setattr(self, part, self.stream(part, batch_size, dataset=IndexedSubset(
                 target, self.division[f"{part}_indices"])))
-        numbers = stage_iterations(settings, len(target) // 2)
-        self.per_epoch, self.total, self.period = (numbers["per_epoch"], numbers["total"],
-                                                   numbers["period"])
+        self.set_iterations(len(target) // 2)  # an epoch reads every target image once
         self.easy_batches = self.hard_batches = None
         self.teacher_model = self.teacher()
         torch.manual_seed(self.seed_of("discriminator") % 2**63)
