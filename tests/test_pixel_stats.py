@@ -1,4 +1,8 @@
 """The fused statistics pass (fastst::pixel_stats, C++ and its CUDA twin) against the reference."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +37,7 @@ def test_probabilities_exact(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ties_take_lowest_index_and_flat_maps(device):
-    x = torch.softmax(torch.randint(0, 2, (2, 6, 9, 9), generator=gen(1)).float(), 1).to(device)
+    x = torch.softmax(torch.randint(0, 2, (2, 6, 9, 41), generator=gen(1)).float(), 1).to(device)
     m, a, _, _ = _stats(x)
     assert torch.equal(a.long(), x.max(1).indices)  # torch documents: first maximal index
     flat = torch.full((1, 7, 3, 4), 1 / 7, device=device)
@@ -96,6 +100,46 @@ def test_flags_nan_and_range(device):
     z = torch.randn(1, 4, 3, 3, device=device)
     z[0, 0, 0, 0] = float("-inf")
     assert _stats(z, from_logits=True)[3].item() & 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("column", [0, 7, 8, 15, 16, 255, 256, 299])  # vector lanes, blocks, tiles, tail
+@pytest.mark.parametrize("channel", [0, 5, 18])
+def test_flags_at_every_lane_of_the_vector_kernel(device, column, channel):
+    """The probability screen (one unsigned compare of the bits per value) runs 16 pixels at a
+    time with a scalar tail; a bad value anywhere sets the exact flags, and -0.0 (which fails
+    the screen) is a valid probability that reads as +0.0."""
+    base = probs(1, 19, 2, 300, seed=column + channel).to(device)
+    for value, want in ((float("nan"), 3), (float("inf"), 3), (-1e-7, 2), (1.0000001, 2), (1.0, 0), (0.0, 0)):
+        x = base.clone()
+        x[0, channel, 1, column] = value
+        assert _stats(x)[3].item() == want, (value, column, channel)
+    x = base.clone()
+    x[0, :, 1, column] = -0.0  # every channel -0.0: the max is +0.0 at class 0
+    m, a, _, flags = _stats(x)
+    want_m, want_a = reference.pixel_stats(x, from_logits=False, size=None, align_corners=True)
+    assert flags.item() == 0
+    assert torch.equal(m, want_m) and torch.equal(a.long(), want_a)
+    assert m[0, 1, column].item() == 0.0 and str(m[0, 1, column].item()) == "0.0"
+    assert a[0, 1, column].item() == 0
+
+
+def test_portable_loop_matches_the_vector_kernel(tmp_path):
+    """FASTST_PORTABLE_CPU=1 (read once per process) takes the loop used where AVX2 is missing:
+    the same maps, counts and flags as this process's kernel."""
+    x = probs(2, 19, 3, 45, seed=3)
+    x[0, 4, 1, 20] = float("nan")
+    x[1, :, 2, 33] = -0.0
+    path = tmp_path / "x.pt"
+    torch.save(x, path)
+    script = ("import sys, torch; from fastst.ops._library import pixel_stats; "
+              "x = torch.load(sys.argv[1]); torch.save(pixel_stats(x, False, 3, 45, True), sys.argv[2])")
+    env = dict(os.environ, FASTST_PORTABLE_CPU="1")
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "out.pt")], check=True, env=env)
+    portable = torch.load(tmp_path / "out.pt")
+    for got, want in zip(portable, _stats(x)):
+        assert torch.equal(got, want)
+    assert portable[3].item() == 3
 
 
 def _stats_ops():

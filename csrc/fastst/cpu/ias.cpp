@@ -2,7 +2,7 @@
 // CUDA kernels; this file only organises the data:
 //  - "official": per-instance histograms of the float16 bit patterns of m per class (exact:
 //    sorted(arr)[j] is found by walking the cumulative histogram), built per thread and summed;
-//  - "paper": the float32 bits of m bucketed by class, then std::nth_element per class.
+//  - "paper": an exact two-level radix select over the float32 bits of m per class (paper_instance).
 // Classes are independent within an instance (parallel); instances run in order (the EMA).
 #include "ias.h"
 
@@ -104,41 +104,75 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   }
 }
 
+// Paper mode: per class the (n - 1 - r)-th smallest float32 bit pattern of m (the bits of
+// m >= +0 order like the values; any bits order as integers), by an exact two-level radix select
+// instead of sorting: per-class histograms of the high 16 bits over the window of patterns
+// present (about 560 bins for softmax maxima >= 1/19, so they stay in L1) locate the bin of each
+// sought element; only the values in that bin are gathered and nth_element'ed.
 void paper_instance(const IasArgs& args, int64_t b, const double* k, double* theta) {
-  const int64_t C = args.C;
+  const int64_t C = args.C, HW = args.HW;
   const int64_t* counts = args.counts + b * C;
-  std::vector<int64_t> start(size_t(C) + 1, 0);
-  for (int64_t c = 0; c < C; ++c) start[c + 1] = start[c] + counts[c];
-  // Bucket the float32 bit patterns by class: the bits of m >= +0 order like the values, and
-  // integers give nth_element a strict weak order whatever the data.
-  std::vector<uint32_t> bits(static_cast<size_t>(args.HW));
-  const float* m = args.m + b * args.HW;
-  const uint8_t* a = args.a + b * args.HW;
-  // Parallel counting sort: each thread counts its slice per class, then writes its pixels after
-  // the earlier threads' pixels of the same class.
-  const int threads = omp_get_max_threads();
-  std::vector<int64_t> slice_counts(static_cast<size_t>(threads * C), 0);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t first = args.HW * t / nt, last = args.HW * (t + 1) / nt;
-    int64_t* own = slice_counts.data() + t * C;
-    for (int64_t p = first; p < last; ++p) own[a[p]] += 1;
-#pragma omp barrier
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int u = 0; u < t; ++u) {
-      for (int64_t c = 0; c < C; ++c) fill[size_t(c)] += slice_counts[size_t(u * C + c)];
-    }
-    for (int64_t p = first; p < last; ++p) bits[size_t(fill[a[p]]++)] = float_to_bits(m[p]);
+  const float* m = args.m + b * HW;
+  const uint8_t* a = args.a + b * HW;
+  uint32_t low_key = 0xffffu, high_key = 0;
+#pragma omp parallel for reduction(min : low_key) reduction(max : high_key)
+  for (int64_t p = 0; p < HW; ++p) {
+    const uint32_t key = float_to_bits(m[p]) >> 16;
+    low_key = std::min(low_key, key);
+    high_key = std::max(high_key, key);
   }
-#pragma omp parallel for schedule(dynamic)
+  if (high_key < low_key) return;  // no pixel
+  const int64_t bins = int64_t(high_key - low_key) + 1;
+  const int threads = omp_get_max_threads();
+  std::vector<std::vector<int32_t>> local(static_cast<size_t>(threads));
+  std::vector<int32_t> hist(size_t(C * bins), 0);
+#pragma omp parallel
+  {
+    std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
+    own.assign(size_t(C * bins), 0);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < HW; ++p) own[a[p] * bins + (float_to_bits(m[p]) >> 16) - low_key] += 1;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < C * bins; ++i) {
+      int32_t sum = 0;
+      for (const auto& l : local) sum += l.empty() ? 0 : l[size_t(i)];
+      hist[size_t(i)] = sum;
+    }
+  }
+  // The bin (as a high-16-bit key) holding each class's sought element, and its index inside
+  // the bin; classes without pixels keep theta and get a key no pattern has.
+  constexpr uint32_t kNone = 0xffffffffu;
+  std::vector<uint32_t> chosen(static_cast<size_t>(C), kNone);
+  std::vector<int64_t> inside(static_cast<size_t>(C), 0);
   for (int64_t c = 0; c < C; ++c) {
     const int64_t n = counts[c];
     if (n == 0) continue;  // theta_c unchanged, bit for bit
-    const int64_t r = paper_rank(k[c], n);
-    uint32_t* first = bits.data() + start[c];
-    std::nth_element(first, first + (n - 1 - r), first + n);
-    theta[c] = paper_ema(theta[c], (double)bits_to_float(first[n - 1 - r]), args.beta);
+    int64_t index = n - 1 - paper_rank(k[c], n);
+    const int32_t* hc = hist.data() + c * bins;
+    int64_t bin = 0;
+    while (bin < bins - 1 && index >= hc[bin]) index -= hc[bin++];
+    chosen[size_t(c)] = low_key + uint32_t(bin);
+    inside[size_t(c)] = index;
+  }
+  // Gather the chosen bins' patterns, per thread in pixel order, then per class in thread order.
+  std::vector<std::vector<std::vector<uint32_t>>> gathered(
+      static_cast<size_t>(threads), std::vector<std::vector<uint32_t>>(static_cast<size_t>(C)));
+#pragma omp parallel
+  {
+    std::vector<std::vector<uint32_t>>& own = gathered[size_t(omp_get_thread_num())];
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < HW; ++p) {
+      const uint32_t bits = float_to_bits(m[p]);
+      if ((bits >> 16) == chosen[a[p]]) own[a[p]].push_back(bits);
+    }
+  }
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t c = 0; c < C; ++c) {
+    if (chosen[size_t(c)] == kNone) continue;
+    std::vector<uint32_t> bin;
+    for (auto& per_thread : gathered) bin.insert(bin.end(), per_thread[size_t(c)].begin(), per_thread[size_t(c)].end());
+    std::nth_element(bin.begin(), bin.begin() + inside[size_t(c)], bin.end());
+    theta[c] = paper_ema(theta[c], (double)bits_to_float(bin[size_t(inside[size_t(c)])]), args.beta);
   }
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../kernels/stats.h"
+#include "max_argmax.h"
 
 namespace fastst {
 namespace {
@@ -34,13 +35,10 @@ FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64
   }
 }
 
-// Over a tile of n pixels whose C values are values[c * kTile + j]: best = max, arg = argmax
-// (strict '>', lowest index on ties); returns the OR of the value flags. Branch-free.
-// Probabilities take a cheaper check in the loop: one range test, !(0 <= v <= 1), which NaN and
-// Inf fail too; only a tile that fails it is rescanned for the exact flags (bad input only).
-template <bool kLogits>
-FASTST_CPU_CLONES int32_t max_argmax(const float* const* rows, int64_t n, int64_t C, float* __restrict best,
-                                     int32_t* __restrict arg) {
+// Over a tile of n logits whose C values are rows[c][j]: best = max, arg = argmax (strict '>',
+// lowest index on ties); returns the OR of the value flags. Branch-free.
+FASTST_CPU_CLONES int32_t max_argmax_logits(const float* const* rows, int64_t n, int64_t C, float* __restrict best,
+                                            int32_t* __restrict arg) {
   int32_t flags = 0;
   for (int64_t j = 0; j < n; ++j) {
     best[j] = rows[0][j];
@@ -50,17 +48,22 @@ FASTST_CPU_CLONES int32_t max_argmax(const float* const* rows, int64_t n, int64_
     const float* __restrict v = rows[c];
     for (int64_t j = 0; j < n; ++j) {
       const float value = v[j], current = best[j];
-      flags |= kLogits ? value_flags(value, true) : int32_t(!(value >= 0.0f) | !(value <= 1.0f));
+      flags |= value_flags(value, true);
       const int32_t greater = -int32_t(value > current);  // all ones where the class wins
       arg[j] = (arg[j] & ~greater) | (int32_t(c) & greater);
       best[j] = value > current ? value : current;
     }
   }
-  if (!kLogits && flags != 0) {
-    flags = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t j = 0; j < n; ++j) flags |= value_flags(rows[c][j], false);
-    }
+  return flags;
+}
+
+// Probabilities: max_argmax_probs screens every value with one unsigned compare of its bits;
+// only a tile that fails the screen (bad input, or a -0.0) is rescanned for the exact flags.
+int32_t max_argmax_probabilities(const float* const* rows, int64_t n, int64_t C, float* best, int32_t* arg) {
+  if (!max_argmax_probs(rows, n, C, best, arg)) return 0;
+  int32_t flags = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j = 0; j < n; ++j) flags |= value_flags(rows[c][j], false);
   }
   return flags;
 }
@@ -139,8 +142,8 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
             }
           }
         }
-        flags |= logits ? max_argmax<true>(rows.data(), n, C, best.data(), arg.data())
-                        : max_argmax<false>(rows.data(), n, C, best.data(), arg.data());
+        flags |= logits ? max_argmax_logits(rows.data(), n, C, best.data(), arg.data())
+                        : max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
         const int64_t out = (b * args.H + y) * W + x0;
         if (logits) {
           exp_sum(values.data(), n, C, best.data(), sum.data());
