@@ -12,7 +12,7 @@ OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 
 step="${1:-}"
 case "$step" in
