@@ -12,6 +12,10 @@ views: the mean softmax, float32 (B, C, H, W) at the image size.
 
 1. Thresholds: every batch goes into ``fastst.ops.ClassBalancedThresholds(C, subsample)``;
    then ``lambdas = thresholds(portion)`` (float32 (C,)) and the argmax pixel counts per class.
+   ``runtime.cbst_thresholds`` picks its store (``threshold_store``): "values" keeps every
+   subsampled value in memory (one round over the images); "histogram" keeps 2 x C x 65,536
+   counters and takes two rounds (the second refines each class's bin); "auto" (default)
+   takes the histogram store when the values would exceed 1 GiB. Same thresholds either way.
 2. Labels: the probabilities again; the confident map ``cbst_pseudo_label(probs, lambdas)``,
    densified by ``tpld_vote(probs, lambdas, **vote)`` when ``vote`` is given (TPLD), and each
    image's confidence ``image_confidence(probs, lambdas)``. Label maps are written as PNGs by a
@@ -19,9 +23,11 @@ views: the mean softmax, float32 (B, C, H, W) at the image size.
    confident and the final maps stay on the device.
 
 Resumption: right after pass 1 the thresholds and class counts are saved atomically to
-out_dir/state.pt, so a kill in pass 2 never redoes pass 1. A kill *during* pass 1 restarts pass 1:
-its exact order statistics need every kept value (5 bytes each, about 7.8 GB for the 2,975
-Cityscapes images at 1024x2048 with subsample 4), too much to snapshot. In pass 2 the state
+out_dir/state.pt, so a kill in pass 2 never redoes pass 1. With the histogram store pass 1 is
+resumable too: its counters (about 20 MB) are saved every ``runtime.pseudo_state_every`` batches
+and between its two rounds. With the values store a kill *during* pass 1 restarts pass 1: its
+values (5 bytes each, about 7.8 GB for the 2,975 Cityscapes images at 1024x2048 with subsample 4)
+are too many to snapshot. In pass 2 the state
 (images done, histograms, confidences) is saved every ``runtime.pseudo_state_every`` batches once
 the PNGs written so far are on disk; a rerun continues from there and gives the same labels and
 manifest as an uninterrupted pass. Batches of both passes count towards
@@ -32,10 +38,11 @@ files is not redone.
 Several processes (``torchrun``; ``fastst.distributed``): in both passes the one-process batches
 are dealt to the ranks in steps of N (``DistributedContext.pass_steps``), so each rank computes
 the probabilities of exactly the batches one process would. Pass 1: each rank feeds its own
-accumulator, and the thresholds of all ranks' kept values together come from an exact two-level
-radix select over their float bits (per-class histograms of the high 16 bits, summed over the
-ranks, locate each threshold's bin; histograms of the low 16 bits inside that bin, summed again,
-locate the value): 2 x C x 65,536 counters travel instead of the kept values (GBs at full size).
+accumulator, and the thresholds of all ranks' images together come from the exact two-level
+radix select of ``fastst.ops.radix_select`` (per-class histograms of the high 16 bits, summed
+over the ranks, locate each threshold's bin; histograms of the low 16 bits inside that bin,
+summed again, locate the value): 2 x C x 65,536 counters travel instead of the kept values (GBs
+at full size). The histogram store does the same over its two rounds.
 Labels, votes and confidences are per image, so pass 2 needs no exchange but the names,
 confidences and label histograms, gathered for rank 0's state and manifest. Every rank writes the
 PNGs of its own images. The manifest and labels equal those of one process.
@@ -63,12 +70,12 @@ from fastst import distributed
 from fastst.data.pseudo_label import save_pseudo_labels
 from fastst.inference import predict_probs
 from fastst.methods.context import RunContext, save_torch_atomic, write_json_atomic
-from fastst.ops import ClassBalancedThresholds, cbst_pseudo_label, image_confidence, tpld_vote
+from fastst.ops import ClassBalancedThresholds, cbst_pseudo_label, image_confidence, radix_select, tpld_vote
 from fastst.ops._checks import check_real
 from fastst.pseudo import (IMAGES_LOGGED, LABEL_DIR, MANIFEST_NAME, class_names, labels_present,
                            load_pass_state, log_pass_images, read_manifest)
 
-__all__ = ["cbst_pass", "read_cbst_manifest", "mine_classes", "CBST_MANIFEST_FORMAT"]
+__all__ = ["cbst_pass", "read_cbst_manifest", "mine_classes", "threshold_store", "CBST_MANIFEST_FORMAT"]
 
 CBST_MANIFEST_FORMAT = "fastst-cbst-pseudo-v1"
 
@@ -188,8 +195,9 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
         ones (IAST's constant-threshold self-training: labels argmax p where p / threshold >= 1);
         pass 1 is skipped, and class_counts / mine_classes are then empty.
 
-    Pass 1 is not checkpointed: a kill during it redoes it (its stored values can take GBs);
-    a kill in pass 2 resumes after pass 1 from out_dir/state.pt."""
+    A kill in pass 2 resumes after pass 1 from out_dir/state.pt; a kill in pass 1 resumes
+    there with the histogram store (``runtime.cbst_thresholds``) and redoes pass 1 with the
+    values store."""
     out_dir = Path(out_dir)
     label_dir = out_dir / LABEL_DIR
     settings = _settings(model, dataset, portion=portion, scales=scales, flip=flip,
@@ -219,9 +227,10 @@ def cbst_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, port
             lambdas = torch.full((settings["num_classes"],), settings["threshold"],
                                  dtype=torch.float32)
             class_counts = torch.zeros(0, dtype=torch.int64)
-        elif state is None:
-            lambdas, class_counts = _thresholds(model, dataset, ctx, settings, tag)
-        if state is None:
+        elif state is None or "thresholds" in state:
+            lambdas, class_counts = _thresholds(model, dataset, ctx, settings, tag, out_dir, state,
+                                                seconds_before, started)
+        if state is None or "thresholds" in state:
             state = {"settings": settings, "lambdas": lambdas.cpu(),
                      "class_counts": class_counts.cpu(), "done": 0, "names": [],
                      "confidences": torch.zeros(0, dtype=torch.float64),
@@ -273,50 +282,102 @@ def _progress(ctx: RunContext, total: int, initial: int, desc: str):
                 dynamic_ncols=True)
 
 
-def _thresholds(model, dataset, ctx: RunContext, settings: Mapping[str, Any], tag: str):
-    """Pass 1: lambdas float32 (C,) at the portion and argmax pixel counts int64 (C,)."""
-    accumulator = ClassBalancedThresholds(settings["num_classes"],
-                                          subsample=settings["subsample"])
+# "auto" keeps the values in memory up to this size, above it the histogram store (2 passes).
+VALUES_STORE_LIMIT = 1 << 30
+
+
+def threshold_store(choice: str, settings: Mapping[str, Any]) -> str:
+    """The ClassBalancedThresholds store for ``runtime.cbst_thresholds`` = ``choice``
+    ("values", "histogram" or "auto": histogram when the kept values, 5 bytes per subsampled
+    pixel of every image, would exceed VALUES_STORE_LIMIT)."""
+    if choice != "auto":
+        return choice
+    height, width = settings["size"]
+    kept_bytes = 5 * settings["num_images"] * height * width / settings["subsample"]
+    return "histogram" if kept_bytes > VALUES_STORE_LIMIT else "values"
+
+
+def _thresholds(model, dataset, ctx: RunContext, settings: Mapping[str, Any], tag: str,
+                out_dir: Path, state: Optional[Dict[str, Any]], seconds_before: float,
+                started: float):
+    """Pass 1: lambdas float32 (C,) at the portion and argmax pixel counts int64 (C,).
+
+    The values store takes one round over the images. The histogram store takes two (the
+    radix select's rounds) and snapshots its counters into out_dir/state.pt every
+    ``runtime.pseudo_state_every`` batches and at the end of round 1, so a rerun resumes from
+    ``state`` (a pass-1 state: {"thresholds": {"round", "done", "accumulator"}, ...})."""
+    dctx = distributed.current()
+    store = threshold_store(ctx.runtime.get("cbst_thresholds", "auto"), settings)
+    accumulator = ClassBalancedThresholds(settings["num_classes"], subsample=settings["subsample"],
+                                          store=store)
+    if store == "values":
+        _threshold_round(model, dataset, ctx, settings, accumulator, 0, f"{tag} thresholds")
+        if not dctx.is_distributed:
+            return accumulator.thresholds(settings["portion"]), accumulator.class_counts()
+        counts = dctx.all_reduce_(accumulator.class_counts().to(ctx.device))
+        values, classes = _kept_values(accumulator, ctx.device)
+        return (thresholds_over_ranks(values, classes, settings["num_classes"], settings["portion"],
+                                      dctx), counts)
+
+    reduce = dctx.all_reduce_ if dctx.is_distributed else None
+    first_round, done = 0, 0
+    if state is not None and "thresholds" in state:
+        first_round, done = state["thresholds"]["round"], state["thresholds"]["done"]
+        # Rank 0 carries the counters of the batches done before; the ranks' sum is the total.
+        accumulator.load_state_dict(state["thresholds"]["accumulator"], own_counters=dctx.is_main,
+                                    device=ctx.device)
+
+    def snapshot(round_index: int, images_done: int) -> None:
+        saved = {"settings": settings, "names": [],
+                 "seconds": seconds_before + time.perf_counter() - started,
+                 "thresholds": {"round": round_index, "done": images_done,
+                                "accumulator": accumulator.state_dict(reduce)}}
+        if dctx.is_main:
+            save_torch_atomic(saved, out_dir / STATE_NAME)
+
+    for round_index in range(first_round, 2):
+        _threshold_round(model, dataset, ctx, settings, accumulator, done,
+                         f"{tag} thresholds {round_index + 1}/2",
+                         lambda images_done: snapshot(round_index, images_done))
+        done = 0
+        if round_index == 0:
+            accumulator.begin_refinement(settings["portion"], reduce)
+            snapshot(1, 0)
+    lambdas = accumulator.thresholds(settings["portion"], reduce)
+    counts = accumulator.class_counts().to(ctx.device)
+    return lambdas, dctx.all_reduce_(counts)
+
+
+def _threshold_round(model, dataset, ctx: RunContext, settings: Mapping[str, Any],
+                     accumulator: ClassBalancedThresholds, done: int, desc: str,
+                     snapshot=None) -> None:
+    """Feed the probabilities of images ``done`` .. N - 1 to ``accumulator`` (each rank its
+    one-process batches); ``snapshot(images_done)``, when given, runs on every rank every
+    ``runtime.pseudo_state_every`` steps."""
     num_images = settings["num_images"]
     dctx = distributed.current()
-    steps = dctx.pass_steps(num_images, settings["batch_size"])
-    loader = _loader(dataset, [i for spans in steps for i in range(*spans[dctx.rank])], ctx,
+    steps = dctx.pass_steps(num_images - done, settings["batch_size"])
+    loader = _loader(dataset, [done + i for spans in steps for i in range(*spans[dctx.rank])], ctx,
                      settings["batch_size"])
-    with torch.no_grad(), _progress(ctx, num_images, 0, f"{tag} thresholds") as bar:
+    with torch.no_grad(), _progress(ctx, num_images, done, desc) as bar:
         batches = iter(loader)
-        for spans in steps:
+        for step_index, spans in enumerate(steps):
             start, stop = spans[dctx.rank]
             if stop > start:
                 probs, _ = _probabilities(model, next(batches), ctx, settings)
                 accumulator.update(probs)
-            bar.update(spans[-1][1] - spans[0][0])
+            step_count = spans[-1][1] - spans[0][0]
+            done += step_count
+            bar.update(step_count)
+            if snapshot is not None and (step_index + 1) % ctx.runtime["pseudo_state_every"] == 0:
+                snapshot(done)
             ctx.count("pseudo_batches")
-    if not dctx.is_distributed:
-        return accumulator.thresholds(settings["portion"]), accumulator.class_counts()
-    counts = dctx.all_reduce_(accumulator.class_counts().to(ctx.device))
-    values, classes = _kept_values(accumulator, ctx.device)
-    return (thresholds_over_ranks(values, classes, settings["num_classes"], settings["portion"],
-                                  dctx), counts)
 
 
 def _kept_values(accumulator: ClassBalancedThresholds, device: torch.device):
     """(values float32 (n,), classes uint8 (n,)): what ``accumulator`` has kept, on ``device``."""
     values, classes = accumulator.kept()
     return values.to(device), classes.to(device)
-
-
-_RADIX = 1 << 16
-
-
-def _locate(histogram: torch.Tensor, position: torch.Tensor):
-    """For each row c of ``histogram`` (C, 65536) int64, the bin holding the element at
-    0-based ascending ``position[c]`` and that element's position inside the bin."""
-    cumulative = histogram.cumsum(1)
-    found = torch.searchsorted(cumulative, position.unsqueeze(1), right=True).squeeze(1)
-    found = found.clamp(max=_RADIX - 1)
-    before = torch.where(found > 0, cumulative.gather(1, (found - 1).clamp(min=0).unsqueeze(1))
-                         .squeeze(1), torch.zeros_like(found))
-    return found, position - before
 
 
 def thresholds_over_ranks(values: torch.Tensor, classes: torch.Tensor, num_classes: int,
@@ -326,32 +387,11 @@ def thresholds_over_ranks(values: torch.Tensor, classes: torch.Tensor, num_class
     count is 0, exactly what one ``ClassBalancedThresholds`` fed every batch gives.
 
     values: float32 (n,) >= +0 (max probabilities), classes: (n,) integer ids, this rank's.
-    dctx: the ``DistributedContext`` (world size 1: this rank's values alone). Two rounds of
-    per-class histograms over the float bits (non-negative floats order like their bits):
-    the high 16 bits pick each threshold's bin, the low 16 bits inside it the value; each round
-    all-reduces C x 65,536 int64 counters. Returns float32 (C,) on the values' device."""
-    device = values.device
-    bits = values.contiguous().view(torch.int32).long() & 0xFFFFFFFF
-    cls = classes.long()
-    high = bits >> 16
-    histogram = torch.zeros(num_classes * _RADIX, dtype=torch.int64, device=device)
-    histogram.index_add_(0, cls * _RADIX + high, torch.ones_like(high))
-    histogram = dctx.all_reduce_(histogram).view(num_classes, _RADIX)
-    kept = histogram.sum(1).tolist()
-    # floor in float64, as ClassBalancedThresholds does (Python float times int).
-    selected = [int(math.floor(count * portion)) for count in kept]
-    position = torch.tensor([count - n if n > 0 else 0 for count, n in zip(kept, selected)],
-                            dtype=torch.int64, device=device)
-    chosen_high, rest = _locate(histogram, position)
-    inside = high == chosen_high[cls]
-    low_histogram = torch.zeros(num_classes * _RADIX, dtype=torch.int64, device=device)
-    low_histogram.index_add_(0, cls[inside] * _RADIX + (bits[inside] & 0xFFFF),
-                             torch.ones_like(high[inside]))
-    low_histogram = dctx.all_reduce_(low_histogram).view(num_classes, _RADIX)
-    chosen_low, _ = _locate(low_histogram, rest)
-    found = ((chosen_high << 16) | chosen_low).to(torch.int32).view(torch.float32)
-    has_value = torch.tensor([n > 0 for n in selected], device=device)
-    return torch.where(has_value, found, torch.ones_like(found))
+    dctx: the ``DistributedContext`` (world size 1: this rank's values alone). The two-round
+    radix select of fastst.ops.radix_select; each round all-reduces C x 65,536 int64
+    counters instead of the values. Returns float32 (C,) on the values' device."""
+    return radix_select.thresholds_from_values(values, classes, num_classes, portion,
+                                               dctx.all_reduce_ if dctx.is_distributed else None)
 
 
 def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state: Dict[str, Any],

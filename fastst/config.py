@@ -102,6 +102,11 @@ BASE_DEFAULTS: Dict[str, Any] = {
         # Multi-process runs (torchrun): BatchNorm statistics over the global batch (all ranks,
         # CUDA only) instead of each rank's share of it.
         "sync_bn": False,
+        # Where class-balanced thresholds (CBST/CRST/TPLD, IAST's cbst selector) keep their data:
+        # "values" (one pass, 5 bytes per kept pixel), "histogram" (a second pass over the
+        # images, 20 MB whatever the data set, resumable), or "auto" (histogram above 1 GiB of
+        # values). Both give the same thresholds.
+        "cbst_thresholds": "auto",
     },
 }
 
@@ -540,9 +545,13 @@ def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str
         _int(config, f"{prefix}.d_first_kernel", 1)
 
 
+CBST_THRESHOLD_STORES = ("auto", "values", "histogram")
+
+
 def _validate_runtime(config: Mapping[str, Any]) -> None:
     _choice(config, "runtime.device", _DEVICES)
     _choice(config, "runtime.amp", _AMP)
+    _choice(config, "runtime.cbst_thresholds", CBST_THRESHOLD_STORES)
     for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data",
                 "pseudo_quality", "sync_bn"):
         if not isinstance(config["runtime"][key], bool):

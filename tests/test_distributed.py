@@ -68,10 +68,10 @@ def _ias(model, root, out, mode, **runtime):
                     mode=mode, group=group, batch_size=2)
 
 
-def _cbst(model, root, out):
+def _cbst(model, root, out, **runtime):
     dataset = build_dataset("cityscapes", root / "cityscapes", "train", labels=False,
                             resize=CBST_SIZE)
-    return cbst_pass(model, dataset, out, _context(out), **CBST_OPTIONS)
+    return cbst_pass(model, dataset, out, _context(out, **runtime), **CBST_OPTIONS)
 
 
 def _evaluate(model, root):
@@ -121,6 +121,14 @@ def _worker(spec_path):
     _ias(model, root, out / "ias_official", "official")
     _ias(model, root, out / "ias_paper", "paper")
     _cbst(model, root, out / "cbst")
+    # The histogram store, stopped after the first step of its second round (2 steps a round,
+    # a snapshot every step), then resumed.
+    try:
+        _cbst(model, root, out / "cbst_histogram", cbst_thresholds="histogram", pseudo_state_every=1,
+              stop_after_pseudo_batches=3)
+    except StopRequested:
+        pass
+    _cbst(model, root, out / "cbst_histogram", cbst_thresholds="histogram")
     matrix = _evaluate(model, root)
     if dctx.is_main:
         (out / "confusion.json").write_text(json.dumps(matrix.tolist()))
@@ -243,6 +251,18 @@ def test_cbst_pass_with_voting_equals_one_process(launched, tmp_path):
     assert single["labelled_fraction"] > single["labelled_fraction_confident"] > 0
     names = [image["name"] for image in single["images"]]
     np.testing.assert_array_equal(_labels(out / "cbst", names), _labels(tmp_path / "single", names))
+
+
+def test_cbst_histogram_store_resumed_equals_one_process(launched, tmp_path):
+    """Two ranks, the histogram store, a stop inside pass 1 and a resume: the labels and the
+    manifest of one process with the values store."""
+    root, out, model = launched
+    single = _cbst(model, root, tmp_path / "single", cbst_thresholds="values")
+    spread = json.loads((out / "cbst_histogram" / "manifest.json").read_text())
+    assert _without_timing(spread) == json.loads(json.dumps(_without_timing(single)))
+    names = [image["name"] for image in single["images"]]
+    np.testing.assert_array_equal(_labels(out / "cbst_histogram", names),
+                                  _labels(tmp_path / "single", names))
 
 
 def test_gathered_evaluation_equals_one_process(launched):
