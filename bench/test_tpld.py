@@ -66,16 +66,21 @@ def test_tpld_vote(benchmark, run, impl, B):
     assert tuple(labels.shape) == (B, H, W)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["torch"])
+@pytest.mark.parametrize("impl", ["cpp", "cpp_histogram", "torch"] if DEVICE == "cpu" else ["torch", "torch_histogram"])
 def test_thresholds_stream(benchmark, run, impl):
     n = 10 if QUICK else 100
     h, w = (64, 128) if QUICK else (256, 512)
     p, _ = _inputs(1, h, w)
+    backend, _, store = impl.partition("_")
 
     def stream():
-        acc = ops.ClassBalancedThresholds(C, 4, backend=impl)
+        acc = ops.ClassBalancedThresholds(C, 4, backend=backend, store=store or "values")
         for _ in range(n):
             acc.update(p)
+        if acc.needs_refinement:  # the bounded-memory store reads every batch twice
+            acc.begin_refinement(0.2)
+            for _ in range(n):
+                acc.update(p)
         return acc.thresholds(0.2)
 
     group = f"ClassBalancedThresholds subsample 4, {n} batches of 1x{C}x{h}x{w} + thresholds {DEVICE}"
@@ -145,3 +150,33 @@ def test_self_information(benchmark, run, impl):
     fn = _self_information_fn(impl)
     out = run(benchmark, f"self_information B=2 C={C} {H}x{W}", impl, lambda: fn(p), device=DEVICE)
     assert out.shape == p.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", ["in_pass", "materialised"])
+def test_phase2_easy_loss_from_teacher(benchmark, run, impl):
+    """TPLD phase 2's easy-crop loss from the teacher's 1/8-resolution logits, forward + backward:
+    `in_pass` makes the soft targets inside the fused loss (teacher_logits=); `materialised` is
+    what phase 2 did before: the teacher's probabilities at full size (F.interpolate + softmax),
+    the confident map and tpld_soft_targets as (B, C, H, W) tensors, then the same fused loss
+    with soft_target=. cpp on the CPU, triton on CUDA."""
+    B = 2
+    backend = LOSS_IMPLS[0]
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
+    teacher = (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
+    lam = (torch.rand(C, generator=g) * 0.4 + 0.5).to(DEVICE)
+
+    def step():
+        x = logits.clone().requires_grad_(True)
+        if impl == "in_pass":
+            loss = ops.bootstrap_loss(x, None, lam, teacher_logits=teacher, size=(H, W), backend=backend)
+        else:
+            probs = torch.softmax(F.interpolate(teacher, size=(H, W), mode="bilinear", align_corners=True), 1)
+            loss = ops.bootstrap_loss(x, ops.cbst_pseudo_label(probs, lam), lam,
+                                      soft_target=ops.tpld_soft_targets(probs, lam), backend=backend)
+        loss.backward()
+        return x.grad
+
+    group = f"phase-2 easy loss fwd+bwd ({backend}), teacher {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
+    grad = run(benchmark, group, impl, step, device=DEVICE)
+    assert grad.shape == logits.shape

@@ -225,7 +225,7 @@ def test_mrkld_empty_and_opcheck(backend):
     logits, target = _loss_inputs(2, 3, 2, 3, 4, 5, seed=7)
     torch.library.opcheck(_st_loss_op(backend), (logits.to(d).requires_grad_(True), target.to(d),
                                                  torch.ones(3, device=d), None, torch.tensor([True, False], device=d),
-                                                 2, 0.0, 0.01, False, 255, 4, 5, True, True))
+                                                 2, 0.0, 0.01, 0.0, False, 255, 4, 5, True, True))
 
 
 @pytest.mark.parametrize("backend", FUSED_MRKLD)

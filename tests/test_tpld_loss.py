@@ -178,8 +178,8 @@ def test_deterministic_and_opcheck_and_compile(backend, op):
     d = _device(backend)
     logits, target, lambdas, soft = (t.to(d) for t in _inputs(1, 3, 2, 3, 4, 5, seed=7))
     x = logits.clone().requires_grad_(True)
-    torch.library.opcheck(op, (x, target, lambdas, None, None, 0, 0.95, 0.0, False, 255, 4, 5, True, True))
-    torch.library.opcheck(op, (x, target, lambdas, soft, None, 1, 0.95, 0.0, True, 255, 4, 5, False, True))
+    torch.library.opcheck(op, (x, target, lambdas, None, None, 0, 0.95, 0.0, 0.0, False, 255, 4, 5, True, True))
+    torch.library.opcheck(op, (x, target, lambdas, soft, None, 1, 0.95, 0.0, 0.0, True, 255, 4, 5, False, True))
 
     def step(v):
         return ops.bootstrap_loss(v, target, lambdas, soft_target=soft, backend=backend) * 2.0

@@ -227,24 +227,31 @@ PYBIND11_MODULE(_C, mod) {
       [](uintptr_t logits, int dtype, std::array<int64_t, 4> shape_in, std::array<int64_t, 2> size_out,
          std::array<int64_t, 4> strides, uintptr_t target, bool target_is_u8, int ignore_index, int mode,
          uintptr_t lambdas, uintptr_t soft_target, uintptr_t is_target, float beta, float mrkld_weight,
-         bool sum_reduction, bool align_corners, uintptr_t loss, uintptr_t grad) {
-        if (mode < fastst::kBootstrapHard || mode > fastst::kMrkld) throw std::invalid_argument("fastst._C: unknown loss mode");
+         float gamma, bool sum_reduction, bool align_corners, uintptr_t loss, uintptr_t grad) {
+        if (mode < fastst::kBootstrapHard || mode > fastst::kBootstrapTeacher) throw std::invalid_argument("fastst._C: unknown loss mode");
         fastst::StLossArgs args{};
         set_loss_inputs(args, logits, dtype, shape_in, size_out, strides, target, target_is_u8, ignore_index,
                         align_corners);
         args.mode = mode;
         args.lambdas = ptr<const float>(lambdas);
-        args.soft_target = ptr<const float>(soft_target);
         args.is_target = ptr<const uint8_t>(is_target);
         args.beta = beta;
         args.mrkld_weight = mrkld_weight;
+        args.gamma = gamma;
+        // Mode 3 reads the teacher's logits through the scaffolding's second input.
+        if (mode == fastst::kBootstrapTeacher) {
+          args.aux = ptr<const float>(soft_target);
+        } else {
+          args.soft_target = ptr<const float>(soft_target);
+        }
         args.sum_reduction = sum_reduction;
         args.loss = ptr<float>(loss);
         args.grad = ptr<float>(grad);
         fastst::st_loss_cpu(args);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Fused bootstrapping (mode 0 hard, 1 soft) or CRST-MRKLD (mode 2) loss with on-the-fly "
+      "Fused bootstrapping (mode 0 hard, 1 soft, 3 soft from a teacher's logits passed as soft_target) "
+      "or CRST-MRKLD (mode 2) loss with on-the-fly "
       "bilinear upsample: the loss and, when grad != 0, d loss / d logits, on the CPU.");
 
 #if defined(FASTST_WITH_CUDA)

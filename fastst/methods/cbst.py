@@ -95,6 +95,12 @@ class ClassBalancedRound(Stage):
         """Softmax of the teacher on ``images`` (B, 3, H, W) at their size: float32 (B, C, H, W)."""
         return predict_probs(self.teacher_model, images, autocast_dtype=self.ctx.amp_dtype)
 
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on ``images`` (B, 3, H, W), at its output stride (B, C, h, w), no
+        gradient (the fused losses upsample them on the fly)."""
+        with torch.no_grad(), self.ctx.autocast():
+            return self.teacher_model(images)
+
     def pseudo_summary(self) -> Optional[Dict[str, Any]]:
         manifest = self.manifest
         if manifest is None:

@@ -34,7 +34,7 @@ from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
 from fastst.methods.st_losses import tpld_phase1_loss
 from fastst.methods.warmup import discriminator_input, gan_loss
 from fastst.models import FCDiscriminator
-from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard, tpld_soft_targets
+from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard
 
 __all__ = ["TPLDPhase1", "TPLDPhase2", "EASY_LABEL", "HARD_LABEL", "SPLIT_NAME"]
 
@@ -125,9 +125,9 @@ class TPLDPhase2(ClassBalancedRound):
         hard_images = ctx.images_to_device(next(self.hard_batches)["image"])
         size = tuple(easy_images.shape[-2:])
         lambdas = self.lambdas()
-        teacher_probs = self.teacher_probs(easy_images)
-        confident = cbst_pseudo_label(teacher_probs, lambdas)
-        soft = tpld_soft_targets(teacher_probs, lambdas, gamma=settings["gamma"])
+        # The easy crop's full calibrated targets are made inside the fused loss from the
+        # teacher's low-resolution logits: no (B, C, H, W) probabilities or targets exist.
+        teacher_logits = self.teacher_logits(easy_images)
         optimizer, d_optimizer = self.optimizers
         discriminator = self.discriminator
 
@@ -135,8 +135,8 @@ class TPLDPhase2(ClassBalancedRound):
         discriminator.requires_grad_(False)
         with ctx.autocast():
             easy_logits = model(easy_images)
-        easy_loss = bootstrap_loss(easy_logits, confident, lambdas, beta=settings["beta"],
-                                   soft_target=soft, size=size)
+        easy_loss = bootstrap_loss(easy_logits, None, lambdas, beta=settings["beta"],
+                                   teacher_logits=teacher_logits, gamma=settings["gamma"], size=size)
         easy_loss.backward()
         with ctx.autocast():
             hard_logits = model(hard_images)
@@ -159,7 +159,8 @@ class TPLDPhase2(ClassBalancedRound):
         optimizer.step()
         d_optimizer.step()
         accuracy = ((easy_out > 0).float().mean() + (hard_out < 0).float().mean()) / 2
-        if self.log_images_now:
+        if self.log_images_now:  # the teacher's confident map, made at full size for viewing only
+            confident = cbst_pseudo_label(self.teacher_probs(easy_images), lambdas)
             self.visual = {"image": easy_images, "logits": easy_logits, "label": confident}
         return {"easy_loss": easy_loss.detach(), "adv": adv.detach(),
                 "discriminator": d_loss.detach(), "d_accuracy": accuracy.detach()}

@@ -13,7 +13,7 @@ from ._library import DTYPE_CODES
 from ._region_loss_ops import register_fused_loss_op
 
 # Loss modes of kernels/tpld.h::StLossMode.
-BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD = 0, 1, 2
+BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD, BOOTSTRAP_TEACHER = 0, 1, 2, 3
 
 
 def _pixels(probs: torch.Tensor, lambdas: torch.Tensor, *, vote: bool, confidence: bool):
@@ -142,7 +142,7 @@ def new_st_loss_outputs(logits: torch.Tensor, compute_grad: bool):
     return logits.new_empty((1,), dtype=torch.float32), logits.new_empty(grad_shape, dtype=torch.float32)
 
 
-def st_loss_fake(logits, target, lambdas, soft_target, is_target, mode, beta, mrkld_weight,
+def st_loss_fake(logits, target, lambdas, soft_target, is_target, mode, beta, mrkld_weight, gamma,
                  sum_reduction, ignore_index, out_h, out_w, align_corners, compute_grad):
     """The fake (meta) kernel of every fused self-training-loss op."""
     return new_st_loss_outputs(logits, compute_grad)
@@ -151,22 +151,25 @@ def st_loss_fake(logits, target, lambdas, soft_target, is_target, mode, beta, mr
 def register_st_loss_op(op) -> None:
     """Give a fused self-training-loss custom op its fake kernel and autograd formula (the
     gradient flows to the logits only: targets, lambdas and soft targets are constants)."""
-    register_fused_loss_op(op, st_loss_fake, 14, "fastst.ops.bootstrap_loss / mrkld_loss")
+    register_fused_loss_op(op, st_loss_fake, 15, "fastst.ops.bootstrap_loss / mrkld_loss")
 
 
 @torch.library.custom_op("fastst::st_loss_cpp", mutates_args=())
 def st_loss_cpp(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tensor,
                 soft_target: Optional[torch.Tensor], is_target: Optional[torch.Tensor], mode: int,
-                beta: float, mrkld_weight: float, sum_reduction: bool, ignore_index: int, out_h: int,
-                out_w: int, align_corners: bool, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused bootstrapping (mode 0 hard / 1 soft, SPEC 6) or CRST-MRKLD (mode 2, SPEC 5) loss on
-    the CPU, deterministic for any thread count.
+                beta: float, mrkld_weight: float, gamma: float, sum_reduction: bool, ignore_index: int,
+                out_h: int, out_w: int, align_corners: bool,
+                compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused bootstrapping (mode 0 hard / 1 soft / 3 soft from a teacher, SPEC 6) or CRST-MRKLD
+    (mode 2, SPEC 5) loss on the CPU, deterministic for any thread count.
 
     Args:
         logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled on the fly to
             (out_h, out_w) when that differs.
-        target: (B, out_h, out_w) uint8/int64. lambdas: (C,) float32 (bootstrap).
-        soft_target: (B, C, out_h, out_w) float32 (mode 1), else None.
+        target: (B, out_h, out_w) uint8/int64 (not read in mode 3). lambdas: (C,) float32
+            (bootstrap).
+        soft_target: (B, C, out_h, out_w) float32 (mode 1); the teacher's logits (B, C, h, w)
+            (mode 3, made into soft targets in the pass with exponent gamma); else None.
         is_target: (B,) bool, target-domain crops (mode 2), else None.
     Returns:
         loss (1,) float32; grad (B, C, h, w) float32 or (0,).
@@ -175,13 +178,13 @@ def st_loss_cpp(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tenso
     loss, grad = new_st_loss_outputs(logits, compute_grad)
     target = target.contiguous()
     lambdas = lambdas.contiguous()
-    soft = soft_target.contiguous() if soft_target is not None else None
+    soft = soft_target.float().contiguous() if soft_target is not None else None
     flags = is_target.to(torch.uint8).contiguous() if is_target is not None else None
     extension().st_loss_cpu(
         logits.data_ptr(), DTYPE_CODES[logits.dtype], (B, C, h, w), (out_h, out_w), tuple(logits.stride()),
         target.data_ptr(), target.dtype == torch.uint8, ignore_index, mode, lambdas.data_ptr(),
         soft.data_ptr() if soft is not None else 0, flags.data_ptr() if flags is not None else 0,
-        beta, mrkld_weight, sum_reduction, align_corners, loss.data_ptr(),
+        beta, mrkld_weight, gamma, sum_reduction, align_corners, loss.data_ptr(),
         grad.data_ptr() if compute_grad else 0)
     return loss, grad
 

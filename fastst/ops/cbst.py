@@ -375,7 +375,7 @@ def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tens
     op = st_loss_cpp
     if name == "triton":
         from .triton.st_loss import st_loss_triton as op  # imports triton only when asked
-    loss, _ = op(logits, target, ones, None, is_target, MRKLD, 0.0, mrkld_weight, False,
+    loss, _ = op(logits, target, ones, None, is_target, MRKLD, 0.0, mrkld_weight, 0.0, False,
                  ignore_index, target.shape[1], target.shape[2], align_corners, compute_grad)
     return loss[0]
 

@@ -500,12 +500,26 @@ def bootstrap_loss_terms(x: torch.Tensor, target: torch.Tensor, lambdas: torch.T
     return total / has_target.sum().clamp(min=1).to(x.dtype)
 
 
-def bootstrap_loss(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tensor, *,
+def teacher_targets(teacher_logits: torch.Tensor, lambdas: torch.Tensor, *, gamma: float,
+                    size: Sequence[int], align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Phase-2 targets from a teacher's logits (B, C, h, w): p = softmax of the logits upsampled
+    (F.interpolate) to ``size``, float32; returns (the confident map uint8 (B, H, W), the soft
+    targets `tpld_soft_targets(p)` float32 (B, C, H, W))."""
+    probs = torch.softmax(_upsample(teacher_logits.detach().float(), size[0], size[1], align_corners), dim=1)
+    return cbst_pseudo_label(probs, lambdas), tpld_soft_targets(probs, lambdas, gamma=gamma)
+
+
+def bootstrap_loss(logits: torch.Tensor, target: Optional[torch.Tensor], lambdas: torch.Tensor, *,
                    beta: float = 0.95, soft_target: Optional[torch.Tensor] = None,
+                   teacher_logits: Optional[torch.Tensor] = None, gamma: float = 2.0,
                    ignore_index: int = 255, size: Optional[Sequence[int]] = None,
                    align_corners: bool = True, reduction: str = "mean") -> torch.Tensor:
     """TPLD's bootstrapping loss (SPEC 6), reference: `bootstrap_loss_terms` on float32 logits
-    (upsampled with F.interpolate to the target's (H, W)). Returns a float32 0-dim tensor."""
+    (upsampled with F.interpolate to the target's (H, W)). With ``teacher_logits`` (target None,
+    ``size`` given) the targets are `teacher_targets`'. Returns a float32 0-dim tensor."""
+    if teacher_logits is not None:
+        target, soft_target = teacher_targets(teacher_logits, lambdas, gamma=gamma, size=size,
+                                              align_corners=align_corners)
     soft = None if soft_target is None else soft_target.float()
     return bootstrap_loss_terms(logits.float(), target, lambdas, beta=beta, soft_target=soft,
                                 ignore_index=ignore_index, align_corners=align_corners,

@@ -21,6 +21,8 @@ struct TileScratch {
   fused_loss::TileSoftmax sm;
   std::vector<float> target;  // (C, kTile): soft targets in, coefficients c out
   int32_t label[kTile];
+  fused_loss::TileSoftmax teacher_sm;  // kBootstrapTeacher: the teacher's softmax, then its q
+  std::vector<float> teacher;
 };
 
 struct Constants {
@@ -29,6 +31,7 @@ struct Constants {
   float beta, one_minus_beta, inv_c;
   float grad_scale;         // bootstrap: 1 / n (mean) or 1 (sum)
   float inv_nv, w_inv_nt;   // mrkld: 1 / n_valid, w / n_valid_tgt (0 for an empty set)
+  float gamma;              // teacher: the soft targets' exponent
   std::vector<float> lambdas, log_lambdas;
   bool grad;
 };
@@ -68,7 +71,7 @@ FASTST_CPU_CLONES void process_tile(TileScratch& s, int64_t n, bool target_crop,
     return;
   }
   // Bootstrap: c_k = beta y_k + (1 - beta) q_k with q = p / lambda; s.target receives c.
-  const bool soft = k.mode == kBootstrapSoft;
+  const bool soft = k.mode == kBootstrapSoft || k.mode == kBootstrapTeacher;
   float* target = s.target.data();
   float S[kTile], A[kTile], L[kTile], has[kTile];
   for (int64_t t = 0; t < n; ++t) {
@@ -100,6 +103,43 @@ FASTST_CPU_CLONES void process_tile(TileScratch& s, int64_t n, bool target_crop,
 }
 
 
+// q ** gamma as torch.pow(q, gamma) computes it for the common exponents (0, 1, 2: exact).
+inline float power(float q, float gamma) {
+  if (gamma == 2.0f) return q * q;
+  if (gamma == 1.0f) return q;
+  if (gamma == 0.0f) return 1.0f;
+  return std::pow(q, gamma);
+}
+
+// kBootstrapTeacher: s.target = the soft targets of a tile from the teacher's upsampled logits
+// (channel-major, row stride kTile): one-hot of argmax q (lowest index on ties) where max q >= 1,
+// else q ** gamma, with q = fdiv(softmax, lambda) (SPEC 6, tpld_soft_targets).
+FASTST_CPU_CLONES void teacher_targets(TileScratch& s, int64_t n, const Constants& k, const float* teacher) {
+  const int64_t C = k.C;
+  float* q = s.teacher.data();
+  fused_loss::tile_softmax(teacher, n, C, q, s.teacher_sm);
+  float best[kTile];
+  int32_t arg[kTile];
+  for (int64_t t = 0; t < n; ++t) best[t] = -1.0f, arg[t] = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    float* qc = q + c * kTile;
+    const float lam = k.lambdas[c];
+    for (int64_t t = 0; t < n; ++t) {
+      qc[t] = fdiv(qc[t] * s.teacher_sm.inv_s[t], lam);
+      arg[t] = qc[t] > best[t] ? int32_t(c) : arg[t];
+      best[t] = qc[t] > best[t] ? qc[t] : best[t];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* qc = q + c * kTile;
+    float* yc = s.target.data() + c * kTile;
+    for (int64_t t = 0; t < n; ++t) {
+      yc[t] = best[t] >= 1.0f ? (arg[t] == c ? 1.0f : 0.0f) : power(qc[t], k.gamma);
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) s.label[t] = -1;  // no label map: every pixel's y is s.target
+}
+
 void load_tile_targets(const StLossArgs& a, TileScratch& s, int64_t b, int64_t y, int64_t x0, int64_t n) {
   const int64_t base = (b * a.H + y) * a.W + x0;
   for (int64_t t = 0; t < n; ++t) s.label[t] = class_of(a, base + t);
@@ -119,11 +159,16 @@ struct StLoss {
   Thread thread() const {
     Thread s;
     s.target.resize(static_cast<size_t>(a.C * kTile));
+    if (a.mode == kBootstrapTeacher) s.teacher.resize(static_cast<size_t>(a.C * kTile));
     return s;
   }
-  void tile(Thread& s, int64_t b, int64_t y, int64_t x0, int64_t n, const float* vals, float* work,
-            double* sums) const {
-    load_tile_targets(a, s, b, y, x0, n);
+  void tile(Thread& s, int64_t b, int64_t y, int64_t x0, int64_t n, const float* vals, const float* teacher,
+            float* work, double* sums) const {
+    if (a.mode == kBootstrapTeacher) {
+      teacher_targets(s, n, k, teacher);
+    } else {
+      load_tile_targets(a, s, b, y, x0, n);
+    }
     process_tile(s, n, a.mode == kMrkld && a.is_target[b] != 0, k, vals, work, sums);
   }
 };
@@ -133,8 +178,9 @@ struct StLoss {
 void st_loss_cpu(const StLossArgs& a) {
   const int64_t pixels = a.B * a.H * a.W;
   int64_t n_valid = 0, n_valid_tgt = 0;
+  const bool every_pixel = a.mode == kBootstrapSoft || a.mode == kBootstrapTeacher;
 #pragma omp parallel for reduction(+ : n_valid, n_valid_tgt) schedule(static)
-  for (int64_t e = 0; e < pixels; ++e) {
+  for (int64_t e = 0; e < (a.mode == kBootstrapTeacher ? 0 : pixels); ++e) {  // no label map in mode 3
     const bool valid = class_of(a, e) >= 0;
     n_valid += valid ? 1 : 0;
     n_valid_tgt += (valid && a.mode == kMrkld && a.is_target[e / (a.H * a.W)] != 0) ? 1 : 0;
@@ -145,7 +191,8 @@ void st_loss_cpu(const StLossArgs& a) {
   k.beta = a.beta;
   k.one_minus_beta = float(1.0 - double(a.beta));
   k.inv_c = 1.0f / float(a.C);
-  const int64_t n_bootstrap = a.mode == kBootstrapSoft ? pixels : n_valid;
+  k.gamma = a.gamma;
+  const int64_t n_bootstrap = every_pixel ? pixels : n_valid;
   k.grad_scale = a.sum_reduction ? 1.0f : (n_bootstrap > 0 ? float(1.0 / double(n_bootstrap)) : 0.0f);
   k.inv_nv = n_valid > 0 ? float(1.0 / double(n_valid)) : 0.0f;
   k.w_inv_nt = n_valid_tgt > 0 ? float(double(a.mrkld_weight) / double(n_valid_tgt)) : 0.0f;

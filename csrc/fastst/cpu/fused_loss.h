@@ -14,8 +14,9 @@
 //   static constexpr int kSums;               // partial sums per task
 //   struct Thread; Thread thread() const;     // per-thread scratch of the loss
 //   void tile(Thread&, int64_t b, int64_t y, int64_t x0, int64_t n, const float* vals,
-//             float* work, double* sums) const;
-// where vals[c * kTile + t] (t < n) are the upsampled logits of pixels (b, y, x0 + t); `tile` adds
+//             const float* aux_vals, float* work, double* sums) const;
+// where vals[c * kTile + t] (t < n) are the upsampled logits of pixels (b, y, x0 + t), aux_vals
+// the same for LossInputs::aux (null without it); `tile` adds
 // to sums[0 .. kSums) and, when the inputs ask for a gradient (LossInputs::grad set), leaves
 // d loss / d v in `work` (same layout; `work` is its scratch otherwise).
 #pragma once
@@ -69,6 +70,7 @@ void run_same_size(const LossInputs& g, const Loss& loss, std::vector<double>& p
 #pragma omp parallel
   {
     std::vector<float> vals(static_cast<size_t>(C * kTile)), work(static_cast<size_t>(C * kTile));
+    std::vector<float> aux_vals(g.aux ? static_cast<size_t>(C * kTile) : 0);
     typename Loss::Thread scratch = loss.thread();
 #pragma omp for schedule(dynamic, 4)
     for (int64_t task = 0; task < g.B * H; ++task) {
@@ -79,8 +81,9 @@ void run_same_size(const LossInputs& g, const Loss& loss, std::vector<double>& p
         for (int64_t c = 0; c < C; ++c) {
           const T* row = logits_row<T>(g, b, c, y);
           for (int64_t t = 0; t < n; ++t) vals[c * kTile + t] = to_float(row[(x0 + t) * g.stride_w]);
+          if (g.aux) std::copy_n(g.aux + ((b * C + c) * H + y) * W + x0, n, &aux_vals[c * kTile]);
         }
-        loss.tile(scratch, b, y, x0, n, vals.data(), work.data(), sums);
+        loss.tile(scratch, b, y, x0, n, vals.data(), g.aux ? aux_vals.data() : nullptr, work.data(), sums);
         if (!g.grad) continue;
         for (int64_t c = 0; c < C; ++c) {
           std::copy(&work[c * kTile], &work[c * kTile] + n, g.grad + ((b * C + c) * H + y) * W + x0);
@@ -101,6 +104,7 @@ void run_resized(const LossInputs& g, const Loss& loss, std::vector<double>& par
   {
     std::vector<float> vals(static_cast<size_t>(C * kTile)), work(static_cast<size_t>(C * kTile));
     std::vector<float> source_row(static_cast<size_t>(plane)), row_grad(static_cast<size_t>(plane));
+    std::vector<float> aux_row(g.aux ? static_cast<size_t>(plane) : 0), aux_vals(g.aux ? static_cast<size_t>(C * kTile) : 0);
     typename Loss::Thread scratch = loss.thread();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < g.B * h; ++task) {
@@ -118,6 +122,10 @@ void run_resized(const LossInputs& g, const Loss& loss, std::vector<double>& par
           for (int64_t j = 0; j < w; ++j) {
             src[j] = ty.l0 * to_float(r0[j * g.stride_w]) + ty.l1 * to_float(r1[j * g.stride_w]);
           }
+          if (!g.aux) continue;
+          const float* a0 = g.aux + ((b * C + c) * h + ty.i0) * w;
+          const float* a1 = g.aux + ((b * C + c) * h + ty.i1) * w;
+          for (int64_t j = 0; j < w; ++j) aux_row[c * w + j] = ty.l0 * a0[j] + ty.l1 * a1[j];
         }
         if (g.grad) std::fill(row_grad.begin(), row_grad.end(), 0.0f);
         for (int64_t x0 = 0; x0 < W; x0 += kTile) {
@@ -127,7 +135,10 @@ void run_resized(const LossInputs& g, const Loss& loss, std::vector<double>& par
           const float* l0 = &col.l0[x0];
           const float* l1 = &col.l1[x0];
           for (int64_t c = 0; c < C; ++c) gather_columns(&source_row[c * w], i0, i1, l0, l1, &vals[c * kTile], n);
-          loss.tile(scratch, b, y, x0, n, vals.data(), work.data(), sums);
+          if (g.aux) {
+            for (int64_t c = 0; c < C; ++c) gather_columns(&aux_row[c * w], i0, i1, l0, l1, &aux_vals[c * kTile], n);
+          }
+          loss.tile(scratch, b, y, x0, n, vals.data(), g.aux ? aux_vals.data() : nullptr, work.data(), sums);
           if (!g.grad) continue;
           for (int64_t c = 0; c < C; ++c) scatter_columns(&work[c * kTile], i0, i1, l0, l1, &row_grad[c * w], n);
         }

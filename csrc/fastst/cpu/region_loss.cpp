@@ -115,8 +115,8 @@ struct RegionLoss {
   Constants k;
 
   Thread thread() const { return Thread(); }
-  void tile(Thread& s, int64_t b, int64_t y, int64_t x0, int64_t n, const float* vals, float* work,
-            double* sums) const {
+  void tile(Thread& s, int64_t b, int64_t y, int64_t x0, int64_t n, const float* vals, const float* /*aux*/,
+            float* work, double* sums) const {
     const int64_t offset = (b * a.H + y) * a.W + x0;
     bool any_labelled = false;
     for (int64_t t = 0; t < n; ++t) {

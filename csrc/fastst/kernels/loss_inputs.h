@@ -16,6 +16,9 @@ struct LossInputs {
   int ignore_index;
   bool align_corners;  // of the bilinear upsample (h, w) -> (H, W), as F.interpolate
   float* grad;         // out (B, C, h, w) contiguous float32 d loss / d logits, or null (no gradient)
+  // Optional second logits (B, C, h, w), contiguous float32, upsampled with the same taps and
+  // handed to the loss beside the first (a teacher's), or null. Never differentiated.
+  const float* aux = nullptr;
 };
 
 // The class of labelled pixel `index` (flat over (B, H, W)), or -1 for ignore_index. Labels

@@ -43,7 +43,11 @@ FASTST_HD double image_confidence_of(const int64_t* n, const int64_t* n_sure, co
 //   kBootstrapSoft: the same with y = soft_target where the pixel is unlabelled; every pixel.
 //   kMrkld:         c = onehot(y) / n_valid + [target crop] (w / n_valid_tgt) / C at valid
 //                   pixels (lambda = 1), else 0.
-enum StLossMode : int { kBootstrapHard = 0, kBootstrapSoft = 1, kMrkld = 2 };
+//   kBootstrapTeacher: kBootstrapSoft with the targets made in the pass from a teacher's logits
+//                   (LossInputs::aux, upsampled like the student's): p_t = softmax, q_t = p_t /
+//                   lambda, y = onehot(argmax q_t) where max q_t >= 1, else q_t ** gamma
+//                   (SPEC 6, tpld_soft_targets); every pixel, no label map.
+enum StLossMode : int { kBootstrapHard = 0, kBootstrapSoft = 1, kMrkld = 2, kBootstrapTeacher = 3 };
 
 struct StLossArgs : LossInputs {
   int mode;                   // StLossMode
@@ -52,6 +56,7 @@ struct StLossArgs : LossInputs {
   const uint8_t* is_target;   // (B,) kMrkld only
   float beta;                 // bootstrap
   float mrkld_weight;         // kMrkld
+  float gamma;                // kBootstrapTeacher: the soft targets' exponent
   bool sum_reduction;         // bootstrap: sum instead of mean
   float* loss;  // out (1,)
 };

@@ -27,6 +27,10 @@ Per-pixel parts (p = softmax(v), u = v - max v, s = sum exp u, "labelled" = a cl
                   the gradient is grad_scale * (p S - c) (q is a constant: stop-gradient).
   BOOTSTRAP_SOFT  the same with y = soft target (B, C, H, W) float32 at unlabelled pixels; every
                   pixel has a target.
+  BOOTSTRAP_TEACHER  BOOTSTRAP_SOFT with no label map and the targets made in the pass from a
+                  teacher's logits (B, C, h, w) float32, upsampled with the student's taps:
+                  q_t = div_rn(softmax, lambda), onehot(argmax q_t) where max q_t >= 1, else
+                  q_t ** gamma (coef[3]) (SPEC 6, tpld_soft_targets).
   MRKLD           sums (ce, kld over target crops), gradient
                   p (a + b) - b / C - a onehot(y), a = 1/n_valid, b = w/n_valid_tgt on target crops.
 
@@ -40,7 +44,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .._tpld_ops import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD
+from .._tpld_ops import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD
 from .stats import INTERPRETED, _linear_tap, _resize_scale
 
 try:
@@ -50,16 +54,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fastst.ops.triton needs Triton (>= 3.2) for the 'triton' backend: "
                       "pip install triton") from exc
 
-__all__ = ["REGION", "BOOTSTRAP_HARD", "BOOTSTRAP_SOFT", "MRKLD", "NUM_SUMS", "labelled_mask",
+__all__ = ["REGION", "BOOTSTRAP_HARD", "BOOTSTRAP_SOFT", "BOOTSTRAP_TEACHER", "MRKLD", "NUM_SUMS", "labelled_mask",
            "check_runnable", "launch_fused_loss"]
 
-REGION = 3  # after the StLossMode codes of kernels/tpld.h (0 hard, 1 soft, 2 mrkld)
+REGION = 4  # after the StLossMode codes of kernels/tpld.h (0 hard, 1 soft, 2 mrkld, 3 teacher)
 NUM_SUMS = 3
 TILE_ELEMENTS = 8192  # C_PAD * BLOCK_X: the (classes x pixels) tile a program holds in registers
 
 # Globals read inside @triton.jit functions must be constexpr.
 _REGION = tl.constexpr(REGION)
 _BOOTSTRAP_SOFT = tl.constexpr(BOOTSTRAP_SOFT)
+_BOOTSTRAP_TEACHER = tl.constexpr(BOOTSTRAP_TEACHER)
 _MRKLD = tl.constexpr(MRKLD)
 
 
@@ -179,6 +184,36 @@ def _bootstrap_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, y_soft, lam
 
 
 @triton.jit
+def _upsampled(base, stride_h, stride_w, ty0, ty1, ly0, ly1, tx0, tx1, lx0, lx1, mask2, RESIZE: tl.constexpr):
+    """A (C_PAD, BLOCK_X) tile of logits at one full-resolution row, bilinear from its four taps
+    (RESIZE) or read in place, as float32."""
+    if RESIZE:
+        v = ly0 * (lx0[None, :] * tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
+                   + lx1[None, :] * tl.load(base + ty0 * stride_h + tx1[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)) \
+            + ly1 * (lx0[None, :] * tl.load(base + ty1 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
+                     + lx1[None, :] * tl.load(base + ty1 * stride_h + tx1[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32))
+    else:
+        v = tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _teacher_targets(v, cls, cls_ok, lam, gamma, C_PAD: tl.constexpr):
+    """Soft targets (C_PAD, BLOCK_X) from a tile of teacher logits: onehot(argmax q) (lowest
+    index on ties) where max q >= 1, else q ** gamma, q = div_rn(softmax(v), lambda)."""
+    _, e, _, inv_s = _softmax_stats(v, cls_ok)
+    p = e * inv_s[None, :]
+    q = tl.where(cls_ok[:, None], tl.math.div_rn(p, lam[:, None] + tl.zeros_like(p)), -1.0)
+    best = tl.max(q, axis=0)
+    first = tl.min(tl.where(q == best[None, :], cls[:, None], C_PAD), axis=0)
+    onehot = (cls[:, None] == first[None, :]).to(tl.float32)
+    safe = tl.where(q > 0.0, q, 1.0)
+    power = tl.where(q > 0.0, tl.exp(gamma * tl.log(safe)), tl.where(gamma == 0.0, 1.0, 0.0))
+    power = tl.where(gamma == 2.0, q * q, tl.where(gamma == 1.0, q, power))
+    return tl.where(best[None, :] >= 1.0, onehot, power)
+
+
+@triton.jit
 def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, log_lam_ptr, soft_ptr, crop_ptr,
                        h, w, H, W,
                        stride_b, stride_c, stride_h, stride_w,
@@ -191,7 +226,8 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
     """Program (jb, i, b). x: (B, C, h, w) float32/float16/bfloat16, any strides; t: (B, H, W)
     uint8/int64 contiguous; grad: (B, C, h, w) float32; partial: (programs, 3) float32 sums over
     the owned pixels; coef: float32 mode constants (see the per-pixel helpers); lam, log_lam: (C,)
-    float32 (bootstrap); soft: (B, C, H, W) float32 contiguous (BOOTSTRAP_SOFT); crop: (B,) uint8
+    float32 (bootstrap); soft: (B, C, H, W) float32 contiguous (BOOTSTRAP_SOFT) or the teacher's
+    (B, C, h, w) float32 contiguous logits (BOOTSTRAP_TEACHER, coef[3] = gamma); crop: (B,) uint8
     target-crop flags (MRKLD). Pointers a mode does not use are never read. Same size (RESIZE
     False): the program owns row i, pixels jb*BLOCK_X .. +BLOCK_X, and BLOCK_J == BLOCK_X.
     NEED_KLD / NEED_ENT: the REGION terms to compute (both True in the other modes)."""
@@ -226,6 +262,8 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
         x_ok = xs < W
         tx0 = xs.to(tl.int64)
         tx1 = tx0
+        lx0 = 1.0
+        lx1 = 0.0
         y_first = i
         owned_x = x_ok
     mask2 = cls_ok[:, None] & x_ok[None, :]
@@ -261,14 +299,11 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
                 row_labelled = (row_label != ignore_index) & (row_label >= 0) & (row_label < C)
                 visit = visit & (tl.max(row_labelled.to(tl.int32), axis=0) > 0)
         if visit:
-            if RESIZE:
-                v = ly0 * (lx0[None, :] * tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
-                           + lx1[None, :] * tl.load(base + ty0 * stride_h + tx1[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)) \
-                    + ly1 * (lx0[None, :] * tl.load(base + ty1 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
-                             + lx1[None, :] * tl.load(base + ty1 * stride_h + tx1[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32))
+            v = _upsampled(base, stride_h, stride_w, ty0, ty1, ly0, ly1, tx0, tx1, lx0, lx1, mask2, RESIZE)
+            if MODE == _BOOTSTRAP_TEACHER:  # no label map: every pixel's target is the teacher's
+                label = tl.zeros([BLOCK_X], dtype=tl.int32) + ignore_index
             else:
-                v = tl.load(base + ty0 * stride_h + tx0[None, :] * stride_w, mask=mask2, other=0.0).to(tl.float32)
-            label = tl.load(t_ptr + (b * H + y) * W + xs, mask=x_ok, other=ignore_index).to(tl.int32)
+                label = tl.load(t_ptr + (b * H + y) * W + xs, mask=x_ok, other=ignore_index).to(tl.int32)
             labelled = (label != ignore_index) & (label >= 0) & (label < C)
             unlabelled = (label == ignore_index) | (label < 0) | (label >= C)  # no `~`: triton 3.2
             u, e, log_s, inv_s = _softmax_stats(v, cls_ok)
@@ -282,10 +317,14 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
                 if MODE == _BOOTSTRAP_SOFT:
                     y_soft = tl.load(soft_ptr + ((b * C + cls64[:, None]) * H + y) * W + xs[None, :],
                                      mask=mask2, other=0.0)
+                elif MODE == _BOOTSTRAP_TEACHER:  # soft_ptr: the teacher's (B, C, h, w) float32 logits
+                    teacher = _upsampled(soft_ptr + (b * C + cls64[:, None]) * h * w, w, 1, ty0, ty1, ly0, ly1,
+                                         tx0, tx1, lx0, lx1, mask2, RESIZE)
+                    y_soft = _teacher_targets(teacher, cls, cls_ok, lam, tl.load(coef_ptr + 3), C_PAD)
                 else:
                     y_soft = tl.zeros([C_PAD, BLOCK_X], dtype=tl.float32)
                 l0, l1, l2, g = _bootstrap_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, y_soft, lam, log_lam,
-                                                 coef_ptr, MODE == _BOOTSTRAP_SOFT)
+                                                 coef_ptr, (MODE == _BOOTSTRAP_SOFT) or (MODE == _BOOTSTRAP_TEACHER))
             owned = owned_x & owns_row
             sum0 += tl.where(owned, l0, 0.0)
             sum1 += tl.where(owned, l1, 0.0)
@@ -381,7 +420,8 @@ def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coe
             uint8/int64 contiguous. coef: float32 constants of the mode (see the helpers).
         grad: (B, C, h, w) float32 contiguous output, or None for the loss only.
         lambdas, log_lambdas: (C,) float32 contiguous (bootstrap modes).
-        soft_target: (B, C, out_h, out_w) float32 contiguous (BOOTSTRAP_SOFT).
+        soft_target: (B, C, out_h, out_w) float32 contiguous (BOOTSTRAP_SOFT), or the teacher's
+            logits (B, C, h, w) float32 contiguous (BOOTSTRAP_TEACHER).
         is_target: (B,) uint8 contiguous target-crop flags (MRKLD).
         need_kld, need_ent: REGION only: False leaves out that term (its lambda must be 0);
             its sum is then 0. The other modes ignore them.

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._tpld_ops import new_st_loss_outputs, register_st_loss_op
-from .fused_loss import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD, check_runnable, labelled_mask, launch_fused_loss
+from .fused_loss import (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD, check_runnable, labelled_mask,
+                         launch_fused_loss)
 
 __all__ = ["st_loss_triton"]
 
@@ -29,16 +30,18 @@ def _inverse_or_zero(count: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastst::st_loss_triton", mutates_args=())
 def st_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tensor,
                    soft_target: Optional[torch.Tensor], is_target: Optional[torch.Tensor], mode: int,
-                   beta: float, mrkld_weight: float, sum_reduction: bool, ignore_index: int, out_h: int,
-                   out_w: int, align_corners: bool, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused bootstrapping (mode 0 hard / 1 soft, SPEC 6) or CRST-MRKLD (mode 2, SPEC 5) loss in
-    Triton; arguments and outputs exactly those of `fastst::st_loss_cpp`.
+                   beta: float, mrkld_weight: float, gamma: float, sum_reduction: bool, ignore_index: int,
+                   out_h: int, out_w: int, align_corners: bool,
+                   compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused bootstrapping (mode 0 hard / 1 soft / 3 soft from a teacher, SPEC 6) or CRST-MRKLD
+    (mode 2, SPEC 5) loss in Triton; arguments and outputs exactly those of `fastst::st_loss_cpp`.
 
     Args:
         logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled on the fly to
             (out_h, out_w) when that differs.
-        target: (B, out_h, out_w) uint8/int64. lambdas: (C,) float32 (bootstrap).
-        soft_target: (B, C, out_h, out_w) float32 (mode 1), else None.
+        target: (B, out_h, out_w) uint8/int64 (not read in mode 3). lambdas: (C,) float32.
+        soft_target: (B, C, out_h, out_w) float32 (mode 1); the teacher's logits (B, C, h, w)
+            (mode 3, soft targets with exponent gamma made in the pass); else None.
         is_target: (B,) bool, target-domain crops (mode 2), else None.
     Returns:
         loss (1,) float32; grad (B, C, h, w) float32 or (0,).
@@ -46,19 +49,22 @@ def st_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
     B, C, h, w = logits.shape
     loss, grad = new_st_loss_outputs(logits, compute_grad)
     check_runnable("fastst::st_loss_triton", logits.device)
-    if mode not in (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD):
+    if mode not in (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD, BOOTSTRAP_TEACHER):
         raise ValueError(f"fastst::st_loss_triton: mode must be {BOOTSTRAP_HARD} (bootstrap, hard targets), "
-                         f"{BOOTSTRAP_SOFT} (bootstrap, soft targets) or {MRKLD} (MRKLD), got {mode}")
-    if mode == BOOTSTRAP_SOFT and soft_target is None:
-        raise ValueError("fastst::st_loss_triton: mode 1 (soft targets) needs soft_target (B, C, H, W)")
+                         f"{BOOTSTRAP_SOFT} (bootstrap, soft targets), {MRKLD} (MRKLD) or {BOOTSTRAP_TEACHER} "
+                         f"(bootstrap, teacher targets), got {mode}")
+    if mode in (BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER) and soft_target is None:
+        raise ValueError(f"fastst::st_loss_triton: mode {mode} needs soft_target (the soft targets or the "
+                         "teacher's logits)")
     if mode == MRKLD and is_target is None:
         raise ValueError("fastst::st_loss_triton: mode 2 (MRKLD) needs is_target (B,)")
     target = target.contiguous()
-    labelled = labelled_mask(target, C, ignore_index)
-    n_valid = labelled.sum(dtype=torch.float64)
+    every_pixel = torch.full((), float(B * out_h * out_w), dtype=torch.float64, device=logits.device)
+    n_valid = every_pixel if mode == BOOTSTRAP_TEACHER else labelled_mask(target, C, ignore_index).sum(dtype=torch.float64)
     out_grad = grad if compute_grad else None
     if mode == MRKLD:
         crops = is_target.to(torch.uint8).contiguous()
+        labelled = labelled_mask(target, C, ignore_index)
         n_valid_tgt = (labelled & is_target.to(torch.bool).view(B, 1, 1)).sum(dtype=torch.float64)
         inv_nv = _inverse_or_zero(n_valid)
         w_inv_nt = mrkld_weight * _inverse_or_zero(n_valid_tgt)
@@ -68,12 +74,12 @@ def st_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
         loss.copy_((sums[0] * inv_nv + sums[1] * w_inv_nt).reshape(1))
         return loss, grad
     lambdas = lambdas.to(torch.float32).contiguous()
-    soft = soft_target.to(torch.float32).contiguous() if mode == BOOTSTRAP_SOFT else None
-    n_bootstrap = torch.full_like(n_valid, float(B * out_h * out_w)) if mode == BOOTSTRAP_SOFT else n_valid
+    soft = soft_target.to(torch.float32).contiguous() if mode in (BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER) else None
+    n_bootstrap = every_pixel if mode in (BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER) else n_valid
     scale = torch.ones_like(n_valid) if sum_reduction else _inverse_or_zero(n_bootstrap)
     one = torch.ones_like(n_valid)
     # 1 - beta rounded once from float64, as the C++ twin does
-    coef = torch.stack([scale, beta * one, (1.0 - beta) * one]).to(torch.float32)
+    coef = torch.stack([scale, beta * one, (1.0 - beta) * one, gamma * one]).to(torch.float32)
     sums = launch_fused_loss(mode, logits, target, coef, ignore_index, out_h, out_w, align_corners, out_grad,
                              lambdas=lambdas, log_lambdas=torch.log(lambdas), soft_target=soft)
     loss.copy_((sums[0] * scale).reshape(1))
