@@ -30,6 +30,40 @@ FASTST_CPU_CLONES void half_bins(const float* __restrict m, const uint8_t* __res
   }
 }
 
+// Slots a * bins + (bits(m) >> 16) - low_key of a chunk of pixels (paper mode's first round).
+FASTST_CPU_CLONES void high_half_bins(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
+                                      uint32_t low_key, uint32_t bins, uint32_t* __restrict index) {
+  for (int64_t j = 0; j < n; ++j) index[j] = uint32_t(a[j]) * bins + (float_to_bits(m[j]) >> 16) - low_key;
+}
+
+// Per-(class, bin) counts int32 (C * bins) of `pixels` pixels: each thread counts its chunks into
+// its own table, then the tables are summed. fill(p0, n, index) writes the slots of pixels
+// p0 .. p0 + n - 1 (n <= kChunk).
+template <typename Fill>
+std::vector<int32_t> class_histograms(int64_t pixels, int64_t C, int64_t bins, Fill fill) {
+  std::vector<std::vector<int32_t>> local(static_cast<size_t>(omp_get_max_threads()));
+  std::vector<int32_t> hist(size_t(C * bins), 0);
+#pragma omp parallel
+  {
+    std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
+    own.assign(size_t(C * bins), 0);
+    uint32_t index[kChunk];
+#pragma omp for schedule(static)
+    for (int64_t p0 = 0; p0 < pixels; p0 += kChunk) {
+      const int64_t n = std::min<int64_t>(kChunk, pixels - p0);
+      fill(p0, n, index);
+      for (int64_t j = 0; j < n; ++j) own[index[j]] += 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < C * bins; ++i) {
+      int32_t sum = 0;
+      for (const auto& l : local) sum += l.empty() ? 0 : l[size_t(i)];
+      hist[size_t(i)] = sum;
+    }
+  }
+  return hist;
+}
+
 // labels = a where m passes the class's float32 threshold (see float_threshold), else 255.
 template <bool kStrict>
 FASTST_CPU_CLONES void label_pixels(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
@@ -66,27 +100,9 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   const uint32_t max_bin = std::min<uint32_t>(half_bits_of(max_m), kMaxHalfBin);
   const uint32_t min_bin = std::min<uint32_t>(half_bits_of(std::max(min_m, 0.0f)), max_bin);
   const int64_t bins = int64_t(max_bin - min_bin) + 1;
-  const int threads = omp_get_max_threads();
-  std::vector<std::vector<int32_t>> local(static_cast<size_t>(threads));
-  std::vector<int32_t> hist(size_t(C * bins), 0);
-#pragma omp parallel
-  {
-    std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
-    own.assign(size_t(C * bins), 0);
-    uint32_t index[kChunk];
-#pragma omp for schedule(static)
-    for (int64_t p0 = 0; p0 < pixels; p0 += kChunk) {
-      const int64_t n = std::min<int64_t>(kChunk, pixels - p0);
-      half_bins(m + p0, a + p0, n, min_bin, max_bin, uint32_t(bins), index);
-      for (int64_t j = 0; j < n; ++j) own[index[j]] += 1;
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < C * bins; ++i) {
-      int32_t sum = 0;
-      for (const auto& l : local) sum += l.empty() ? 0 : l[size_t(i)];
-      hist[size_t(i)] = sum;
-    }
-  }
+  const std::vector<int32_t> hist = class_histograms(pixels, C, bins, [&](int64_t p0, int64_t n, uint32_t* index) {
+    half_bins(m + p0, a + p0, n, min_bin, max_bin, uint32_t(bins), index);
+  });
 #pragma omp parallel for schedule(dynamic)
   for (int64_t c = 0; c < C; ++c) {
     const int32_t* hc = hist.data() + c * bins;
@@ -123,22 +139,10 @@ void paper_instance(const IasArgs& args, int64_t b, const double* k, double* the
   }
   if (high_key < low_key) return;  // no pixel
   const int64_t bins = int64_t(high_key - low_key) + 1;
+  const std::vector<int32_t> hist = class_histograms(HW, C, bins, [&](int64_t p0, int64_t n, uint32_t* index) {
+    high_half_bins(m + p0, a + p0, n, low_key, uint32_t(bins), index);
+  });
   const int threads = omp_get_max_threads();
-  std::vector<std::vector<int32_t>> local(static_cast<size_t>(threads));
-  std::vector<int32_t> hist(size_t(C * bins), 0);
-#pragma omp parallel
-  {
-    std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
-    own.assign(size_t(C * bins), 0);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < HW; ++p) own[a[p] * bins + (float_to_bits(m[p]) >> 16) - low_key] += 1;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < C * bins; ++i) {
-      int32_t sum = 0;
-      for (const auto& l : local) sum += l.empty() ? 0 : l[size_t(i)];
-      hist[size_t(i)] = sum;
-    }
-  }
   // The bin (as a high-16-bit key) holding each class's sought element, and its index inside
   // the bin; classes without pixels keep theta and get a key no pattern has.
   constexpr uint32_t kNone = 0xffffffffu;
