@@ -151,16 +151,20 @@ def _worker(spec_path):
     # The CBST/TPLD stages, from the IAST run's source-only checkpoint.
     train.run_pipeline(_tpld_config(root), out / "tpld", stages=list(TPLD_STAGES[1:]),
                        init=str(out / "run" / "source_only" / "last.pt"))
+    # The multi-level warm-up trains the model through its wrapper (model + aux classifier).
+    train.run_pipeline(_pipeline_config(root, {"stages.warmup.variant": "multilevel"}), out / "multilevel",
+                       stages=["warmup"], init=str(out / "run" / "source_only" / "last.pt"))
     # Parameters are never broadcast after training: equal on both ranks only if DDP (model)
     # and finite_guard (discriminator) averaged the gradients.
     agree = {}
     for stage, model in trained:
         modules = {"model": model, "discriminator": getattr(stage, "discriminator", None)}
+        variant = getattr(stage, "variant", "output")
         for what, module in modules.items():
             if module is not None:
                 flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
                 gathered = dctx.all_gather(flat)
-                key = f"{stage.name}/{what}"
+                key = f"{stage.name}/{what}" + ("" if variant == "output" else f" ({variant})")
                 agree[key] = agree.get(key, True) and all(torch.equal(gathered[0], g)
                                                           for g in gathered)
     if dctx.is_main:
@@ -297,7 +301,8 @@ def test_two_process_pipeline_runs_and_rank_0_writes(launched):
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     agree = json.loads((out / "parameters_agree.json").read_text())
     assert agree == {"source_only/model": True, "warmup/model": True,
-                     "warmup/discriminator": True, "round1/model": True,
+                     "warmup/discriminator": True, "warmup/model (multilevel)": True,
+                     "warmup/discriminator (multilevel)": True, "round1/model": True,
                      "phase1_1/model": True, "phase2_1/model": True,
                      "phase2_1/discriminator": True}
     assert not list(out.rglob("*.tmp"))

@@ -144,11 +144,17 @@ class Warmup(Stage):
                                         first_kernel=self.settings["d_first_kernel"])
         return discriminator.to(self.ctx.device, memory_format=self.ctx.memory_format).train()
 
+    def parallel_model(self, model: nn.Module) -> nn.Module:
+        """Multi-level: ``step`` calls the wrapper (model + auxiliary classifier), so that in a
+        distributed run DDP averages the gradients of both; else the model, as every stage."""
+        return super().parallel_model(model if self.net is None else self.net)
+
     def _logits(self, model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
-        """Logits per level, the main output first: [main] or [main, aux]."""
+        """Logits per level, the main output first: [main] or [main, aux]. ``model`` is the
+        module ``step`` gets (``parallel_model``'s: the multi-level wrapper for that variant)."""
         if self.net is None:
             return [model(images)]
-        aux, main = self.net(images)
+        aux, main = model(images)
         return [main, aux]
 
     def step(self, model: nn.Module, iteration: int) -> Dict[str, torch.Tensor]:
