@@ -107,6 +107,10 @@ BASE_DEFAULTS: Dict[str, Any] = {
         # images, 20 MB whatever the data set, resumable), or "auto" (histogram above 1 GiB of
         # values). Both give the same thresholds.
         "cbst_thresholds": "auto",
+        # torch.compile the module each training step calls: null (eager), "default",
+        # "reduce-overhead" (CUDA graphs on a GPU), "max-autotune", "max-autotune-no-cudagraphs".
+        # The first steps of each stage pay the compilation (about a minute).
+        "compile": None,
     },
 }
 
@@ -546,12 +550,14 @@ def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str
 
 
 CBST_THRESHOLD_STORES = ("auto", "values", "histogram")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _validate_runtime(config: Mapping[str, Any]) -> None:
     _choice(config, "runtime.device", _DEVICES)
     _choice(config, "runtime.amp", _AMP)
     _choice(config, "runtime.cbst_thresholds", CBST_THRESHOLD_STORES)
+    _choice(config, "runtime.compile", COMPILE_MODES)
     for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data",
                 "pseudo_quality", "sync_bn"):
         if not isinstance(config["runtime"][key], bool):

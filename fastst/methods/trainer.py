@@ -79,6 +79,16 @@ def stage_iterations(settings: Mapping[str, Any], source_size: int) -> Dict[str,
     return {"per_epoch": per_epoch, "total": int(total), "period": settings["t_max"] * per_epoch}
 
 
+def compile_module(module: nn.Module, mode: Optional[str]) -> nn.Module:
+    """``runtime.compile``: the module a stage's ``step`` calls, compiled by ``torch.compile`` in
+    ``mode``, or ``module`` itself (None). Parameters are shared, so checkpoints and optimizers
+    keep using the plain model. "reduce-overhead" also records CUDA graphs on a GPU: within a
+    stage every crop and batch has one shape."""
+    if mode is None:
+        return module
+    return torch.compile(module, mode=mode)
+
+
 class Stage:
     """One stage of a pipeline (source-only, warm-up, an IAST round, ...).
 
@@ -261,7 +271,7 @@ class Stage:
                     module.eval()
         self._use_sync_bn(model)
         self.setup(model)
-        train_model = self.parallel_model(model)
+        train_model = compile_module(self.parallel_model(model), ctx.runtime.get("compile"))
         dctx = self.dist
         constant = self.settings.get("lr_schedule", "cosine") == "constant"
         schedule = CosineSchedule(self.optimizers, self.period,
