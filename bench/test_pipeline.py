@@ -6,7 +6,9 @@ fastst's fused ops against the same pipeline built from eager torch ops as the r
   head 10x, BN affine frozen as after source-only). ``fused`` = ``fastst.ops.region_loss`` on the
   1/8-resolution logits (upsample fused, forward and backward); ``eager`` = the released
   formulation (``F.interpolate`` of the logits to the crop, log_softmax, softmax, masked sums;
-  bench/_region_loss_impls.py). Reported as images/s (batch / median time).
+  bench/_region_loss_impls.py). Reported as images/s (batch / median time). On CUDA also
+  ``fused_graphs``: the fused loss with the network under ``torch.compile(mode="reduce-overhead")``
+  (CUDA graphs; ``runtime.compile``).
 - ``pseudo``: one batch of the IAS pass (SPEC 1.2, official mode, group 2): model forward in eval
   mode without gradients, then the labels. ``fused`` = ``ias_pseudo_label(logits,
   from_logits=True, size=pseudo size)``; ``released`` = what the released code does: softmax of
@@ -79,25 +81,33 @@ def _eager_loss(logits, labels):
     return released_region_loss(logits.float(), labels)
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
+# fused_graphs: runtime.compile=reduce-overhead (torch.compile with CUDA graphs), GPU only.
+ITERATION_IMPLS = ["fused", "eager"] + (["fused_graphs"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("impl", ITERATION_IMPLS)
 def test_self_training_iteration(benchmark, run, note, impl):
     model = _model().train()
     model.freeze_bn_affine(True)
     optimizer = torch.optim.Adam(model.param_groups(2.5e-5), betas=(0.9, 0.999),
                                  weight_decay=5e-4)
     images, labels = _images(BATCH, CROP, 0), _pseudo_labels(BATCH, CROP)
-    loss_fn = _fused_loss if impl == "fused" else _eager_loss
+    loss_fn = _eager_loss if impl == "eager" else _fused_loss
+    forward = torch.compile(model, mode="reduce-overhead") if impl == "fused_graphs" else model
 
     def iteration():
         optimizer.zero_grad(set_to_none=True)
         with _autocast():
-            logits = model(images)
+            logits = forward(images)
         loss = loss_fn(logits, labels)
         loss.backward()
         optimizer.step()
         return loss.detach()
 
     group = f"IAST iteration {BACKBONE} B={BATCH} crop {CROP[0]}x{CROP[1]} {DEVICE}"
+    if impl == "fused_graphs":  # compilation and graph recording happen in the first calls
+        for _ in range(3):
+            iteration()
     loss = run(benchmark, group, impl, iteration, device=DEVICE)
     assert torch.isfinite(loss)
     seconds = benchmark.stats.stats.median
