@@ -179,17 +179,38 @@ def test_image_confidence_reference_equals_loop(C):
     assert torch.allclose(got, want, rtol=1e-14, atol=0), mismatch(want, got)
 
 
-@pytest.mark.parametrize("backend", [b for b in FAST if b == "cpp"])
+def _confidence_op(backend):
+    if backend == "triton":
+        from fastst.ops.triton.tpld import image_confidence_triton
+        return image_confidence_triton
+    return image_confidence_cpp
+
+
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_image_confidence_backend_equals_reference(backend, dtype):
-    p = _with_absent_classes(4, 19, 11, 13, seed=11).to(dtype)
-    lam = _lambdas(19, seed=12)
+@pytest.mark.parametrize("C", [2, 19])
+def test_image_confidence_backend_equals_reference(backend, dtype, C):
+    """Exact: the counts are integers and conf is added up in the reference's class order."""
+    d = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    p = _with_absent_classes(4, C, 11, 13, seed=11 + C).to(dtype)
+    if C == 2:  # ties: equal probabilities take the lower class
+        p[:, :, :3] = 0.5
+    lam = _lambdas(C, seed=12)
     want = reference.image_confidence(p, lam)
-    got = ops.image_confidence(p, lam, backend=backend)
-    assert torch.allclose(got, want, rtol=1e-12, atol=0), mismatch(want, got)
+    got = ops.image_confidence(p.to(d), lam.to(d), backend=backend).cpu()
+    assert torch.equal(got, want), mismatch(want, got)
     # the fused pass also yields the confident map
-    labels, conf, _ = image_confidence_cpp(p, lam.float())
-    assert torch.equal(labels, reference.cbst_pseudo_label(p, lam)) and torch.equal(conf, got)
+    labels, conf, _ = _confidence_op(backend)(p.to(d), lam.float().to(d))
+    assert torch.equal(labels.cpu(), reference.cbst_pseudo_label(p, lam)) and torch.equal(conf.cpu(), got)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_image_confidence_flags_bad_probabilities(backend):
+    d = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    p = _with_absent_classes(1, 5, 4, 4, seed=3)
+    p[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.image_confidence(p.to(d), _lambdas(5, seed=1).to(d), backend=backend)
 
 
 def test_image_confidence_hand_computed():
@@ -291,3 +312,10 @@ def test_opcheck_and_compile():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(p, lam), step(p, lam)):
         assert torch.equal(got, want)
+
+
+def test_image_confidence_triton_opcheck():
+    from fastst.ops.triton.tpld import image_confidence_triton
+    d = "cuda" if torch.cuda.is_available() else "cpu"
+    p = probs(2, 5, 6, 7, seed=19).to(d)
+    torch.library.opcheck(image_confidence_triton, (p, _lambdas(5, seed=20).float().to(d)))

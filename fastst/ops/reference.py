@@ -417,9 +417,16 @@ def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor
     sure = (q.gather(1, a.view(B, 1, *probs.shape[2:])).reshape(B, -1) >= 1.0).long()
     n = torch.zeros((B, C), dtype=torch.int64, device=probs.device).scatter_add_(1, a, torch.ones_like(a))
     n_sure = torch.zeros_like(n).scatter_add_(1, a, sure)
-    lam = lambdas.to(device=probs.device, dtype=torch.float32).double()
-    total = torch.zeros(B, dtype=torch.float64, device=probs.device)
-    present = torch.zeros(B, dtype=torch.int64, device=probs.device)
+    return confidence_from_counts(n, n_sure, lambdas)
+
+
+def confidence_from_counts(n: torch.Tensor, n_sure: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """conf_t from the per-image counts n, n_sure (B, C) integer (N_k and N*_k of SPEC 6):
+    float64, the classes added in ascending order (the C++ twin's order, so equal bits)."""
+    B, C = n.shape
+    lam = lambdas.to(device=n.device, dtype=torch.float32).double()
+    total = torch.zeros(B, dtype=torch.float64, device=n.device)
+    present = torch.zeros(B, dtype=torch.int64, device=n.device)
     for k in range(C):
         ratio = n_sure[:, k].double() / n[:, k].clamp(min=1).double() / lam[k]
         total = total + torch.where(n[:, k] > 0, ratio, 0.0)

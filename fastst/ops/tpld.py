@@ -2,7 +2,8 @@
 `tpld_soft_targets`, `bootstrap_loss`, `self_information`; validation, backend choice, dispatch.
 
 Backends: "cpp" (C++/OpenMP, the CPU default) for the vote, the confidence and the fused loss;
-"triton" (the CUDA default) for the vote and the fused loss; "torch" (reference.py) for all.
+"triton" (the CUDA default) for the vote, the confidence and the fused loss; "torch"
+(reference.py) for all.
 `split_easy_hard`, `tpld_soft_targets` and `self_information` are elementwise or O(N) torch
 expressions (one fused kernel each under torch.compile), so they have only "torch".
 """
@@ -19,7 +20,7 @@ from ._tpld_ops import (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, image
 from .cbst import check_lambdas, check_prob_values, check_probs, raise_on_flags
 
 VOTE_BACKENDS = ("triton", "cpp", "torch")
-CONFIDENCE_BACKENDS = ("cpp", "torch")
+CONFIDENCE_BACKENDS = ("triton", "cpp", "torch")
 LOSS_BACKENDS = ("triton", "cpp", "torch")
 TORCH_ONLY = ("torch",)
 REDUCTIONS = ("mean", "sum")
@@ -71,7 +72,8 @@ def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, we
 
 
 def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """TPLD's image confidence conf_t (SPEC 6), fused with the confident-label pass in "cpp":
+    """TPLD's image confidence conf_t (SPEC 6), fused with the confident-label pass in "cpp" and
+    "triton" (the CUDA default):
     the mean over the classes k present as argmax p of (N*_k / N_k) / lambda_k, float64, with
     N_k the pixels whose argmax p is k and N*_k those of them with q_k >= 1.
 
@@ -86,7 +88,10 @@ def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Opt
     if name == "torch":
         check_prob_values("probs", probs)
         return reference.image_confidence(probs, lambdas)
-    _, conf, flags = image_confidence_cpp(probs, lambdas)
+    op = image_confidence_cpp
+    if name == "triton":
+        from .triton.tpld import image_confidence_triton as op  # imports triton only when asked
+    _, conf, flags = op(probs, lambdas)
     raise_on_flags("probs", flags)
     return conf
 

@@ -30,17 +30,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fastst.ops.triton needs Triton (>= 3.2) for the 'triton' backend: "
                       "pip install triton") from exc
 
-__all__ = ["tpld_vote_triton"]
+__all__ = ["tpld_vote_triton", "image_confidence_triton"]
 
 BLOCK = 256
 
 
 @triton.jit
-def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_ptr, flags_ptr,
+def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_ptr, flags_ptr, counts_ptr,
                         H, W, stride_b, stride_c, stride_h, stride_w,
-                        C: tl.constexpr, BLOCK: tl.constexpr):
+                        C: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr):
     """Program (block, b): BLOCK pixels of image b. p: (B, C, H, W) any float dtype and strides;
-    lam: (C,) float32; outputs (B, H, W) contiguous."""
+    lam: (C,) float32; outputs (B, H, W) contiguous. COUNT: also add each pixel to counts
+    (B, C, 2) int32 [N_k, N*_k] at k = argmax p (lowest index on ties), N* where q_k >= 1
+    (image_confidence, SPEC 6)."""
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < H * W
@@ -51,12 +53,18 @@ def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_p
     q2 = tl.full([BLOCK], -1.0, tl.float32)
     k1 = tl.zeros([BLOCK], dtype=tl.int32)
     k2 = tl.zeros([BLOCK], dtype=tl.int32)
+    p_best = tl.full([BLOCK], -1.0, tl.float32)
+    k_best = tl.zeros([BLOCK], dtype=tl.int32)
     flags = tl.zeros([BLOCK], dtype=tl.int32)
     for c in range(0, C):
         p = tl.load(base + tl.cast(c, tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
         lam = tl.load(lam_ptr + c + tl.zeros([BLOCK], dtype=tl.int32))
         q = tl.math.div_rn(p, lam)
         flags = flags | _flags_of(p, False)
+        if COUNT:
+            gt_p = p > p_best
+            k_best = tl.where(gt_p, c, k_best)
+            p_best = tl.where(gt_p, p, p_best)
         gt1 = q > q1
         gt2 = q > q2
         q2 = tl.where(gt1, q1, tl.where(gt2, q, q2))
@@ -69,6 +77,11 @@ def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_p
     tl.store(k2_ptr + out, k2.to(tl.uint8), mask=mask)
     tl.store(q1_ptr + out, q1, mask=mask)
     tl.store(q2_ptr + out, q2, mask=mask)
+    if COUNT:
+        q_best = tl.math.div_rn(p_best, tl.load(lam_ptr + k_best, mask=mask, other=1.0))
+        slot = counts_ptr + (b * C + k_best) * 2
+        tl.atomic_add(slot, tl.zeros([BLOCK], dtype=tl.int32) + 1, mask=mask, sem="relaxed")
+        tl.atomic_add(slot + 1, tl.zeros([BLOCK], dtype=tl.int32) + 1, mask=mask & (q_best >= 1.0), sem="relaxed")
     block_flags = tl.reduce(tl.where(mask, flags, 0), 0, _bit_or)
     tl.atomic_or(flags_ptr + tl.zeros([1], dtype=tl.int32), block_flags + tl.zeros([1], dtype=tl.int32),
                  mask=(block_flags + tl.zeros([1], dtype=tl.int32)) != 0, sem="relaxed")
@@ -133,8 +146,32 @@ def tpld_vote_triton(probs: torch.Tensor, lambdas: torch.Tensor, window: int, we
                      iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """TPLD voting (Triton): arguments and outputs as `fastst::tpld_vote_cpp` (labels (B, H, W)
     uint8, flags (1,) int32). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    labels, k1, k2, q1, q2, flags = _pixel_pass("fastst::tpld_vote_triton", probs, lambdas)
+    if iterations == 0:
+        return labels, flags
+    B, _, H, W = probs.shape
+    dev = probs.device
+    own_q = torch.where(labels != 255, q1, torch.zeros_like(q1))
+    weights = torch.tensor([weight, 1.0 - weight], dtype=torch.float64, device=dev)
+    other, other_q = torch.empty_like(labels), torch.empty_like(own_q)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for _ in range(iterations):
+            _tpld_vote_kernel[_grid(B, H, W)](labels, own_q, other, other_q, k1, k2, q1, q2, weights, H, W,
+                                              WINDOW=window, BLOCK=BLOCK, enable_fp_fusion=False)
+            labels, other = other, labels
+            own_q, other_q = other_q, own_q
+    return labels, flags
+
+
+def _grid(B: int, H: int, W: int) -> Tuple[int, int]:
+    return (triton.cdiv(H * W, BLOCK), B)
+
+
+def _pixel_pass(op_name: str, probs: torch.Tensor, lambdas: torch.Tensor, counts=None):
+    """The pixel kernel over probs (B, C, H, W): (labels uint8, k1, k2 uint8, q1, q2 float32, all
+    (B, H, W); flags (1,) int32), adding to counts (B, C, 2) int32 when given."""
     if probs.device.type != "cuda" and not INTERPRETED:
-        raise ValueError("fastst::tpld_vote_triton runs on CUDA tensors, or on CPU tensors only under "
+        raise ValueError(f"{op_name} runs on CUDA tensors, or on CPU tensors only under "
                          "Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)")
     B, C, H, W = probs.shape
     dev = probs.device
@@ -143,24 +180,37 @@ def tpld_vote_triton(probs: torch.Tensor, lambdas: torch.Tensor, window: int, we
     q1 = torch.empty((B, H, W), dtype=torch.float32, device=dev)
     q2 = torch.empty_like(q1)
     flags = torch.zeros((1,), dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(H * W, BLOCK), B)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _tpld_pixels_kernel[grid](probs, lambdas.contiguous(), labels, k1, k2, q1, q2, flags, H, W,
-                                  *probs.stride(), C=C, BLOCK=BLOCK, enable_fp_fusion=False)
-        if iterations == 0:
-            return labels, flags
-        own_q = torch.where(labels != 255, q1, torch.zeros_like(q1))
-        weights = torch.tensor([weight, 1.0 - weight], dtype=torch.float64, device=dev)
-        other, other_q = torch.empty_like(labels), torch.empty_like(own_q)
-        for _ in range(iterations):
-            _tpld_vote_kernel[grid](labels, own_q, other, other_q, k1, k2, q1, q2, weights, H, W,
-                                    WINDOW=window, BLOCK=BLOCK, enable_fp_fusion=False)
-            labels, other = other, labels
-            own_q, other_q = other_q, own_q
-    return labels, flags
+        _tpld_pixels_kernel[_grid(B, H, W)](probs, lambdas.contiguous(), labels, k1, k2, q1, q2, flags,
+                                            flags if counts is None else counts, H, W, *probs.stride(),
+                                            C=C, BLOCK=BLOCK, COUNT=counts is not None, enable_fp_fusion=False)
+    return labels, k1, k2, q1, q2, flags
 
 
 @tpld_vote_triton.register_fake
 def _tpld_vote_triton_fake(probs, lambdas, window, weight, iterations):
     B, _, H, W = probs.shape
     return probs.new_empty((B, H, W), dtype=torch.uint8), probs.new_empty((1,), dtype=torch.int32)
+
+
+@torch.library.custom_op("fastst::image_confidence_triton", mutates_args=())
+def image_confidence_triton(probs: torch.Tensor,
+                            lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """conf_t per image fused with the confident-label pass (SPEC 6), Triton: arguments and
+    outputs as `fastst::image_confidence_cpp` (labels (B, H, W) uint8, conf (B,) float64, flags
+    (1,) int32). One pass over probs counts N_k and N*_k per image (atomics on integers, so the
+    counts do not depend on the order); conf then follows in float64 with the classes added in
+    ascending order (reference.confidence_from_counts). No host synchronisation."""
+    from .. import reference
+    B, C = probs.shape[:2]
+    counts = torch.zeros((B, C, 2), dtype=torch.int32, device=probs.device)
+    labels, *_, flags = _pixel_pass("fastst::image_confidence_triton", probs, lambdas, counts)
+    conf = reference.confidence_from_counts(counts[..., 0], counts[..., 1], lambdas)
+    return labels, conf, flags
+
+
+@image_confidence_triton.register_fake
+def _image_confidence_triton_fake(probs, lambdas):
+    B, _, H, W = probs.shape
+    return (probs.new_empty((B, H, W), dtype=torch.uint8), probs.new_empty((B,), dtype=torch.float64),
+            probs.new_empty((1,), dtype=torch.int32))
