@@ -88,7 +88,7 @@ def test_thresholds_stream(benchmark, run, impl):
     assert lam.shape == (C,)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["torch"])
+@pytest.mark.parametrize("impl", ["cpp", "torch"] if DEVICE == "cpu" else ["triton", "torch"])
 def test_image_confidence(benchmark, run, impl):
     p, lam = _inputs(1)
     group = f"image_confidence B=1 C={C} {H}x{W} {DEVICE}"
