@@ -95,13 +95,23 @@ def test_collect_large_image_spans_several_chunks():
     torch.library.opcheck(cbst_thresholds_cpp, (values, classes, 3, 0.2))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+LABEL_BACKENDS = BACKENDS + (["triton"] if "triton" in ops.available_backends() else [])
+
+
+def _on(backend, *tensors):
+    """The tensors where `backend` runs them: triton on the GPU when there is one."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", LABEL_BACKENDS)
 @pytest.mark.parametrize("C", [2, 19])
-def test_cbst_labels_equal_loop(backend, C):
-    p = probs(2, C, 7, 8, seed=C)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cbst_labels_equal_loop(backend, C, dtype):
+    p = probs(2, C, 7, 8, seed=C).to(dtype)
     lam = torch.rand(C, generator=gen(C)) * 0.6 + 0.3
-    want = torch.from_numpy(loops.confident_map(loops.q_map(p.numpy(), lam.numpy())).astype(np.uint8))
-    got = ops.cbst_pseudo_label(p, lam, backend=backend)
+    want = torch.from_numpy(loops.confident_map(loops.q_map(p.float().numpy(), lam.numpy())).astype(np.uint8))
+    got = ops.cbst_pseudo_label(*_on(backend, p, lam), backend=backend).cpu()
     assert got.dtype == torch.uint8 and torch.equal(got, want), mismatch(want, got)
     assert bool((got == 255).any()) and bool((got != 255).any())
 
@@ -111,9 +121,9 @@ def test_cbst_label_rule_at_exactly_one_and_ties():
     p = torch.tensor([0.5, 0.25, 0.25]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
     p[0, :, 0, 1] = torch.tensor([0.2, 0.4, 0.4])
     lam = torch.tensor([0.5, 0.4, 0.4])
-    for backend in BACKENDS:
-        assert ops.cbst_pseudo_label(p, lam, backend=backend)[0, 0].tolist() == [0, 1]
-        assert ops.cbst_pseudo_label(p, lam * 1.01, backend=backend)[0, 0].tolist() == [255, 255]
+    for backend in LABEL_BACKENDS:
+        assert ops.cbst_pseudo_label(*_on(backend, p, lam), backend=backend)[0, 0].tolist() == [0, 1]
+        assert ops.cbst_pseudo_label(*_on(backend, p, lam * 1.01), backend=backend)[0, 0].tolist() == [255, 255]
     torch.library.opcheck(cbst_label_cpp, (p, lam))
 
 

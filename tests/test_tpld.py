@@ -314,8 +314,10 @@ def test_opcheck_and_compile():
         assert torch.equal(got, want)
 
 
-def test_image_confidence_triton_opcheck():
-    from fastst.ops.triton.tpld import image_confidence_triton
+def test_triton_confidence_and_label_ops_opcheck():
+    from fastst.ops.triton.tpld import cbst_label_triton, image_confidence_triton
     d = "cuda" if torch.cuda.is_available() else "cpu"
     p = probs(2, 5, 6, 7, seed=19).to(d)
-    torch.library.opcheck(image_confidence_triton, (p, _lambdas(5, seed=20).float().to(d)))
+    lam = _lambdas(5, seed=20).float().to(d)
+    torch.library.opcheck(image_confidence_triton, (p, lam))
+    torch.library.opcheck(cbst_label_triton, (p, lam))

@@ -16,6 +16,7 @@ from ._backend import choose_backend
 from ._tpld_ops import MRKLD, cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
 
 IMPLEMENTED = ("cpp", "torch")
+LABEL_BACKENDS = ("triton", "cpp", "torch")
 MRKLD_BACKENDS = ("triton", "cpp", "torch")
 
 
@@ -63,17 +64,20 @@ def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Op
     Args:
         probs: (B, C, H, W) float32/float16/bfloat16 probabilities, any strides.
         lambdas: (C,) class thresholds (ClassBalancedThresholds.thresholds), same device.
-        backend: "cpp" or "torch" (default: SPEC section 0).
+        backend: "triton" (the CUDA default), "cpp" or "torch" (default: SPEC section 0).
     Returns:
         (B, H, W) uint8.
     """
     probs = check_probs("probs", probs)
     lambdas = check_lambdas(lambdas, probs.shape[1], probs.device)
-    name = choose_backend("cbst_pseudo_label", probs.device, IMPLEMENTED, backend)
+    name = choose_backend("cbst_pseudo_label", probs.device, LABEL_BACKENDS, backend)
     if name == "torch":
         check_prob_values("probs", probs)
         return reference.cbst_pseudo_label(probs, lambdas)
-    labels, flags = cbst_label_cpp(probs, lambdas)
+    op = cbst_label_cpp
+    if name == "triton":
+        from .triton.tpld import cbst_label_triton as op  # imports triton only when asked
+    labels, flags = op(probs, lambdas)
     raise_on_flags("probs", flags)
     return labels
 

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fastst.ops.triton needs Triton (>= 3.2) for the 'triton' backend: "
                       "pip install triton") from exc
 
-__all__ = ["tpld_vote_triton", "image_confidence_triton"]
+__all__ = ["tpld_vote_triton", "image_confidence_triton", "cbst_label_triton"]
 
 BLOCK = 256
 
@@ -38,11 +38,11 @@ BLOCK = 256
 @triton.jit
 def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_ptr, flags_ptr, counts_ptr,
                         H, W, stride_b, stride_c, stride_h, stride_w,
-                        C: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr):
+                        C: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, TOP2: tl.constexpr):
     """Program (block, b): BLOCK pixels of image b. p: (B, C, H, W) any float dtype and strides;
     lam: (C,) float32; outputs (B, H, W) contiguous. COUNT: also add each pixel to counts
     (B, C, 2) int32 [N_k, N*_k] at k = argmax p (lowest index on ties), N* where q_k >= 1
-    (image_confidence, SPEC 6)."""
+    (image_confidence, SPEC 6). TOP2: also store k1, k2, q1, q2 (the vote's inputs)."""
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < H * W
@@ -73,10 +73,11 @@ def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_p
         k1 = tl.where(gt1, c, k1)
     out = b * H * W + pix
     tl.store(labels_ptr + out, tl.where(q1 >= 1.0, k1, 255).to(tl.uint8), mask=mask)
-    tl.store(k1_ptr + out, k1.to(tl.uint8), mask=mask)
-    tl.store(k2_ptr + out, k2.to(tl.uint8), mask=mask)
-    tl.store(q1_ptr + out, q1, mask=mask)
-    tl.store(q2_ptr + out, q2, mask=mask)
+    if TOP2:
+        tl.store(k1_ptr + out, k1.to(tl.uint8), mask=mask)
+        tl.store(k2_ptr + out, k2.to(tl.uint8), mask=mask)
+        tl.store(q1_ptr + out, q1, mask=mask)
+        tl.store(q2_ptr + out, q2, mask=mask)
     if COUNT:
         q_best = tl.math.div_rn(p_best, tl.load(lam_ptr + k_best, mask=mask, other=1.0))
         slot = counts_ptr + (b * C + k_best) * 2
@@ -167,23 +168,28 @@ def _grid(B: int, H: int, W: int) -> Tuple[int, int]:
     return (triton.cdiv(H * W, BLOCK), B)
 
 
-def _pixel_pass(op_name: str, probs: torch.Tensor, lambdas: torch.Tensor, counts=None):
+def _pixel_pass(op_name: str, probs: torch.Tensor, lambdas: torch.Tensor, counts=None, top2: bool = True):
     """The pixel kernel over probs (B, C, H, W): (labels uint8, k1, k2 uint8, q1, q2 float32, all
-    (B, H, W); flags (1,) int32), adding to counts (B, C, 2) int32 when given."""
+    (B, H, W), or None without ``top2``; flags (1,) int32), adding to counts (B, C, 2) int32
+    when given."""
     if probs.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"{op_name} runs on CUDA tensors, or on CPU tensors only under "
                          "Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)")
     B, C, H, W = probs.shape
     dev = probs.device
     labels = torch.empty((B, H, W), dtype=torch.uint8, device=dev)
-    k1, k2 = torch.empty_like(labels), torch.empty_like(labels)
-    q1 = torch.empty((B, H, W), dtype=torch.float32, device=dev)
-    q2 = torch.empty_like(q1)
     flags = torch.zeros((1,), dtype=torch.int32, device=dev)
+    k1 = k2 = q1 = q2 = None
+    if top2:
+        k1, k2 = torch.empty_like(labels), torch.empty_like(labels)
+        q1 = torch.empty((B, H, W), dtype=torch.float32, device=dev)
+        q2 = torch.empty_like(q1)
+    unused = flags  # stands in for outputs the launch does not write
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _tpld_pixels_kernel[_grid(B, H, W)](probs, lambdas.contiguous(), labels, k1, k2, q1, q2, flags,
-                                            flags if counts is None else counts, H, W, *probs.stride(),
-                                            C=C, BLOCK=BLOCK, COUNT=counts is not None, enable_fp_fusion=False)
+        _tpld_pixels_kernel[_grid(B, H, W)](probs, lambdas.contiguous(), labels, *(t if top2 else unused for t in (k1, k2, q1, q2)),
+                                            flags, unused if counts is None else counts, H, W, *probs.stride(),
+                                            C=C, BLOCK=BLOCK, COUNT=counts is not None, TOP2=top2,
+                                            enable_fp_fusion=False)
     return labels, k1, k2, q1, q2, flags
 
 
@@ -204,7 +210,7 @@ def image_confidence_triton(probs: torch.Tensor,
     from .. import reference
     B, C = probs.shape[:2]
     counts = torch.zeros((B, C, 2), dtype=torch.int32, device=probs.device)
-    labels, *_, flags = _pixel_pass("fastst::image_confidence_triton", probs, lambdas, counts)
+    labels, *_, flags = _pixel_pass("fastst::image_confidence_triton", probs, lambdas, counts, top2=False)
     conf = reference.confidence_from_counts(counts[..., 0], counts[..., 1], lambdas)
     return labels, conf, flags
 
@@ -214,3 +220,17 @@ def _image_confidence_triton_fake(probs, lambdas):
     B, _, H, W = probs.shape
     return (probs.new_empty((B, H, W), dtype=torch.uint8), probs.new_empty((B,), dtype=torch.float64),
             probs.new_empty((1,), dtype=torch.int32))
+
+
+@torch.library.custom_op("fastst::cbst_label_triton", mutates_args=())
+def cbst_label_triton(probs: torch.Tensor, lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CBST labels / TPLD confident map (SPEC 5, 6) in Triton: arguments and outputs as
+    `fastst::cbst_label_cpp` (labels (B, H, W) uint8, flags (1,) int32); one pass over probs."""
+    labels, *_, flags = _pixel_pass("fastst::cbst_label_triton", probs, lambdas, top2=False)
+    return labels, flags
+
+
+@cbst_label_triton.register_fake
+def _cbst_label_triton_fake(probs, lambdas):
+    B, _, H, W = probs.shape
+    return probs.new_empty((B, H, W), dtype=torch.uint8), probs.new_empty((1,), dtype=torch.int32)
