@@ -2,6 +2,8 @@
 GPU) a naive torch port, from full-resolution probabilities and from 1/8-resolution logits.
 
 Shapes (issue 4): C = 19, 512x1024, B in {1, 2, 8}; FASTST_BENCH_QUICK=1: 128x256, B = 2.
+From probabilities, each backend's bytes read per second is also given as a share of a measured
+copy of the same tensor (issue 4's GPU target: >= 60 %).
 """
 import numpy as np
 import pytest
@@ -71,10 +73,34 @@ CASES = [(impl, mode) for impl in IMPLS for mode in ("official", "paper")
          if not (impl == "released_numpy" and mode == "paper") and not (impl == "naive_torch" and mode == "official")]
 
 
+# Median seconds of copying the (B, C, H, W) float32 probabilities, by B (test_copy_bandwidth).
+_COPY_SECONDS = {}
+BANDWIDTH = "IAS from probabilities: bytes read per second against a measured copy"
+
+
+@pytest.mark.parametrize("B", BATCHES)
+def test_copy_bandwidth(benchmark, run, B):
+    """The yardstick of issue 4's bandwidth target: dst.copy_(probs) moves 2 x the bytes the op
+    reads (read + write)."""
+    x = _inputs(B, "probs")
+    dst = torch.empty_like(x)
+    run(benchmark, f"copy of the probabilities B={B} C={C} {H}x{W} {DEVICE}", "copy", lambda: dst.copy_(x),
+        device=DEVICE)
+    _COPY_SECONDS[B] = benchmark.stats.stats.median
+
+
+def _note_bandwidth(note, impl, mode, B, seconds):
+    """The op's probabilities read per second, as a share of the copy's bytes moved per second."""
+    read = B * C * H * W * 4
+    copy_rate = 2 * read / _COPY_SECONDS[B]
+    note(BANDWIDTH, f"{mode:<8} B={B} {impl:<7} {read / seconds / 1e9:7.1f} GB/s = {read / seconds / copy_rate:6.1%} "
+                    f"of copy ({copy_rate / 1e9:.1f} GB/s read + write)")
+
+
 @pytest.mark.parametrize("source", ["probs", "logits_x8"])
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("impl,mode", CASES)
-def test_ias(benchmark, run, impl, mode, B, source):
+def test_ias(benchmark, run, note, impl, mode, B, source):
     x = _inputs(B, source)
     from_logits = source == "logits_x8"
     kw = dict(alpha=0.2, mode=mode, from_logits=from_logits, size=(H, W) if from_logits else None)
@@ -96,3 +122,5 @@ def test_ias(benchmark, run, impl, mode, B, source):
         fn = lambda: ops.ias_pseudo_label(x, None, backend=impl, **kw)[0]  # noqa: E731
     labels = run(benchmark, group, impl, fn, device=DEVICE, rounds=rounds)
     assert tuple(labels.shape) == (B, H, W)
+    if source == "probs" and impl in BACKENDS and B in _COPY_SECONDS:
+        _note_bandwidth(note, impl, mode, B, benchmark.stats.stats.median)
