@@ -3,9 +3,15 @@ implementation of the vote (per-class box filters with conv2d), and the streamed
 
 Shapes (issue 8): tpld_vote C = 19, 512x1024, B in {1, 4}; thresholds over 100 batches of
 256x512 images; the fused bootstrapping (hard and soft targets) and MRKLD losses (forward +
-backward) from 1/8-resolution logits (cpp on the CPU, triton on CUDA, against the reference).
+backward) from 1/8-resolution logits (cpp on the CPU, triton on CUDA, against the reference);
+TPLD phase 2's easy-crop loss with the soft targets made in the pass (teacher_logits=) against
+the materialised path, time and peak memory.
 FASTST_BENCH_QUICK=1: 128x256, B = 1, 10 batches.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,31 +158,86 @@ def test_self_information(benchmark, run, impl):
     assert out.shape == p.shape and torch.isfinite(out).all()
 
 
+PHASE2_B = 2
+
+
+def _phase2_inputs(B=PHASE2_B, h=H // 8, w=W // 8):
+    """(student logits, teacher logits) (B, C, h, w) float32 and lambdas (C,) on DEVICE."""
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(B, C, h, w, generator=g) * 3).to(DEVICE)
+    teacher = (torch.randn(B, C, h, w, generator=g) * 3).to(DEVICE)
+    lam = (torch.rand(C, generator=g) * 0.4 + 0.5).to(DEVICE)
+    return logits, teacher, lam
+
+
+def _phase2_step(impl, logits, teacher, lam, size=(H, W)):
+    """One easy-crop loss, forward + backward; returns d loss / d logits. `in_pass` makes the soft
+    targets inside the fused loss (teacher_logits=); `materialised` is what phase 2 did before:
+    the teacher's probabilities at full size (F.interpolate + softmax), the confident map and
+    tpld_soft_targets as (B, C, H, W) tensors, then the same fused loss with soft_target=."""
+    backend = LOSS_IMPLS[0]
+    x = logits.clone().requires_grad_(True)
+    if impl == "in_pass":
+        loss = ops.bootstrap_loss(x, None, lam, teacher_logits=teacher, size=size, backend=backend)
+    else:
+        probs = torch.softmax(F.interpolate(teacher, size=size, mode="bilinear", align_corners=True), 1)
+        loss = ops.bootstrap_loss(x, ops.cbst_pseudo_label(probs, lam), lam,
+                                  soft_target=ops.tpld_soft_targets(probs, lam), backend=backend)
+    loss.backward()
+    return x.grad
+
+
+def _phase2_group():
+    return (f"phase-2 easy loss fwd+bwd ({LOSS_IMPLS[0]}), teacher {PHASE2_B}x{C}x{H // 8}x{W // 8} -> "
+            f"{H}x{W} {DEVICE}")
+
+
 @pytest.mark.parametrize("impl", ["in_pass", "materialised"])
 def test_phase2_easy_loss_from_teacher(benchmark, run, impl):
-    """TPLD phase 2's easy-crop loss from the teacher's 1/8-resolution logits, forward + backward:
-    `in_pass` makes the soft targets inside the fused loss (teacher_logits=); `materialised` is
-    what phase 2 did before: the teacher's probabilities at full size (F.interpolate + softmax),
-    the confident map and tpld_soft_targets as (B, C, H, W) tensors, then the same fused loss
-    with soft_target=. cpp on the CPU, triton on CUDA."""
-    B = 2
-    backend = LOSS_IMPLS[0]
-    g = torch.Generator().manual_seed(2)
-    logits = (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
-    teacher = (torch.randn(B, C, H // 8, W // 8, generator=g) * 3).to(DEVICE)
-    lam = (torch.rand(C, generator=g) * 0.4 + 0.5).to(DEVICE)
-
-    def step():
-        x = logits.clone().requires_grad_(True)
-        if impl == "in_pass":
-            loss = ops.bootstrap_loss(x, None, lam, teacher_logits=teacher, size=(H, W), backend=backend)
-        else:
-            probs = torch.softmax(F.interpolate(teacher, size=(H, W), mode="bilinear", align_corners=True), 1)
-            loss = ops.bootstrap_loss(x, ops.cbst_pseudo_label(probs, lam), lam,
-                                      soft_target=ops.tpld_soft_targets(probs, lam), backend=backend)
-        loss.backward()
-        return x.grad
-
-    group = f"phase-2 easy loss fwd+bwd ({backend}), teacher {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
-    grad = run(benchmark, group, impl, step, device=DEVICE)
+    """TPLD phase 2's easy-crop loss from the teacher's 1/8-resolution logits, forward + backward
+    (`_phase2_step`); cpp on the CPU, triton on CUDA."""
+    logits, teacher, lam = _phase2_inputs()
+    grad = run(benchmark, _phase2_group(), impl, lambda: _phase2_step(impl, logits, teacher, lam), device=DEVICE)
     assert grad.shape == logits.shape
+
+
+# Run in a fresh process (argv: impl): the growth of the peak resident set across one step, after
+# a warm-up on a tiny input, so the number is what the step itself holds at its peak.
+_PHASE2_PEAK_SCRIPT = """
+import sys
+sys.path.insert(0, {bench!r})
+from _peak_memory import peak_rss_bytes
+from test_tpld import _phase2_inputs, _phase2_step
+impl = sys.argv[1]
+_phase2_step(impl, *_phase2_inputs(1, 2, 4), size=(16, 32))
+inputs = _phase2_inputs()
+before = peak_rss_bytes()
+_phase2_step(impl, *inputs)
+print(max(0, peak_rss_bytes() - before))
+"""
+
+
+def test_phase2_easy_loss_peak_memory(note):
+    """Peak extra memory of one phase-2 easy-crop step: host VmHWM growth in a fresh process on
+    the CPU, torch.cuda.max_memory_allocated above the inputs on CUDA."""
+    peaks = {}
+    for impl in ("in_pass", "materialised"):
+        if DEVICE == "cuda":
+            inputs = _phase2_inputs()
+            _phase2_step(impl, *inputs)  # warm-up: kernels compiled, caching allocator filled
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            _phase2_step(impl, *inputs)
+            torch.cuda.synchronize()
+            peaks[impl] = torch.cuda.max_memory_allocated() - base
+        else:
+            script = _PHASE2_PEAK_SCRIPT.format(bench=os.path.dirname(os.path.abspath(__file__)))
+            out = subprocess.run([sys.executable, "-c", script, impl], check=True, capture_output=True, text=True)
+            peaks[impl] = int(out.stdout.strip().splitlines()[-1])
+    full = PHASE2_B * C * H * W * 4  # one (B, C, H, W) float32 tensor
+    note("phase-2 easy loss peak extra memory (fwd+bwd)",
+         f"{_phase2_group()}: in_pass {peaks['in_pass'] / 2**20:8.1f} MiB, materialised "
+         f"{peaks['materialised'] / 2**20:8.1f} MiB; one (B,C,H,W) fp32 tensor = {full / 2**20:.0f} MiB")
+    assert peaks["materialised"] > full  # the full-size teacher probabilities at least
+    assert peaks["in_pass"] < full  # nothing of that size in the in-pass path

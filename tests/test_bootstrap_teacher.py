@@ -154,24 +154,24 @@ def test_no_gradient_reaches_the_teacher(backend):
     assert t.grad is None and x.grad is not None
 
 
-@pytest.mark.parametrize("kwargs, error, pattern", [
-    (dict(target="labels"), ValueError, "target=None"),
-    (dict(soft_target="soft"), ValueError, "soft_target=None"),
-    (dict(size=None), ValueError, "size=\\(H, W\\)"),
-    (dict(teacher_logits="small"), ValueError, "teacher_logits must have the logits' shape"),
-    (dict(gamma=-1.0), ValueError, "gamma"),
-    (dict(gamma=float("nan")), ValueError, "gamma"),
-])
-def test_bad_teacher_arguments_raise_naming_them(kwargs, error, pattern):
+BAD_ARGUMENTS = {  # name -> (the arguments that replace the good ones, given the good teacher; message)
+    "target": (lambda t: dict(target=torch.zeros(1, 5, 5, dtype=torch.uint8)), "target=None"),
+    "soft_target": (lambda t: dict(soft_target=torch.zeros(1, 3, 5, 5)), "soft_target=None"),
+    "no_size": (lambda t: dict(size=None), "size=\\(H, W\\)"),
+    "shape": (lambda t: dict(teacher_logits=torch.zeros(1, 3, 2, 3)), "teacher_logits must have the logits' shape"),
+    "gamma_negative": (lambda t: dict(gamma=-1.0), "gamma"),
+    "gamma_nan": (lambda t: dict(gamma=float("nan")), "gamma"),
+    # another device without a GPU: the meta device
+    "device": (lambda t: dict(teacher_logits=t.to("meta")), "teacher_logits is on meta but logits are on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_teacher_arguments_raise_naming_them(case):
     logits, teacher, lambdas = _case(1, 3, 3, 3, 5, 5, seed=4)
+    replace, pattern = BAD_ARGUMENTS[case]
     args = dict(target=None, teacher_logits=teacher, size=(5, 5), gamma=2.0)
-    args.update(kwargs)
-    if args["target"] == "labels":
-        args["target"] = torch.zeros(1, 5, 5, dtype=torch.uint8)
-    if args.get("soft_target") == "soft":
-        args["soft_target"] = torch.zeros(1, 3, 5, 5)
-    if isinstance(args["teacher_logits"], str):
-        args["teacher_logits"] = torch.zeros(1, 3, 2, 3)
+    args.update(replace(teacher))
     target = args.pop("target")
-    with pytest.raises(error, match=pattern):
+    with pytest.raises(ValueError, match=pattern):
         ops.bootstrap_loss(logits, target, lambdas, **args)

@@ -232,7 +232,8 @@ def _bootstrap_from_teacher(logits, target, lambdas, *, beta, soft_target, teach
         raise ValueError(f"teacher_logits must have the logits' shape {tuple(logits.shape)} (the same images "
                          f"through the teacher), got {tuple(teacher.shape)}")
     if teacher.device != logits.device:
-        raise ValueError(f"teacher_logits is on {teacher.device} but logits are on {logits.device}")
+        raise ValueError(f"teacher_logits is on {teacher.device} but logits are on {logits.device}; move it "
+                         "with teacher_logits.to(logits.device)")
     size = _checks.check_size("size", size)
     if size is None:
         raise ValueError("with teacher_logits give size=(H, W), the resolution of the targets (there is no "
