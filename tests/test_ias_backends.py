@@ -38,11 +38,11 @@ def _assert_equals_reference(p, mode, backend):
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("mode", ["paper", "official"])
-def test_backend_equals_reference_large_image(backend, mode):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backend_equals_reference_large_image(backend, mode, dtype):
     if backend == "triton" and not GPU:
         pytest.skip("no GPU: the Triton interpreter is too slow for 512x1024 (runs where a GPU is)")
-    _assert_equals_reference(probs(2, 19, 512, 1024, seed=21, dtype=torch.bfloat16).to(_device(backend)),
-                             mode, backend)
+    _assert_equals_reference(probs(2, 19, 512, 1024, seed=21, dtype=dtype).to(_device(backend)), mode, backend)
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastst.ops as ops
 from fastst.ops import _backend, reference
 from fastst.ops._library import pixel_stats
 from helpers import gen, mismatch, probs
@@ -106,8 +107,8 @@ def test_flags_nan_and_range(device):
 @pytest.mark.parametrize("column", [0, 7, 8, 15, 16, 255, 256, 299])  # vector lanes, blocks, tiles, tail
 @pytest.mark.parametrize("channel", [0, 5, 18])
 def test_flags_at_every_lane_of_the_vector_kernel(device, column, channel):
-    """The probability screen (one unsigned compare of the bits per value) runs 16 pixels at a
-    time with a scalar tail; a bad value anywhere sets the exact flags, and -0.0 (which fails
+    """The probability screen (one unsigned compare of the bits per value) runs 32 pixels at a
+    time in sweeps of a few channels, with a scalar tail; a bad value anywhere sets the exact flags, and -0.0 (which fails
     the screen) is a valid probability that reads as +0.0."""
     base = probs(1, 19, 2, 300, seed=column + channel).to(device)
     for value, want in ((float("nan"), 3), (float("inf"), 3), (-1e-7, 2), (1.0000001, 2), (1.0, 0), (0.0, 0)):
@@ -124,22 +125,71 @@ def test_flags_at_every_lane_of_the_vector_kernel(device, column, channel):
     assert a[0, 1, column].item() == 0
 
 
-def test_portable_loop_matches_the_vector_kernel(tmp_path):
-    """FASTST_PORTABLE_CPU=1 (read once per process) takes the loop used where AVX2 is missing:
-    the same maps, counts and flags as this process's kernel."""
+def _tiny_and_tied_probabilities():
+    """(2, 5, 40, 41) values in [0, 1], not normalised: per pixel scaled by 10^-u, u in [0, 9),
+    so m takes float16 normal, subnormal and zero patterns (the official histograms' slots),
+    with some exact zeros and ties."""
+    x = probs(2, 5, 40, 41, seed=9) * 10.0 ** -(torch.rand(2, 1, 40, 41, generator=gen(10)) * 9)
+    x[0, :, 3] = 0.0
+    x[1, 1:3, 5] = 0.25
+    return x
+
+
+def test_portable_loops_match_the_vector_kernels(tmp_path):
+    """FASTST_PORTABLE_CPU=1 (read once per process) takes the loops used where AVX2/F16C are
+    missing: the same statistics (maps, counts, flags) and the same IAS labels and thresholds
+    in both modes (the official histogram slots come from F16C conversions otherwise)."""
     x = probs(2, 19, 3, 45, seed=3)
     x[0, 4, 1, 20] = float("nan")
     x[1, :, 2, 33] = -0.0
-    path = tmp_path / "x.pt"
-    torch.save(x, path)
-    script = ("import sys, torch; from fastst.ops._library import pixel_stats; "
-              "x = torch.load(sys.argv[1]); torch.save(pixel_stats(x, False, 3, 45, True), sys.argv[2])")
+    y = _tiny_and_tied_probabilities()
+    torch.save((x, y), tmp_path / "in.pt")
+    script = ("import sys, torch; import fastst.ops as ops; from fastst.ops._library import pixel_stats; "
+              "x, y = torch.load(sys.argv[1]); "
+              "ias = [ops.ias_pseudo_label(y, None, alpha=0.3, mode=mode, backend='cpp') "
+              "for mode in ('official', 'paper')]; "
+              "torch.save((pixel_stats(x, False, 3, 45, True), ias), sys.argv[2])")
     env = dict(os.environ, FASTST_PORTABLE_CPU="1")
-    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "out.pt")], check=True, env=env)
-    portable = torch.load(tmp_path / "out.pt")
-    for got, want in zip(portable, _stats(x)):
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
+                   env=env)
+    portable_stats, portable_ias = torch.load(tmp_path / "out.pt")
+    for got, want in zip(portable_stats, _stats(x)):
         assert torch.equal(got, want)
-    assert portable[3].item() == 3
+    assert portable_stats[3].item() == 3
+    for mode, got in zip(("official", "paper"), portable_ias):
+        want = reference.ias_pseudo_label(y, None, alpha=0.3, mode=mode)
+        vector = ops.ias_pseudo_label(y, None, alpha=0.3, mode=mode, backend="cpp")
+        for w, g, v in zip(want, got, vector):
+            assert torch.equal(w, g), mismatch(w, g)
+            assert torch.equal(w, v), mismatch(w, v)
+
+
+def test_official_slots_ignore_flush_denormal():
+    """torch.set_flush_denormal(True) sets FTZ/DAZ on this thread, which runs part of the
+    OpenMP loops: the float16 rounding of m (subnormal results included) must not change."""
+    y = _tiny_and_tied_probabilities()
+    want = reference.ias_pseudo_label(y, None, alpha=0.3, mode="official")
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        got = ops.ias_pseudo_label(y, None, alpha=0.3, mode="official", backend="cpp")
+    finally:
+        torch.set_flush_denormal(False)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g), mismatch(w, g)
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 70, 125), (1, 150, 91, 91)])
+def test_ties_across_channel_sweeps_and_flat_tiles(shape):
+    """Contiguous float32 probabilities go through flat tiles of 8,192 pixels (a last short
+    one with a scalar tail) and sweeps of a few channels; ties between channels of different
+    sweeps still take the lowest index."""
+    x = torch.softmax(torch.randint(0, 2, shape, generator=gen(6)).float(), 1)
+    m, a, counts, flags = _stats(x)
+    want_m, want_a = x.max(1)
+    assert torch.equal(a.long(), want_a) and torch.equal(m, want_m) and flags.item() == 0
+    want_counts = torch.stack([torch.bincount(want_a[b].flatten(), minlength=shape[1]) for b in range(shape[0])])
+    assert torch.equal(counts, want_counts)
 
 
 def _stats_ops():

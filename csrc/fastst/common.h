@@ -14,7 +14,7 @@
 // (GCC/Clang function multiversioning), so one wheel runs everywhere and uses wide vectors where
 // the CPU has them. -ffp-contract=off still holds: no FMA is introduced.
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define FASTST_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FASTST_CPU_CLONES
 #endif

@@ -12,23 +12,13 @@
 #include <vector>
 
 #include "../kernels/ias.h"
+#include "half_bins.h"
 
 namespace fastst {
 namespace {
 
 constexpr uint32_t kMaxHalfBin = 0x7c00u;  // +inf; NaN/negative patterns (checks off) clamp here
 constexpr int64_t kChunk = 4096;
-
-// Histogram slots a * bins + min(half(m), max_bin) - min_bin of a chunk of pixels (vectorised:
-// the float16 conversion is branch-free; the scatter that follows is not).
-FASTST_CPU_CLONES void half_bins(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
-                                 uint32_t min_bin, uint32_t max_bin, uint32_t bins,
-                                 uint32_t* __restrict index) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t bin = half_bits_of(m[j]);
-    index[j] = uint32_t(a[j]) * bins + (bin < max_bin ? bin : max_bin) - min_bin;
-  }
-}
 
 // Slots a * bins + (bits(m) >> 16) - low_key of a chunk of pixels (paper mode's first round).
 FASTST_CPU_CLONES void high_half_bins(const float* __restrict m, const uint8_t* __restrict a, int64_t n,

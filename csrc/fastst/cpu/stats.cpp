@@ -6,6 +6,9 @@
 // so the max/argmax and exp-sum loops run over contiguous floats and vectorise. For a resize,
 // the row-wise lerp of a source row (all C channels, all output columns) is computed once and
 // kept while consecutive output rows reuse it (8x upsampling: ~16 output rows per source row).
+// Float32 probabilities whose (H, W) plane is contiguous are read in place, in flat tiles of
+// kFlatTile pixels that may span rows: max_argmax_probs reads a few channel rows at a time in
+// long runs, which the hardware prefetcher follows (see max_argmax.cpp).
 #include "stats.h"
 
 #include <omp.h>
@@ -20,6 +23,26 @@ namespace fastst {
 namespace {
 
 constexpr int64_t kTile = 256;
+constexpr int64_t kFlatTile = 8192;  // best + arg: 64 KiB per thread
+constexpr int64_t kBanks = 4;
+
+// Per-class pixel counts of a tile into kBanks banks of `bank` counters (bank k counts pixels
+// j = k mod kBanks): neighbouring pixels mostly share a class, and a single counter would make
+// every increment wait for the previous one's store.
+void count_classes(const int32_t* arg, int64_t n, int64_t* counts, int64_t bank) {
+  int64_t j = 0;
+  for (; j + kBanks <= n; j += kBanks) {
+    for (int64_t k = 0; k < kBanks; ++k) counts[k * bank + arg[j + k]] += 1;
+  }
+  for (; j < n; ++j) counts[arg[j]] += 1;
+}
+
+// counts[i] (the output) += the sum of its kBanks banks.
+void merge_banks(const std::vector<int64_t>& banks, int64_t bank, int64_t* counts) {
+  for (int64_t i = 0; i < bank; ++i) {
+    for (int64_t k = 0; k < kBanks; ++k) counts[i] += banks[size_t(k * bank + i)];
+  }
+}
 
 // Row-wise lerp of source row `y` of every channel at every output column: out[c * W + x].
 template <typename T>
@@ -89,7 +112,8 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
   int32_t flags = 0;
 #pragma omp parallel reduction(| : flags)
   {
-    std::vector<int64_t> counts(static_cast<size_t>(args.B * C), 0);  // merged once at the end
+    const int64_t bank = args.B * C;
+    std::vector<int64_t> counts(static_cast<size_t>(kBanks * bank), 0);  // merged once at the end
     std::vector<float> values(static_cast<size_t>(C * kTile));
     std::vector<float> best(kTile), sum(kTile);
     std::vector<const float*> rows(static_cast<size_t>(C));
@@ -151,14 +175,44 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
         } else {
           for (int64_t j = 0; j < n; ++j) args.m[out + j] = best[j] + 0.0f;
         }
-        for (int64_t j = 0; j < n; ++j) {
-          args.a[out + j] = uint8_t(arg[j]);
-          counts_b[arg[j]] += 1;
-        }
+        for (int64_t j = 0; j < n; ++j) args.a[out + j] = uint8_t(arg[j]);
+        count_classes(arg.data(), n, counts_b, bank);
       }
     }
 #pragma omp critical
-    for (size_t i = 0; i < counts.size(); ++i) args.counts[i] += counts[i];
+    merge_banks(counts, bank, args.counts);
+  }
+  *args.flags |= flags;
+}
+
+// Float32 probabilities with a contiguous (H, W) plane (stride_w == 1, stride_h == W, no
+// resize): flat tiles of kFlatTile pixels of one image, read in place.
+void stats_probs_flat(const StatsArgs& args) {
+  const float* x = static_cast<const float*>(args.x);
+  const int64_t C = args.C, HW = args.H * args.W;
+  const int64_t tiles_per_image = (HW + kFlatTile - 1) / kFlatTile;
+  int32_t flags = 0;
+#pragma omp parallel reduction(| : flags)
+  {
+    const int64_t bank = args.B * C;
+    std::vector<int64_t> counts(static_cast<size_t>(kBanks * bank), 0);
+    std::vector<float> best(kFlatTile);
+    std::vector<int32_t> arg(kFlatTile);
+    std::vector<const float*> rows(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < args.B * tiles_per_image; ++tile) {
+      const int64_t b = tile / tiles_per_image, p0 = (tile % tiles_per_image) * kFlatTile;
+      const int64_t n = HW - p0 < kFlatTile ? HW - p0 : kFlatTile;
+      for (int64_t c = 0; c < C; ++c) rows[size_t(c)] = x + b * args.stride_b + c * args.stride_c + p0;
+      flags |= max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
+      float* m = args.m + b * HW + p0;
+      uint8_t* a = args.a + b * HW + p0;
+      for (int64_t j = 0; j < n; ++j) m[j] = best[size_t(j)] + 0.0f;
+      for (int64_t j = 0; j < n; ++j) a[j] = uint8_t(arg[size_t(j)]);
+      count_classes(arg.data(), n, counts.data() + b * C, bank);
+    }
+#pragma omp critical
+    merge_banks(counts, bank, args.counts);
   }
   *args.flags |= flags;
 }
@@ -166,6 +220,9 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
 }  // namespace
 
 void stats_cpu(const StatsArgs& args) {
+  const bool flat = args.dtype == kFloat32 && !args.from_logits && args.h == args.H && args.w == args.W &&
+                    args.stride_w == 1 && args.stride_h == args.W;
+  if (flat) return stats_probs_flat(args);
   switch (args.dtype) {
     case kFloat32: return stats_cpu_typed<float>(args);
     case kFloat16: return stats_cpu_typed<Half>(args);
