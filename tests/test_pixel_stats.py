@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,43 @@ def test_flags_at_every_lane_of_the_vector_kernel(device, column, channel):
     assert torch.equal(m, want_m) and torch.equal(a.long(), want_a)
     assert m[0, 1, column].item() == 0.0 and str(m[0, 1, column].item()) == "0.0"
     assert a[0, 1, column].item() == 0
+
+
+def _exp_nonpositive_formula(x):
+    """kernels/stats.h's exp for float32 x <= 0 written plainly in float32 NumPy (each operation
+    rounds once, no FMA): clamp to -87, n = round(x log2 e), Cody-Waite r, the Cephes
+    polynomial, times 2^n, times 0 where x <= -87 or NaN."""
+    f = np.float32
+    keep = (x > f(-87.0)).astype(np.float32)
+    x = np.where(x > f(-87.0), x, f(-87.0)).astype(np.float32)
+    n = (x * f(1.44269504088896341) + f(12582912.0)) - f(12582912.0)
+    r = x - n * f(0.693359375)
+    r = r - n * f(-2.12194440e-4)
+    p = np.full_like(r, f(1.9875691500e-4))
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + f(c)
+    e = ((p * r) * r + r) + f(1.0)
+    scale = ((n.astype(np.int32) + 127) << 23).view(np.float32)
+    return (e * scale) * keep
+
+
+def test_exp_of_the_pass_equals_its_formula_bit_for_bit():
+    """The vectorised exp of the statistics pass (bit tricks for the integer part and the clamp)
+    equals the plain float32 formula on 2M arguments: random bit patterns of every negative
+    float, a dense sweep of [-90, 0], the clamp's neighbours, -0.0, -inf and NaN."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0x80000000, 0xFF800001, size=1_000_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, -np.inf, np.nan, -87.0, np.nextafter(-87.0, 0, dtype=np.float32),
+                        np.nextafter(-87.0, -1, dtype=np.float32), -1e-45, -1e-38, -0.34657359, -0.6931472],
+                       dtype=np.float32)
+    x = np.concatenate([special, patterns.view(np.float32), np.linspace(-90, 0, 1_000_000, dtype=np.float32)])
+    out = np.empty_like(x)
+    _backend.extension().exp_nonpositive_cpu(x.ctypes.data, x.size, out.ctypes.data)
+    want = _exp_nonpositive_formula(x)
+    differ = out.view(np.uint32) != want.view(np.uint32)
+    assert not differ.any(), f"{int(differ.sum())} differ, first at x = {x[differ][0]!r}"
+    assert out[0] == 1.0 and out[2] == 0.0 and out[3] == 0.0
+    assert np.allclose(out[-1000:], np.exp(x[-1000:].astype(np.float64)), rtol=2e-7, atol=0)
 
 
 def _tiny_and_tied_probabilities():

@@ -124,6 +124,12 @@ PYBIND11_MODULE(_C, mod) {
       "Fused max/argmax/counts pass (softmax + bilinear upsample for logits) on the CPU.");
 
   mod.def(
+      "exp_nonpositive_cpu",
+      [](uintptr_t x, int64_t n, uintptr_t out) { fastst::exp_nonpositive_cpu(ptr<const float>(x), n, ptr<float>(out)); },
+      py::call_guard<py::gil_scoped_release>(),
+      "exp(x) for float32 x <= 0 as the statistics pass computes it (tests only).");
+
+  mod.def(
       "ias_select_cpu",
       [](uintptr_t m, uintptr_t a, uintptr_t counts, int64_t B, int64_t C, int64_t HW,
          uintptr_t theta_in, uintptr_t theta_out, uintptr_t theta_per_instance, uintptr_t labels,

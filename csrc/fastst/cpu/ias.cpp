@@ -20,6 +20,26 @@ namespace {
 constexpr uint32_t kMaxHalfBin = 0x7c00u;  // +inf; NaN/negative patterns (checks off) clamp here
 constexpr int64_t kChunk = 4096;
 
+constexpr uint32_t kOneBits = 0x3f800000u;  // 1.0f
+
+// low = min(low, bits of m), high = max(high, bits of m) over m[0 .. n), the bits read as uint32.
+FASTST_CPU_CLONES void chunk_bits_range(const float* __restrict m, int64_t n, uint32_t& low, uint32_t& high) {
+  uint32_t lowest = low, highest = high;
+  for (int64_t p = 0; p < n; ++p) {
+    const uint32_t bits = float_to_bits(m[p]);
+    lowest = bits < lowest ? bits : lowest;
+    highest = bits > highest ? bits : highest;
+  }
+  low = lowest, high = highest;
+}
+
+void bits_range(const float* m, int64_t n, uint32_t& low, uint32_t& high) {
+  uint32_t lowest = low, highest = high;
+#pragma omp parallel for schedule(static) reduction(min : lowest) reduction(max : highest)
+  for (int64_t p0 = 0; p0 < n; p0 += kChunk) chunk_bits_range(m + p0, std::min<int64_t>(kChunk, n - p0), lowest, highest);
+  low = lowest, high = highest;
+}
+
 // Slots a * bins + (bits(m) >> 16) - low_key of a chunk of pixels (paper mode's first round).
 FASTST_CPU_CLONES void high_half_bins(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
                                       uint32_t low_key, uint32_t bins, uint32_t* __restrict index) {
@@ -81,14 +101,13 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
   // monotonic): at most 0x3c00 + 1 bins for 0 <= m <= 1, and about 4,400 for m >= 1/19 (every
   // max of a softmax), so the per-thread histograms stay small enough for the L2 cache. NaN and
   // negative m (checks off) never win the max and are clamped to the top bin, as before.
-  float max_m = 0.0f, min_m = 1.0f;
-#pragma omp parallel for reduction(max : max_m) reduction(min : min_m)
-  for (int64_t p = 0; p < pixels; ++p) {
-    max_m = std::max(max_m, m[p]);
-    min_m = std::min(min_m, m[p]);
-  }
-  const uint32_t max_bin = std::min<uint32_t>(half_bits_of(max_m), kMaxHalfBin);
-  const uint32_t min_bin = std::min<uint32_t>(half_bits_of(std::max(min_m, 0.0f)), max_bin);
+  // The extremes are taken over the bits read as uint32 (a vectorised integer reduction): for
+  // m >= +0 they order like the values, and NaN or negative m read as larger than any of them,
+  // so at worst they widen the window up to the top bin, where they are clamped anyway.
+  uint32_t high = 0, low = kOneBits;
+  bits_range(m, pixels, low, high);
+  const uint32_t max_bin = std::min<uint32_t>(half_bits_of(bits_to_float(high)), kMaxHalfBin);
+  const uint32_t min_bin = std::min<uint32_t>(half_bits_of(bits_to_float(low)), max_bin);
   const int64_t bins = int64_t(max_bin - min_bin) + 1;
   const std::vector<int32_t> hist = class_histograms(pixels, C, bins, [&](int64_t p0, int64_t n, uint32_t* index) {
     half_bins(m + p0, a + p0, n, min_bin, max_bin, uint32_t(bins), index);
@@ -120,13 +139,9 @@ void paper_instance(const IasArgs& args, int64_t b, const double* k, double* the
   const int64_t* counts = args.counts + b * C;
   const float* m = args.m + b * HW;
   const uint8_t* a = args.a + b * HW;
-  uint32_t low_key = 0xffffu, high_key = 0;
-#pragma omp parallel for reduction(min : low_key) reduction(max : high_key)
-  for (int64_t p = 0; p < HW; ++p) {
-    const uint32_t key = float_to_bits(m[p]) >> 16;
-    low_key = std::min(low_key, key);
-    high_key = std::max(high_key, key);
-  }
+  uint32_t low_bits = 0xffffffffu, high_bits = 0;
+  bits_range(m, HW, low_bits, high_bits);
+  const uint32_t low_key = low_bits >> 16, high_key = high_bits >> 16;
   if (high_key < low_key) return;  // no pixel
   const int64_t bins = int64_t(high_key - low_key) + 1;
   const std::vector<int32_t> hist = class_histograms(HW, C, bins, [&](int64_t p0, int64_t n, uint32_t* index) {

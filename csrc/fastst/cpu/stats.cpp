@@ -219,6 +219,10 @@ void stats_probs_flat(const StatsArgs& args) {
 
 }  // namespace
 
+FASTST_CPU_CLONES void exp_nonpositive_cpu(const float* __restrict x, int64_t n, float* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpositive(x[i]);
+}
+
 void stats_cpu(const StatsArgs& args) {
   const bool flat = args.dtype == kFloat32 && !args.from_logits && args.h == args.H && args.w == args.W &&
                     args.stride_w == 1 && args.stride_h == args.W;

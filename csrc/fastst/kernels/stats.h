@@ -42,12 +42,16 @@ FASTST_HD float lerp2(float l0, float a, float l1, float b) { return fadd(fmul(l
 
 // exp(x) for x <= 0 (0 for x < -87): Cody-Waite reduction by ln 2 and the Cephes polynomial,
 // about 1 ulp. Branch-free, so the CPU loop vectorises; the GPU runs the same operations.
+// The integer n comes out of the rounding step's own bits (round-to-integer by adding 1.5 * 2^23
+// leaves n in the low mantissa bits), and the clamp's zero is a bit mask: fewer vector
+// operations than a conversion and a multiply by 0 or 1, with the same bits (checked for every
+// float x <= 0).
 FASTST_HD float exp_nonpositive(float x) {
   // Clamp to -87 with a bit mask, not a select: GCC vectorises this form of the CPU loop.
   const uint32_t in_range = 0u - uint32_t(x > -87.0f);  // all ones unless x <= -87 (or NaN)
-  const float keep = float(in_range & 1u);
   x = bits_to_float((float_to_bits(x) & in_range) | (0xc2ae0000u & ~in_range));  // -87.0f
-  const float n = fsub(fadd(fmul(x, 1.44269504088896341f), 12582912.0f), 12582912.0f);  // round
+  const float shifted = fadd(fmul(x, 1.44269504088896341f), 12582912.0f);  // 1.5 * 2^23 + n
+  const float n = fsub(shifted, 12582912.0f);
   float r = fsub(x, fmul(n, 0.693359375f));
   r = fsub(r, fmul(n, -2.12194440e-4f));
   float p = 1.9875691500e-4f;
@@ -57,8 +61,8 @@ FASTST_HD float exp_nonpositive(float x) {
   p = fadd(fmul(p, r), 1.6666665459e-1f);
   p = fadd(fmul(p, r), 5.0000001201e-1f);
   const float e = fadd(fadd(fmul(fmul(p, r), r), r), 1.0f);
-  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  return fmul(fmul(e, scale), keep);
+  const float scale = bits_to_float((float_to_bits(shifted) - 0x4b400000u + 127u) << 23);  // 2^n
+  return bits_to_float(float_to_bits(fmul(e, scale)) & in_range);
 }
 
 FASTST_HD bool is_finite(float v) { return (float_to_bits(v) & 0x7f800000u) != 0x7f800000u; }
