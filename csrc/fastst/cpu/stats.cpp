@@ -187,7 +187,7 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
 
 // Float32 probabilities with a contiguous (H, W) plane (stride_w == 1, stride_h == W, no
 // resize): flat tiles of kFlatTile pixels of one image, read in place.
-void stats_probs_flat(const StatsArgs& args) {
+FASTST_CPU_CLONES void stats_probs_flat(const StatsArgs& args) {
   const float* x = static_cast<const float*>(args.x);
   const int64_t C = args.C, HW = args.H * args.W;
   const int64_t tiles_per_image = (HW + kFlatTile - 1) / kFlatTile;
@@ -199,7 +199,7 @@ void stats_probs_flat(const StatsArgs& args) {
     std::vector<float> best(kFlatTile);
     std::vector<int32_t> arg(kFlatTile);
     std::vector<const float*> rows(static_cast<size_t>(C));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)  // a busy neighbour on a shared host should not stall the other thread
     for (int64_t tile = 0; tile < args.B * tiles_per_image; ++tile) {
       const int64_t b = tile / tiles_per_image, p0 = (tile % tiles_per_image) * kFlatTile;
       const int64_t n = HW - p0 < kFlatTile ? HW - p0 : kFlatTile;
