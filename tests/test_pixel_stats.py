@@ -109,8 +109,8 @@ def test_flags_nan_and_range(device):
 @pytest.mark.parametrize("channel", [0, 5, 18])
 def test_flags_at_every_lane_of_the_vector_kernel(device, column, channel):
     """The probability screen (one unsigned compare of the bits per value) runs 32 pixels at a
-    time in sweeps of a few channels, with a scalar tail; a bad value anywhere sets the exact flags, and -0.0 (which fails
-    the screen) is a valid probability that reads as +0.0."""
+    time in sweeps of a few channels, with a scalar tail; a bad value anywhere sets the exact
+    flags, and -0.0 (which fails the screen) is a valid probability that reads as +0.0."""
     base = probs(1, 19, 2, 300, seed=column + channel).to(device)
     for value, want in ((float("nan"), 3), (float("inf"), 3), (-1e-7, 2), (1.0000001, 2), (1.0, 0), (0.0, 0)):
         x = base.clone()
@@ -124,6 +124,19 @@ def test_flags_at_every_lane_of_the_vector_kernel(device, column, channel):
     assert torch.equal(m, want_m) and torch.equal(a.long(), want_a)
     assert m[0, 1, column].item() == 0.0 and str(m[0, 1, column].item()) == "0.0"
     assert a[0, 1, column].item() == 0
+
+
+@pytest.mark.parametrize("size", [None, (2, 600)])
+@pytest.mark.parametrize("column", [0, 7, 8, 31, 32, 255, 256, 299])  # vector lanes, steps, tiles, tail
+@pytest.mark.parametrize("channel", [0, 5, 18])
+def test_logit_flags_at_every_lane(column, channel, size):
+    """Logits are screened by the largest magnitude bits (sign masked off): NaN and +-Inf at any
+    lane, channel or tail raise the non-finite flag, huge finite values of either sign do not."""
+    base = torch.randn(1, 19, 2, 300, generator=gen(column + channel))
+    for value, want in ((float("nan"), 1), (float("inf"), 1), (float("-inf"), 1), (3e38, 0), (-3e38, 0)):
+        x = base.clone()
+        x[0, channel, 1, column] = value
+        assert _stats(x, from_logits=True, size=size)[3].item() == want, (value, column, channel)
 
 
 def _exp_nonpositive_formula(x):
@@ -175,25 +188,34 @@ def _tiny_and_tied_probabilities():
 
 def test_portable_loops_match_the_vector_kernels(tmp_path):
     """FASTST_PORTABLE_CPU=1 (read once per process) takes the loops used where AVX2/F16C are
-    missing: the same statistics (maps, counts, flags) and the same IAS labels and thresholds
-    in both modes (the official histogram slots come from F16C conversions otherwise)."""
+    missing: the same statistics (maps, counts, flags) from probabilities and from logits (with
+    and without a resize), and the same IAS labels and thresholds in both modes (the official
+    histogram slots come from F16C conversions otherwise)."""
     x = probs(2, 19, 3, 45, seed=3)
     x[0, 4, 1, 20] = float("nan")
     x[1, :, 2, 33] = -0.0
     y = _tiny_and_tied_probabilities()
-    torch.save((x, y), tmp_path / "in.pt")
+    z = torch.randn(2, 19, 5, 41, generator=gen(11)) * 3
+    z[1, 7, 2, 40] = float("inf")
+    torch.save((x, y, z), tmp_path / "in.pt")
     script = ("import sys, torch; import fastst.ops as ops; from fastst.ops._library import pixel_stats; "
-              "x, y = torch.load(sys.argv[1]); "
+              "x, y, z = torch.load(sys.argv[1]); "
               "ias = [ops.ias_pseudo_label(y, None, alpha=0.3, mode=mode, backend='cpp') "
               "for mode in ('official', 'paper')]; "
-              "torch.save((pixel_stats(x, False, 3, 45, True), ias), sys.argv[2])")
+              "logit_stats = [pixel_stats(z, True, 5, 41, True), pixel_stats(z, True, 9, 83, False)]; "
+              "torch.save((pixel_stats(x, False, 3, 45, True), ias, logit_stats), sys.argv[2])")
     env = dict(os.environ, FASTST_PORTABLE_CPU="1")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
                    env=env)
-    portable_stats, portable_ias = torch.load(tmp_path / "out.pt")
+    portable_stats, portable_ias, portable_logit_stats = torch.load(tmp_path / "out.pt")
     for got, want in zip(portable_stats, _stats(x)):
         assert torch.equal(got, want)
     assert portable_stats[3].item() == 3
+    for portable, size, align_corners in zip(portable_logit_stats, ((5, 41), (9, 83)), (True, False)):
+        vector = _stats(z, from_logits=True, size=size, align_corners=align_corners)
+        for got, want in zip(portable, vector):
+            assert torch.equal(got, want)
+        assert portable[3].item() == 1
     for mode, got in zip(("official", "paper"), portable_ias):
         want = reference.ias_pseudo_label(y, None, alpha=0.3, mode=mode)
         vector = ops.ias_pseudo_label(y, None, alpha=0.3, mode=mode, backend="cpp")

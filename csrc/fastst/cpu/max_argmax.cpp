@@ -1,5 +1,6 @@
-// max_argmax_probs (max_argmax.h): an AVX2 kernel chosen at run time where the CPU has AVX2,
-// else a portable loop; both give the same bits.
+// max_argmax_probs / max_argmax_logits (max_argmax.h): an AVX2 kernel chosen at run time where
+// the CPU has AVX2, else a portable loop; both give the same bits. Both screens are the largest
+// value bits seen, masked: raw bits for probabilities, without the sign for logits.
 //
 // Why intrinsics: the AVX2 kernel keeps the running max and argmax of 32 pixels in registers
 // while it walks a sweep of channel rows: one load, compare, blend and max per 8 values. The
@@ -17,7 +18,8 @@
 namespace fastst {
 namespace {
 
-constexpr uint32_t kOneBits = 0x3f800000u;  // 1.0f
+constexpr uint32_t kOneBits = 0x3f800000u;       // 1.0f
+constexpr uint32_t kInfinityBits = 0x7f800000u;  // +inf: |v| bits at or above it are Inf or NaN
 
 inline uint32_t bits_of(float v) {
   uint32_t u;
@@ -25,17 +27,17 @@ inline uint32_t bits_of(float v) {
   return u;
 }
 
-// Pixels [from, n) one at a time; returns the largest value bits seen.
-uint32_t max_argmax_scalar(const float* const* rows, int64_t from, int64_t n, int64_t C, float* best,
-                           int32_t* arg) {
+// Pixels [from, n) one at a time; returns the largest (value bits & mask) seen.
+uint32_t max_argmax_scalar(const float* const* rows, int64_t from, int64_t n, int64_t C, uint32_t mask,
+                           float* best, int32_t* arg) {
   uint32_t high = 0;
   for (int64_t t = from; t < n; ++t) {
     float b = rows[0][t];
     int32_t a = 0;
-    high = bits_of(b) > high ? bits_of(b) : high;
+    high = (bits_of(b) & mask) > high ? (bits_of(b) & mask) : high;
     for (int64_t c = 1; c < C; ++c) {
       const float v = rows[c][t];
-      high = bits_of(v) > high ? bits_of(v) : high;
+      high = (bits_of(v) & mask) > high ? (bits_of(v) & mask) : high;
       if (v > b) b = v, a = int32_t(c);
     }
     best[t] = b;
@@ -57,14 +59,14 @@ constexpr int kGroups = 4;
 constexpr int64_t kSweepChannels = 6;
 
 __attribute__((target("avx2"))) void sweep_avx2(const float* const* rows, int64_t steps, int64_t c0, int64_t c1,
-                                                __m256i& high, float* best, int32_t* arg) {
+                                                __m256i mask, __m256i& high, float* best, int32_t* arg) {
   for (int64_t t = 0; t < steps * 8 * kGroups; t += 8 * kGroups) {
     __m256 b[kGroups], a[kGroups];  // running max; class ids as bit patterns
     for (int g = 0; g < kGroups; ++g) {
       if (c0 == 0) {
         b[g] = _mm256_loadu_ps(rows[0] + t + 8 * g);
         a[g] = _mm256_setzero_ps();
-        high = _mm256_max_epu32(high, _mm256_castps_si256(b[g]));
+        high = _mm256_max_epu32(high, _mm256_and_si256(_mm256_castps_si256(b[g]), mask));
       } else {
         b[g] = _mm256_loadu_ps(best + t + 8 * g);
         a[g] = _mm256_loadu_ps(reinterpret_cast<const float*>(arg + t + 8 * g));
@@ -75,7 +77,7 @@ __attribute__((target("avx2"))) void sweep_avx2(const float* const* rows, int64_
       const float* row = rows[c] + t;
       for (int g = 0; g < kGroups; ++g) {
         const __m256 v = _mm256_loadu_ps(row + 8 * g);
-        high = _mm256_max_epu32(high, _mm256_castps_si256(v));
+        high = _mm256_max_epu32(high, _mm256_and_si256(_mm256_castps_si256(v), mask));
         a[g] = _mm256_blendv_ps(a[g], c_bits, _mm256_cmp_ps(v, b[g], _CMP_GT_OQ));
         b[g] = _mm256_max_ps(v, b[g]);
       }
@@ -88,14 +90,15 @@ __attribute__((target("avx2"))) void sweep_avx2(const float* const* rows, int64_
 }
 
 __attribute__((target("avx2"))) uint32_t max_argmax_avx2(const float* const* rows, int64_t n, int64_t C,
-                                                         float* best, int32_t* arg) {
+                                                         uint32_t mask, float* best, int32_t* arg) {
   __m256i high = _mm256_setzero_si256();
+  const __m256i lanes_mask = _mm256_set1_epi32(int32_t(mask));
   const int64_t steps = n / (8 * kGroups);
   const int64_t sweeps = (C + kSweepChannels - 1) / kSweepChannels;
-  for (int64_t s = 0; s < sweeps; ++s) sweep_avx2(rows, steps, s * C / sweeps, (s + 1) * C / sweeps, high, best, arg);
+  for (int64_t s = 0; s < sweeps; ++s) sweep_avx2(rows, steps, s * C / sweeps, (s + 1) * C / sweeps, lanes_mask, high, best, arg);
   uint32_t lanes[8];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), high);
-  uint32_t largest = max_argmax_scalar(rows, steps * 8 * kGroups, n, C, best, arg);
+  uint32_t largest = max_argmax_scalar(rows, steps * 8 * kGroups, n, C, mask, best, arg);
   for (uint32_t lane : lanes) largest = lane > largest ? lane : largest;
   return largest;
 }
@@ -103,11 +106,23 @@ __attribute__((target("avx2"))) uint32_t max_argmax_avx2(const float* const* row
 
 }  // namespace
 
-bool max_argmax_probs(const float* const* rows, int64_t n, int64_t C, float* best, int32_t* arg) {
+namespace {
+
+uint32_t max_argmax(const float* const* rows, int64_t n, int64_t C, uint32_t mask, float* best, int32_t* arg) {
 #ifdef FASTST_HAVE_X86_KERNELS
-  if (use_x86_kernels()) return max_argmax_avx2(rows, n, C, best, arg) > kOneBits;
+  if (use_x86_kernels()) return max_argmax_avx2(rows, n, C, mask, best, arg);
 #endif
-  return max_argmax_scalar(rows, 0, n, C, best, arg) > kOneBits;
+  return max_argmax_scalar(rows, 0, n, C, mask, best, arg);
+}
+
+}  // namespace
+
+bool max_argmax_probs(const float* const* rows, int64_t n, int64_t C, float* best, int32_t* arg) {
+  return max_argmax(rows, n, C, 0xffffffffu, best, arg) > kOneBits;
+}
+
+bool max_argmax_logits(const float* const* rows, int64_t n, int64_t C, float* best, int32_t* arg) {
+  return max_argmax(rows, n, C, 0x7fffffffu, best, arg) >= kInfinityBits;
 }
 
 }  // namespace fastst

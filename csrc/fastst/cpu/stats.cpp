@@ -44,40 +44,40 @@ void merge_banks(const std::vector<int64_t>& banks, int64_t bank, int64_t* count
   }
 }
 
-// Row-wise lerp of source row `y` of every channel at every output column: out[c * W + x].
-template <typename T>
-FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64_t y, const std::vector<LinearTap>& col,
-                     float* out) {
-  for (int64_t c = 0; c < args.C; ++c) {
-    const T* row = xb + c * args.stride_c + y * args.stride_h;
-    float* dst = out + c * args.W;
-    for (int64_t xo = 0; xo < args.W; ++xo) {
-      const LinearTap& t = col[size_t(xo)];
-      dst[xo] = lerp2(t.l0, to_float(row[t.i0 * args.stride_w]), t.l1, to_float(row[t.i1 * args.stride_w]));
-    }
+// The column taps of a resize as parallel arrays (gathers vectorise over them; an array of
+// LinearTap structs did not).
+struct ColumnTaps {
+  std::vector<int32_t> i0, i1;
+  std::vector<float> l0, l1;
+};
+
+ColumnTaps column_taps(const StatsArgs& args) {
+  ColumnTaps col;
+  for (int64_t xo = 0; xo < args.W; ++xo) {
+    const LinearTap t = linear_tap(xo, args.w, args.W, args.align_corners);
+    col.i0.push_back(int32_t(t.i0));
+    col.i1.push_back(int32_t(t.i1));
+    col.l0.push_back(t.l0);
+    col.l1.push_back(t.l1);
   }
+  return col;
 }
 
-// Over a tile of n logits whose C values are rows[c][j]: best = max, arg = argmax (strict '>',
-// lowest index on ties); returns the OR of the value flags. Branch-free.
-FASTST_CPU_CLONES int32_t max_argmax_logits(const float* const* rows, int64_t n, int64_t C, float* __restrict best,
-                                            int32_t* __restrict arg) {
-  int32_t flags = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    best[j] = rows[0][j];
-    arg[j] = 0;
+// Row-wise lerp of source row `y` of every channel at every output column: out[c * W + x].
+// Each channel's source row is first widened into `source` (w floats, contiguous).
+template <typename T>
+FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64_t y, const ColumnTaps& col,
+                                       float* __restrict source, float* __restrict out) {
+  const int32_t* __restrict i0 = col.i0.data();
+  const int32_t* __restrict i1 = col.i1.data();
+  const float* __restrict l0 = col.l0.data();
+  const float* __restrict l1 = col.l1.data();
+  for (int64_t c = 0; c < args.C; ++c) {
+    const T* row = xb + c * args.stride_c + y * args.stride_h;
+    for (int64_t s = 0; s < args.w; ++s) source[s] = to_float(row[s * args.stride_w]);
+    float* __restrict dst = out + c * args.W;
+    for (int64_t xo = 0; xo < args.W; ++xo) dst[xo] = lerp2(l0[xo], source[i0[xo]], l1[xo], source[i1[xo]]);
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const float* __restrict v = rows[c];
-    for (int64_t j = 0; j < n; ++j) {
-      const float value = v[j], current = best[j];
-      flags |= value_flags(value, true);
-      const int32_t greater = -int32_t(value > current);  // all ones where the class wins
-      arg[j] = (arg[j] & ~greater) | (int32_t(c) & greater);
-      best[j] = value > current ? value : current;
-    }
-  }
-  return flags;
 }
 
 // Probabilities: max_argmax_probs screens every value with one unsigned compare of its bits;
@@ -107,8 +107,7 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
   const int64_t C = args.C, W = args.W;
   const bool resize = args.h != args.H || args.w != args.W;
   const bool logits = args.from_logits;
-  std::vector<LinearTap> col(static_cast<size_t>(W));
-  for (int64_t xo = 0; xo < W; ++xo) col[size_t(xo)] = linear_tap(xo, args.w, W, args.align_corners);
+  const ColumnTaps col = column_taps(args);
   int32_t flags = 0;
 #pragma omp parallel reduction(| : flags)
   {
@@ -120,6 +119,7 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
     std::vector<int32_t> arg(kTile);
     // Two cached lerped source rows (resize only): cached_y[i] is the source row in slot i.
     std::vector<float> cache(resize ? static_cast<size_t>(2 * C * W) : 0);
+    std::vector<float> source(resize ? static_cast<size_t>(args.w) : 0);
     int64_t cached_b = -1, cached_y[2] = {-1, -1};
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < args.B * args.H; ++row) {
@@ -135,7 +135,7 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
           return cached_y[0] == source_row ? 0 : cached_y[1] == source_row ? 1 : -1;
         };
         auto load = [&](int slot, int64_t source_row) {
-          lerp_source_row(xb, args, source_row, col, cache.data() + slot * C * W);
+          lerp_source_row(xb, args, source_row, col, source.data(), cache.data() + slot * C * W);
           cached_y[slot] = source_row;
         };
         int s0 = slot_of(ty.i0);
@@ -166,8 +166,11 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
             }
           }
         }
-        flags |= logits ? max_argmax_logits(rows.data(), n, C, best.data(), arg.data())
-                        : max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
+        if (logits) {
+          flags |= max_argmax_logits(rows.data(), n, C, best.data(), arg.data()) ? int32_t(kNonFinite) : 0;
+        } else {
+          flags |= max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
+        }
         const int64_t out = (b * args.H + y) * W + x0;
         if (logits) {
           exp_sum(values.data(), n, C, best.data(), sum.data());
