@@ -37,6 +37,17 @@ void count_classes(const int32_t* arg, int64_t n, int64_t* counts, int64_t bank)
   for (; j < n; ++j) counts[arg[j]] += 1;
 }
 
+// A tile's outputs: a[j] = arg[j] and m[j] = 1 / value[j] (kReciprocal: value is the exp sum) or
+// value[j] + 0.0f (the max probability; -0 becomes +0, so the bits of m sort like its value).
+// Restrict pointers: a uint8_t store may alias anything, and without them the loops reload
+// their pointers after every byte instead of vectorising.
+template <bool kReciprocal>
+FASTST_CPU_CLONES void store_tile(const float* __restrict value, const int32_t* __restrict arg, int64_t n,
+                                  float* __restrict m, uint8_t* __restrict a) {
+  for (int64_t j = 0; j < n; ++j) m[j] = kReciprocal ? 1.0f / value[j] : value[j] + 0.0f;
+  for (int64_t j = 0; j < n; ++j) a[j] = uint8_t(arg[j]);
+}
+
 // counts[i] (the output) += the sum of its kBanks banks.
 void merge_banks(const std::vector<int64_t>& banks, int64_t bank, int64_t* counts) {
   for (int64_t i = 0; i < bank; ++i) {
@@ -174,11 +185,10 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
         const int64_t out = (b * args.H + y) * W + x0;
         if (logits) {
           exp_sum(values.data(), n, C, best.data(), sum.data());
-          for (int64_t j = 0; j < n; ++j) args.m[out + j] = 1.0f / sum[j];
+          store_tile<true>(sum.data(), arg.data(), n, args.m + out, args.a + out);
         } else {
-          for (int64_t j = 0; j < n; ++j) args.m[out + j] = best[j] + 0.0f;
+          store_tile<false>(best.data(), arg.data(), n, args.m + out, args.a + out);
         }
-        for (int64_t j = 0; j < n; ++j) args.a[out + j] = uint8_t(arg[j]);
         count_classes(arg.data(), n, counts_b, bank);
       }
     }
@@ -208,10 +218,7 @@ FASTST_CPU_CLONES void stats_probs_flat(const StatsArgs& args) {
       const int64_t n = HW - p0 < kFlatTile ? HW - p0 : kFlatTile;
       for (int64_t c = 0; c < C; ++c) rows[size_t(c)] = x + b * args.stride_b + c * args.stride_c + p0;
       flags |= max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
-      float* m = args.m + b * HW + p0;
-      uint8_t* a = args.a + b * HW + p0;
-      for (int64_t j = 0; j < n; ++j) m[j] = best[size_t(j)] + 0.0f;
-      for (int64_t j = 0; j < n; ++j) a[j] = uint8_t(arg[size_t(j)]);
+      store_tile<false>(best.data(), arg.data(), n, args.m + b * HW + p0, args.a + b * HW + p0);
       count_classes(arg.data(), n, counts.data() + b * C, bank);
     }
 #pragma omp critical
