@@ -56,7 +56,8 @@ std::vector<int32_t> class_histograms(int64_t pixels, int64_t C, int64_t bins, F
 #pragma omp parallel
   {
     std::vector<int32_t>& own = local[size_t(omp_get_thread_num())];
-    own.assign(size_t(C * bins), 0);
+    own.resize(size_t(C * bins));
+    std::fill(own.begin(), own.end(), 0);  // a memset; assign() was a scalar loop
     uint32_t index[kChunk];
 #pragma omp for schedule(static)
     for (int64_t p0 = 0; p0 < pixels; p0 += kChunk) {
@@ -117,9 +118,19 @@ void official_instance(const IasArgs& args, int64_t b0, int64_t b1, const double
     const int32_t* hc = hist.data() + c * bins;
     int64_t n = 0;
     for (int64_t b = b0; b < b1; ++b) n += args.counts[b * C + c];
-    int64_t n_below = 0;  // values strictly smaller than the seed element theta_c
-    for (int64_t b = 0; b < bins && (double)to_float(Half{(uint16_t)(min_bin + b)}) < theta[c]; ++b)
-      n_below += hc[b];
+    // values strictly smaller than the seed element theta_c: the bins below the first pattern
+    // whose value reaches theta_c (patterns in the window order like their values)
+    int64_t low = 0, high = bins;
+    while (low < high) {
+      const int64_t mid = (low + high) / 2;
+      if ((double)to_float(Half{(uint16_t)(min_bin + mid)}) < theta[c]) {
+        low = mid + 1;
+      } else {
+        high = mid;
+      }
+    }
+    int64_t n_below = 0;
+    for (int64_t b = 0; b < low; ++b) n_below += hc[b];
     const PercentilePlan plan = official_plan(k[c], n);
     const int64_t s_lo = official_source(plan.j_lo, n_below);
     const int64_t s_hi = official_source(plan.j_hi, n_below);
