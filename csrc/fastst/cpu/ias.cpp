@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../kernels/ias.h"
@@ -73,6 +74,13 @@ std::vector<int32_t> class_histograms(int64_t pixels, int64_t C, int64_t bins, F
     }
   }
   return hist;
+}
+
+// hit[j] = 1 where the high 16 bits of m[j] are the bin chosen for its class a[j], else 0
+// (vectorised, the table read a gather; the caller then visits only the rare hits).
+FASTST_CPU_CLONES void chosen_hits(const float* __restrict m, const uint8_t* __restrict a, int64_t n,
+                                   const uint32_t* __restrict chosen, uint8_t* __restrict hit) {
+  for (int64_t j = 0; j < n; ++j) hit[j] = uint8_t((float_to_bits(m[j]) >> 16) == chosen[a[j]]);
 }
 
 // labels = a where m passes the class's float32 threshold (see float_threshold), else 255.
@@ -180,10 +188,19 @@ void paper_instance(const IasArgs& args, int64_t b, const double* k, double* the
 #pragma omp parallel
   {
     std::vector<std::vector<uint32_t>>& own = gathered[size_t(omp_get_thread_num())];
+    uint8_t hit[kChunk];
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < HW; ++p) {
-      const uint32_t bits = float_to_bits(m[p]);
-      if ((bits >> 16) == chosen[a[p]]) own[a[p]].push_back(bits);
+    for (int64_t p0 = 0; p0 < HW; p0 += kChunk) {
+      const int64_t n = std::min<int64_t>(kChunk, HW - p0);
+      chosen_hits(m + p0, a + p0, n, chosen.data(), hit);
+      for (int64_t j = 0; j < n; j += 8) {  // hits are rare: skip 8 misses at a time
+        uint64_t word = 0;
+        std::memcpy(&word, hit + j, size_t(std::min<int64_t>(8, n - j)));
+        if (word == 0) continue;
+        for (int64_t k = j; k < std::min<int64_t>(j + 8, n); ++k) {
+          if (hit[k]) own[a[p0 + k]].push_back(float_to_bits(m[p0 + k]));
+        }
+      }
     }
   }
 #pragma omp parallel for schedule(dynamic)
