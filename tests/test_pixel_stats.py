@@ -188,8 +188,8 @@ def _tiny_and_tied_probabilities():
 
 def test_portable_loops_match_the_vector_kernels(tmp_path):
     """FASTST_PORTABLE_CPU=1 (read once per process) takes the loops used where AVX2/F16C are
-    missing: the same statistics (maps, counts, flags) from probabilities and from logits (with
-    and without a resize), and the same IAS labels and thresholds in both modes (the official
+    missing: the same statistics (maps, counts, flags) from probabilities and from logits (as
+    they are, upsampled about 2x and 8x: the permuted-window horizontal lerp), and the same IAS labels and thresholds in both modes (the official
     histogram slots come from F16C conversions otherwise)."""
     x = probs(2, 19, 3, 45, seed=3)
     x[0, 4, 1, 20] = float("nan")
@@ -202,7 +202,8 @@ def test_portable_loops_match_the_vector_kernels(tmp_path):
               "x, y, z = torch.load(sys.argv[1]); "
               "ias = [ops.ias_pseudo_label(y, None, alpha=0.3, mode=mode, backend='cpp') "
               "for mode in ('official', 'paper')]; "
-              "logit_stats = [pixel_stats(z, True, 5, 41, True), pixel_stats(z, True, 9, 83, False)]; "
+              "logit_stats = [pixel_stats(z, True, 5, 41, True), pixel_stats(z, True, 9, 83, False), "
+              "pixel_stats(z, True, 40, 328, True)]; "
               "torch.save((pixel_stats(x, False, 3, 45, True), ias, logit_stats), sys.argv[2])")
     env = dict(os.environ, FASTST_PORTABLE_CPU="1")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
@@ -211,7 +212,8 @@ def test_portable_loops_match_the_vector_kernels(tmp_path):
     for got, want in zip(portable_stats, _stats(x)):
         assert torch.equal(got, want)
     assert portable_stats[3].item() == 3
-    for portable, size, align_corners in zip(portable_logit_stats, ((5, 41), (9, 83)), (True, False)):
+    for portable, size, align_corners in zip(portable_logit_stats, ((5, 41), (9, 83), (40, 328)),
+                                             (True, False, True)):
         vector = _stats(z, from_logits=True, size=size, align_corners=align_corners)
         for got, want in zip(portable, vector):
             assert torch.equal(got, want)

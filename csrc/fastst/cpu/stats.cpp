@@ -18,6 +18,7 @@
 
 #include "../kernels/stats.h"
 #include "max_argmax.h"
+#include "row_lerp.h"
 
 namespace fastst {
 namespace {
@@ -79,15 +80,11 @@ ColumnTaps column_taps(const StatsArgs& args) {
 template <typename T>
 FASTST_CPU_CLONES void lerp_source_row(const T* xb, const StatsArgs& args, int64_t y, const ColumnTaps& col,
                                        float* __restrict source, float* __restrict out) {
-  const int32_t* __restrict i0 = col.i0.data();
-  const int32_t* __restrict i1 = col.i1.data();
-  const float* __restrict l0 = col.l0.data();
-  const float* __restrict l1 = col.l1.data();
+  const int64_t w = args.w, stride_w = args.stride_w;
   for (int64_t c = 0; c < args.C; ++c) {
     const T* row = xb + c * args.stride_c + y * args.stride_h;
-    for (int64_t s = 0; s < args.w; ++s) source[s] = to_float(row[s * args.stride_w]);
-    float* __restrict dst = out + c * args.W;
-    for (int64_t xo = 0; xo < args.W; ++xo) dst[xo] = lerp2(l0[xo], source[i0[xo]], l1[xo], source[i1[xo]]);
+    for (int64_t s = 0; s < w; ++s) source[s] = to_float(row[s * stride_w]);
+    lerp_row(source, w, col.i0.data(), col.i1.data(), col.l0.data(), col.l1.data(), args.W, out + c * args.W);
   }
 }
 
