@@ -3,9 +3,10 @@
 //
 // Organisation (why it is fast): work is split by output rows; a row is processed in tiles of
 // kTile pixels, with the C channel values of the tile gathered into a small buffer (class-major)
-// so the max/argmax and exp-sum loops run over contiguous floats and vectorise. For a resize,
-// the row-wise lerp of a source row (all C channels, all output columns) is computed once and
-// kept while consecutive output rows reuse it (8x upsampling: ~16 output rows per source row).
+// so the max/argmax (max_argmax.cpp, registers) and exp-sum loops run over contiguous floats
+// and vectorise. For a resize, the row-wise lerp of a source row (all C channels, all output
+// columns; row_lerp.cpp) is computed once and kept while consecutive output rows reuse it (8x
+// upsampling: ~8 output rows per source row).
 // Float32 probabilities whose (H, W) plane is contiguous are read in place, in flat tiles of
 // kFlatTile pixels that may span rows: max_argmax_probs reads a few channel rows at a time in
 // long runs, which the hardware prefetcher follows (see max_argmax.cpp).
