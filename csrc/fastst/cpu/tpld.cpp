@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels/stats.h"
@@ -49,7 +50,7 @@ FASTST_CPU_CLONES int32_t push_class(const float* __restrict p, int64_t n, float
 }
 
 template <typename T>
-void pixels_typed(const TpldPixelArgs& a) {
+FASTST_CPU_CLONES void pixels_typed(const TpldPixelArgs& a) {
   const int64_t B = a.B, C = a.C, H = a.H, W = a.W;
   const bool conf = a.confidence != nullptr;
   std::vector<int64_t> n(static_cast<size_t>(B * C), 0), n_sure(static_cast<size_t>(B * C), 0);
@@ -75,12 +76,15 @@ void pixels_typed(const TpldPixelArgs& a) {
         }
         for (int64_t c = 0; c < C; ++c) {
           const T* src = base + c * a.stride_c + x0 * a.stride_w;
-          if (a.stride_w == 1) {
+          const float* p = pv;
+          if (a.stride_w == 1 && std::is_same<T, float>::value) {
+            p = reinterpret_cast<const float*>(src);  // float32 rows: read in place
+          } else if (a.stride_w == 1) {
             for (int64_t t = 0; t < len; ++t) pv[t] = to_float(src[t]);  // contiguous: vectorises
           } else {
             for (int64_t t = 0; t < len; ++t) pv[t] = to_float(src[t * a.stride_w]);
           }
-          flags |= push_class(pv, len, a.lambdas[c], int32_t(c), q1, q2, k1, k2, pbest, parg, qat);
+          flags |= push_class(p, len, a.lambdas[c], int32_t(c), q1, q2, k1, k2, pbest, parg, qat);
         }
         const int64_t out = (b * H + y) * W + x0;
         for (int64_t t = 0; t < len; ++t) {
