@@ -104,10 +104,6 @@ __attribute__((target("avx2"))) uint32_t max_argmax_avx2(const float* const* row
 }
 #endif
 
-}  // namespace
-
-namespace {
-
 uint32_t max_argmax(const float* const* rows, int64_t n, int64_t C, uint32_t mask, float* best, int32_t* arg) {
 #ifdef FASTST_HAVE_X86_KERNELS
   if (use_x86_kernels()) return max_argmax_avx2(rows, n, C, mask, best, arg);

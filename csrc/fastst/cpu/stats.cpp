@@ -57,8 +57,7 @@ void merge_banks(const std::vector<int64_t>& banks, int64_t bank, int64_t* count
   }
 }
 
-// The column taps of a resize as parallel arrays (gathers vectorise over them; an array of
-// LinearTap structs did not).
+// The column taps of a resize as parallel arrays, as lerp_row (row_lerp.h) reads them.
 struct ColumnTaps {
   std::vector<int32_t> i0, i1;
   std::vector<float> l0, l1;
@@ -175,16 +174,13 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
             }
           }
         }
-        if (logits) {
-          flags |= max_argmax_logits(rows.data(), n, C, best.data(), arg.data()) ? int32_t(kNonFinite) : 0;
-        } else {
-          flags |= max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
-        }
         const int64_t out = (b * args.H + y) * W + x0;
         if (logits) {
+          flags |= max_argmax_logits(rows.data(), n, C, best.data(), arg.data()) ? int32_t(kNonFinite) : 0;
           exp_sum(values.data(), n, C, best.data(), sum.data());
           store_tile<true>(sum.data(), arg.data(), n, args.m + out, args.a + out);
         } else {
+          flags |= max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
           store_tile<false>(best.data(), arg.data(), n, args.m + out, args.a + out);
         }
         count_classes(arg.data(), n, counts_b, bank);
