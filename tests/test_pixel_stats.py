@@ -139,41 +139,109 @@ def test_logit_flags_at_every_lane(column, channel, size):
         assert _stats(x, from_logits=True, size=size)[3].item() == want, (value, column, channel)
 
 
+def _fma32(a, b, c):
+    """float32 a * b + c rounded once (IEEE fma), through float64: the product is exact there, and
+    a float64 sum that lands exactly halfway between two float32 values is moved by the sign of
+    its own rounding error (TwoSum) before rounding to float32, so nothing is rounded twice."""
+    a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a * b
+    s = p + c
+    s_b = s - p
+    error = (p - (s - s_b)) + (c - s_b)  # s + error == p + c exactly
+    r = s.astype(np.float32)
+    toward_s = np.nextafter(r, np.where(s > r, np.float32(np.inf), np.float32(-np.inf)))
+    halfway = (s != r) & (np.abs(s - r) * 2 == np.abs(toward_s.astype(np.float64) - r))
+    # halfway and the exact value is past the midpoint (away from r): round the other way
+    beyond = halfway & (error != 0) & (np.sign(error) == np.sign(s - r))
+    return np.where(beyond, toward_s, r).astype(np.float32)
+
+
+EXP2_SIXTEENTHS = (2.0 ** (np.arange(16) / 16.0)).astype(np.float32)
+
+
 def _exp_nonpositive_formula(x):
-    """kernels/stats.h's exp for float32 x <= 0 written plainly in float32 NumPy (each operation
-    rounds once, no FMA): clamp to -87, n = round(x log2 e), Cody-Waite r, the Cephes
-    polynomial, times 2^n, times 0 where x <= -87 or NaN."""
+    """kernels/stats.h's exp for float32 x <= 0 written plainly in NumPy (float32 operations,
+    each FMA rounded once): clamp to -87, k = round(16 x / ln 2) through the 1.5 * 2^23 shift,
+    Cody-Waite r, T[k & 15] * (1 + r + r^2 (1/2 + r/6)), 2^(k >> 4) added to the exponent bits,
+    0 where x <= -87 or NaN."""
     f = np.float32
-    keep = (x > f(-87.0)).astype(np.float32)
-    x = np.where(x > f(-87.0), x, f(-87.0)).astype(np.float32)
-    n = (x * f(1.44269504088896341) + f(12582912.0)) - f(12582912.0)
-    r = x - n * f(0.693359375)
-    r = r - n * f(-2.12194440e-4)
-    p = np.full_like(r, f(1.9875691500e-4))
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + f(c)
-    e = ((p * r) * r + r) + f(1.0)
-    scale = ((n.astype(np.int32) + 127) << 23).view(np.float32)
-    return (e * scale) * keep
+    in_range = x > f(-87.0)
+    x = np.where(in_range, x, f(-87.0)).astype(np.float32)
+    shifted = _fma32(x, f(23.083120346069336), f(12582912.0))
+    k = shifted - f(12582912.0)
+    r = _fma32(k, f(1.1904088825787085e-10), _fma32(k, f(-0.043321698904037476), x))
+    k_bits = shifted.view(np.uint32)
+    t = EXP2_SIXTEENTHS[k_bits & 15]
+    em1 = _fma32(r * r, _fma32(r, f(1.0 / 6.0), f(0.5)), r)
+    e = _fma32(t, em1, t)
+    exponent = (k_bits << np.uint32(19)) & np.uint32(0xFF800000)
+    return np.where(in_range, (e.view(np.uint32) + exponent).view(np.float32), f(0.0))
 
 
-def test_exp_of_the_pass_equals_its_formula_bit_for_bit():
-    """The vectorised exp of the statistics pass (bit tricks for the integer part and the clamp)
-    equals the plain float32 formula on 2M arguments: random bit patterns of every negative
-    float, a dense sweep of [-90, 0], the clamp's neighbours, -0.0, -inf and NaN."""
+def test_fma_emulation_rounds_once():
+    """_fma32 against exact rational arithmetic, on random operands and on operands built so that
+    the float64 sum lands exactly halfway between two float32 values (where rounding twice errs)."""
+    from fractions import Fraction
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(300).astype(np.float32)
+    b = rng.standard_normal(300).astype(np.float32)
+    c = rng.standard_normal(300).astype(np.float32)
+    # a * b + c = (1 + 2^-23) + 2^-24 - 2^-70: float64 rounds it to the midpoint between 1 + 2^-23
+    # and 1 + 2^-22, whence ties-to-even would go up; the exact value is below: 1 + 2^-23
+    a = np.append(a, np.float32(2 ** -12 * (1 + 2 ** -23))).astype(np.float32)
+    b = np.append(b, np.float32(2 ** -12 * (1 - 2 ** -23))).astype(np.float32)
+    c = np.append(c, np.float32(1 + 2 ** -23)).astype(np.float32)
+    got = _fma32(a, b, c)
+    assert got[-1] == np.float32(1 + 2 ** -23)
+    for ai, bi, ci, gi in zip(a, b, c, got):
+        exact = Fraction(float(ai)) * Fraction(float(bi)) + Fraction(float(ci))
+        below = np.float32(float(exact))
+        candidates = [below, np.nextafter(below, np.float32(np.inf)), np.nextafter(below, np.float32(-np.inf))]
+        best = min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(v.view(np.uint32)) & 1))
+        assert gi.view(np.uint32) == best.view(np.uint32), (ai, bi, ci, gi, best)
+
+
+def _exp_arguments():
+    """2M float32 arguments x <= 0: random bit patterns of every negative float, a dense sweep of
+    [-90, 0], the clamp's neighbours, -0.0, -inf and NaN."""
     rng = np.random.default_rng(0)
     patterns = rng.integers(0x80000000, 0xFF800001, size=1_000_000, dtype=np.uint64).astype(np.uint32)
     special = np.array([0.0, -0.0, -np.inf, np.nan, -87.0, np.nextafter(-87.0, 0, dtype=np.float32),
                         np.nextafter(-87.0, -1, dtype=np.float32), -1e-45, -1e-38, -0.34657359, -0.6931472],
                        dtype=np.float32)
-    x = np.concatenate([special, patterns.view(np.float32), np.linspace(-90, 0, 1_000_000, dtype=np.float32)])
+    return np.concatenate([special, patterns.view(np.float32), np.linspace(-90, 0, 1_000_000, dtype=np.float32)])
+
+
+def test_exp_of_the_pass_equals_its_formula_bit_for_bit():
+    """The vector exp of the statistics pass (permuted table, bit tricks for 2^k and the clamp)
+    equals the plain float32 formula on 2M arguments, and is within 1.1 ulp of exp."""
+    x = _exp_arguments()
     out = np.empty_like(x)
     _backend.extension().exp_nonpositive_cpu(x.ctypes.data, x.size, out.ctypes.data)
     want = _exp_nonpositive_formula(x)
     differ = out.view(np.uint32) != want.view(np.uint32)
     assert not differ.any(), f"{int(differ.sum())} differ, first at x = {x[differ][0]!r}"
-    assert out[0] == 1.0 and out[2] == 0.0 and out[3] == 0.0
-    assert np.allclose(out[-1000:], np.exp(x[-1000:].astype(np.float64)), rtol=2e-7, atol=0)
+    assert out[0] == 1.0 and out[1] == 1.0 and out[2] == 0.0 and out[3] == 0.0 and out[4] == 0.0
+    normal = (x > -87.0) & (x <= 0.0)
+    exact = np.exp(x[normal].astype(np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert (np.abs(out[normal].astype(np.float64) - exact) / ulp).max() <= 1.1
+
+
+@pytest.mark.parametrize("env", ["FASTST_NO_AVX512", "FASTST_PORTABLE_CPU"])
+def test_exp_on_every_cpu_path_equals_the_default(tmp_path, env):
+    """The AVX2 kernel (FASTST_NO_AVX512=1) and the scalar formula (FASTST_PORTABLE_CPU=1) give the
+    default kernel's bits (AVX-512 where the CPU has it) on the same 2M arguments."""
+    x = _exp_arguments()
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; from fastst.ops import _backend; x = np.load(sys.argv[1]); "
+              "out = np.empty_like(x); _backend.extension().exp_nonpositive_cpu(x.ctypes.data, x.size, "
+              "out.ctypes.data); np.save(sys.argv[2], out)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "out.npy")], check=True,
+                   env=dict(os.environ, **{env: "1"}))
+    want = np.empty_like(x)
+    _backend.extension().exp_nonpositive_cpu(x.ctypes.data, x.size, want.ctypes.data)
+    assert np.array_equal(np.load(tmp_path / "out.npy").view(np.uint32), want.view(np.uint32))
 
 
 def _tiny_and_tied_probabilities():
@@ -186,11 +254,14 @@ def _tiny_and_tied_probabilities():
     return x
 
 
-def test_portable_loops_match_the_vector_kernels(tmp_path):
-    """FASTST_PORTABLE_CPU=1 (read once per process) takes the loops used where AVX2/F16C are
-    missing: the same statistics (maps, counts, flags) from probabilities and from logits (as
-    they are, upsampled about 2x and 8x: the permuted-window horizontal lerp), and the same IAS labels and thresholds in both modes (the official
-    histogram slots come from F16C conversions otherwise)."""
+@pytest.mark.parametrize("env", ["FASTST_PORTABLE_CPU", "FASTST_NO_AVX512"])
+def test_other_cpu_paths_match_the_default_kernels(tmp_path, env):
+    """FASTST_PORTABLE_CPU=1 (read once per process) takes the loops used where AVX2/FMA/F16C are
+    missing, FASTST_NO_AVX512=1 the AVX2 kernels (the exp sum has an AVX-512 one): the same
+    statistics (maps, counts, flags) from probabilities and from logits (as they are, upsampled
+    about 2x and 8x: the permuted-window horizontal lerp, the exp sum), and the same IAS labels
+    and thresholds in both modes (the official histogram slots come from F16C conversions
+    otherwise)."""
     x = probs(2, 19, 3, 45, seed=3)
     x[0, 4, 1, 20] = float("nan")
     x[1, :, 2, 33] = -0.0
@@ -205,9 +276,8 @@ def test_portable_loops_match_the_vector_kernels(tmp_path):
               "logit_stats = [pixel_stats(z, True, 5, 41, True), pixel_stats(z, True, 9, 83, False), "
               "pixel_stats(z, True, 40, 328, True)]; "
               "torch.save((pixel_stats(x, False, 3, 45, True), ias, logit_stats), sys.argv[2])")
-    env = dict(os.environ, FASTST_PORTABLE_CPU="1")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
-                   env=env)
+                   env=dict(os.environ, **{env: "1"}))
     portable_stats, portable_ias, portable_logit_stats = torch.load(tmp_path / "out.pt")
     for got, want in zip(portable_stats, _stats(x)):
         assert torch.equal(got, want)

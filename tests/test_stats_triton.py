@@ -140,8 +140,9 @@ def _assert_logit_stats_close(x, m, a, size, align_corners):
 def test_exp_arguments_swept_match_cpp_bit_for_bit():
     """C = 2 logits (0, t): m = 1 / (1 + exp(t)) for 8,192 arguments t from -100 to 0 (the clamp
     at -87 and its neighbours, -0.0, tiny ones, integers and halves of ln 2): Triton's m equals
-    the C++ pass's bit for bit (whose exp, written with bit tricks for the CPU's vector units,
-    is checked against its formula in test_pixel_stats.py)."""
+    the C++ pass's bit for bit (whose exp, written with a permuted table and bit tricks for the
+    CPU's vector units, is checked against its formula in test_pixel_stats.py); this also checks
+    that the Triton table EXP2_SIXTEENTHS holds the C++ table's values."""
     sweep = -torch.rand(8192 - 32, generator=gen(12), dtype=torch.float64) * 100
     special = torch.tensor([0.0, -0.0, -1e-30, -1e-7, -87.0, -86.99999, -87.00001, -88.0, -103.0, -0.5,
                             -0.34657359, -0.6931472, -1.0, -2.0, -10.0, -20.0, -40.0, -60.0, -80.0, -86.5,
@@ -166,7 +167,7 @@ def test_logits_softmax_and_upsample(dtype, align_corners, in_size, size):
     assert m.shape == (2, H, W) and a.dtype == torch.uint8 and flags.item() == 0
     _assert_logit_stats_close(x, m, a, size, align_corners)
     assert torch.equal(counts.cpu(), _counts_of(a, 19))
-    # Same taps, same exp polynomial, same summation order, no FMA: the C++ twin's bits.
+    # Same taps, same exp (table, cubic, explicit FMAs), same summation order: the C++ twin's bits.
     _assert_same_as_cpp(x, got, True, size, align_corners)
 
 

@@ -10,6 +10,7 @@
 
 #include "cpu/bootstrap_loss.h"
 #include "cpu/cbst.h"
+#include "cpu/exp_vector.h"
 #include "cpu/ias.h"
 #include "cpu/region_loss.h"
 #include "cpu/stats.h"
@@ -125,9 +126,10 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def(
       "exp_nonpositive_cpu",
-      [](uintptr_t x, int64_t n, uintptr_t out) { fastst::exp_nonpositive_cpu(ptr<const float>(x), n, ptr<float>(out)); },
+      [](uintptr_t x, int64_t n, uintptr_t out) { fastst::exp_shifted(ptr<const float>(x), nullptr, n, ptr<float>(out)); },
       py::call_guard<py::gil_scoped_release>(),
-      "exp(x) for float32 x <= 0 as the statistics pass computes it (tests only).");
+      "exp(x) for float32 x <= 0 as the statistics pass computes it, through the same vector "
+      "kernels (tests only: they check its bits against a float32 transcription of the formula).");
 
   mod.def(
       "ias_select_cpu",

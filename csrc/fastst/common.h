@@ -49,7 +49,7 @@ FASTST_HD uint32_t float_to_bits(float f) {
 
 // Arithmetic that is never contracted into a fused multiply-add: the _rn intrinsics on the device
 // (nvcc contracts plain a * b + c by default), plain operators on the host (built with
-// -ffp-contract=off). Code shared by the CPU and CUDA kernels uses these wherever the CPU twin
+// -ffp-contract=off). ffma is the explicit fused multiply-add, rounded once on every device. Code shared by the CPU and CUDA kernels uses these wherever the CPU twin
 // must round exactly like the GPU.
 #if defined(__CUDA_ARCH__)
 FASTST_HD float fadd(float a, float b) { return __fadd_rn(a, b); }
@@ -58,6 +58,7 @@ FASTST_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
 FASTST_HD double dadd(double a, double b) { return __dadd_rn(a, b); }
 FASTST_HD double dsub(double a, double b) { return __dsub_rn(a, b); }
 FASTST_HD double dmul(double a, double b) { return __dmul_rn(a, b); }
+FASTST_HD float ffma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 #else
 FASTST_HD float fadd(float a, float b) { return a + b; }
 FASTST_HD float fsub(float a, float b) { return a - b; }
@@ -65,6 +66,7 @@ FASTST_HD float fmul(float a, float b) { return a * b; }
 FASTST_HD double dadd(double a, double b) { return a + b; }
 FASTST_HD double dsub(double a, double b) { return a - b; }
 FASTST_HD double dmul(double a, double b) { return a * b; }
+FASTST_HD float ffma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 #endif
 
 FASTST_HD float to_float(float v) { return v; }

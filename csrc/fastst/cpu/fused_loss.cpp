@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "exp_vector.h"
+
 namespace fastst {
 namespace fused_loss {
 
@@ -18,8 +20,8 @@ FASTST_CPU_CLONES void tile_softmax(const float* vals, int64_t n, int64_t C, flo
   for (int64_t c = 0; c < C; ++c) {
     const float* v = vals + c * kTile;
     float* ec = e + c * kTile;
+    exp_shifted(v, sm.m, n, ec);
     for (int64_t t = 0; t < n; ++t) {
-      ec[t] = exp_nonpositive(v[t] - sm.m[t]);
       // 1.0f where e == 1, else 0, through a bit mask: GCC vectorises this, not a select
       const float one = bits_to_float((0u - uint32_t(ec[t] == 1.0f)) & 0x3f800000u);
       rest[t] += ec[t] - one;

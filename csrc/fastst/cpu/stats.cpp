@@ -3,8 +3,8 @@
 //
 // Organisation (why it is fast): work is split by output rows; a row is processed in tiles of
 // kTile pixels, with the C channel values of the tile gathered into a small buffer (class-major)
-// so the max/argmax (max_argmax.cpp, registers) and exp-sum loops run over contiguous floats
-// and vectorise. For a resize, the row-wise lerp of a source row (all C channels, all output
+// so the max/argmax (max_argmax.cpp, registers) and the exp sum (exp_vector.cpp) run over
+// contiguous floats. For a resize, the row-wise lerp of a source row (all C channels, all output
 // columns; row_lerp.cpp) is computed once and kept while consecutive output rows reuse it (8x
 // upsampling: ~8 output rows per source row).
 // Float32 probabilities whose (H, W) plane is contiguous are read in place, in flat tiles of
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../kernels/stats.h"
+#include "exp_vector.h"
 #include "max_argmax.h"
 #include "row_lerp.h"
 
@@ -99,16 +100,6 @@ int32_t max_argmax_probabilities(const float* const* rows, int64_t n, int64_t C,
   return flags;
 }
 
-// sum[j] = sum_c exp(values[c][j] - best[j]), in class order.
-FASTST_CPU_CLONES void exp_sum(const float* __restrict values, int64_t n, int64_t C, const float* __restrict best,
-             float* __restrict sum) {
-  for (int64_t j = 0; j < n; ++j) sum[j] = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
-    const float* __restrict v = values + c * kTile;
-    for (int64_t j = 0; j < n; ++j) sum[j] = fadd(sum[j], exp_nonpositive(fsub(v[j], best[j])));
-  }
-}
-
 template <typename T>
 FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
   const T* x = static_cast<const T*>(args.x);
@@ -177,7 +168,7 @@ FASTST_CPU_CLONES void stats_cpu_typed(const StatsArgs& args) {
         const int64_t out = (b * args.H + y) * W + x0;
         if (logits) {
           flags |= max_argmax_logits(rows.data(), n, C, best.data(), arg.data()) ? int32_t(kNonFinite) : 0;
-          exp_sum(values.data(), n, C, best.data(), sum.data());
+          exp_sum_classes(values.data(), kTile, n, C, best.data(), sum.data());
           store_tile<true>(sum.data(), arg.data(), n, args.m + out, args.a + out);
         } else {
           flags |= max_argmax_probabilities(rows.data(), n, C, best.data(), arg.data());
@@ -222,10 +213,6 @@ FASTST_CPU_CLONES void stats_probs_flat(const StatsArgs& args) {
 }
 
 }  // namespace
-
-FASTST_CPU_CLONES void exp_nonpositive_cpu(const float* __restrict x, int64_t n, float* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpositive(x[i]);
-}
 
 void stats_cpu(const StatsArgs& args) {
   const bool flat = args.dtype == kFloat32 && !args.from_logits && args.h == args.H && args.w == args.W &&

@@ -5,8 +5,4 @@
 
 namespace fastst {
 void stats_cpu(const StatsArgs& args);
-
-// out[i] = exp_nonpositive(x[i]) (kernels/stats.h) for i < n, through the same vectorised code
-// as the pass: the tests check its bits against a float32 transcription of the formula.
-void exp_nonpositive_cpu(const float* x, int64_t n, float* out);
 }

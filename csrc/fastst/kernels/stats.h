@@ -40,29 +40,57 @@ FASTST_HD LinearTap linear_tap(int64_t dst, int64_t in_size, int64_t out_size, b
 // ATen's order: first along the row (w0 * x0 + w1 * x1), then across rows (h0 * r0 + h1 * r1).
 FASTST_HD float lerp2(float l0, float a, float l1, float b) { return fadd(fmul(l0, a), fmul(l1, b)); }
 
-// exp(x) for x <= 0 (0 for x < -87): Cody-Waite reduction by ln 2 and the Cephes polynomial,
-// about 1 ulp. Branch-free, so the CPU loop vectorises; the GPU runs the same operations.
-// The integer n comes out of the rounding step's own bits (round-to-integer by adding 1.5 * 2^23
-// leaves n in the low mantissa bits), and the clamp's zero is a bit mask: fewer vector
-// operations than a conversion and a multiply by 0 or 1, with the same bits (checked for every
-// float x <= 0).
+// 2^(j/16) for j in [0, 16), each rounded to float32: the table of exp_nonpositive.
+#define FASTST_EXP2_SIXTEENTHS                                                                      \
+  {1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f, 1.1892070770263672f,      \
+   1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f, 1.4142135381698608f,            \
+   1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,             \
+   1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f}
+#if defined(__CUDACC__)
+__device__ const float kExp2SixteenthsDevice[16] = FASTST_EXP2_SIXTEENTHS;
+#endif
+inline constexpr float kExp2Sixteenths[16] = FASTST_EXP2_SIXTEENTHS;
+
+FASTST_HD float exp2_sixteenths(uint32_t j) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(kExp2SixteenthsDevice + j);  // read-only cache: lanes with different j do not serialise
+#else
+  return kExp2Sixteenths[j];
+#endif
+}
+
+// The constants of exp_nonpositive (also used by the CPU vector kernels, cpu/exp_vector.cpp).
+struct ExpConstants {
+  static constexpr float kLowest = -87.0f;                  // exp is 0 at or below this
+  static constexpr float kSixteenOverLn2 = 23.083120346069336f;
+  static constexpr float kRoundShift = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float kLn2OverSixteenHi = 0.043321698904037476f;
+  static constexpr float kLn2OverSixteenLo = -1.1904088825787085e-10f;
+  static constexpr float kSixth = 0.1666666716337204f;
+};
+
+// exp(x) for x <= 0 (0 for x <= -87), about 1 ulp, for the softmax of the statistics pass:
+//   k = round(16 x / ln 2), r = x - k ln2/16 (|r| <= ln2/32, two FMAs: Cody-Waite),
+//   exp(x) = 2^(k >> 4) * T[k & 15] * (1 + r + r^2 (1/2 + r/6)),  T[j] = 2^(j/16) (float32).
+// A 16-entry table and a cubic instead of the classic ln 2 reduction and sextic: about half the
+// arithmetic. Explicit FMAs (never contracted from a * b + c), so the CPU (scalar and vector
+// kernels), CUDA and Triton evaluate the same operations and return the same bits. Branch-free:
+// k comes out of the rounding step's bits (adding 1.5 * 2^23 leaves k in the low mantissa bits),
+// 2^(k >> 4) is added to the exponent field as an integer ((k << 19) with the low 23 bits
+// cleared; the result stays normal for x > -87), and the zero below -87 is a bit mask.
 FASTST_HD float exp_nonpositive(float x) {
-  // Clamp to -87 with a bit mask, not a select: GCC vectorises this form of the CPU loop.
-  const uint32_t in_range = 0u - uint32_t(x > -87.0f);  // all ones unless x <= -87 (or NaN)
-  x = bits_to_float((float_to_bits(x) & in_range) | (0xc2ae0000u & ~in_range));  // -87.0f
-  const float shifted = fadd(fmul(x, 1.44269504088896341f), 12582912.0f);  // 1.5 * 2^23 + n
-  const float n = fsub(shifted, 12582912.0f);
-  float r = fsub(x, fmul(n, 0.693359375f));
-  r = fsub(r, fmul(n, -2.12194440e-4f));
-  float p = 1.9875691500e-4f;
-  p = fadd(fmul(p, r), 1.3981999507e-3f);
-  p = fadd(fmul(p, r), 8.3334519073e-3f);
-  p = fadd(fmul(p, r), 4.1665795894e-2f);
-  p = fadd(fmul(p, r), 1.6666665459e-1f);
-  p = fadd(fmul(p, r), 5.0000001201e-1f);
-  const float e = fadd(fadd(fmul(fmul(p, r), r), r), 1.0f);
-  const float scale = bits_to_float((float_to_bits(shifted) - 0x4b400000u + 127u) << 23);  // 2^n
-  return bits_to_float(float_to_bits(fmul(e, scale)) & in_range);
+  using K = ExpConstants;
+  const uint32_t in_range = 0u - uint32_t(x > K::kLowest);  // all ones unless x <= -87 (or NaN)
+  x = bits_to_float((float_to_bits(x) & in_range) | (float_to_bits(K::kLowest) & ~in_range));
+  const float shifted = ffma(x, K::kSixteenOverLn2, K::kRoundShift);  // 1.5 * 2^23 + k
+  const float k = fsub(shifted, K::kRoundShift);
+  const float r = ffma(k, -K::kLn2OverSixteenLo, ffma(k, -K::kLn2OverSixteenHi, x));
+  const uint32_t k_bits = float_to_bits(shifted);  // k in the low bits, two's complement
+  const float t = exp2_sixteenths(k_bits & 15u);
+  const float em1 = ffma(fmul(r, r), ffma(r, K::kSixth, 0.5f), r);  // exp(r) - 1
+  const float e = ffma(t, em1, t);
+  const uint32_t exponent = (k_bits << 19) & 0xff800000u;  // (k >> 4) << 23
+  return bits_to_float((float_to_bits(e) + exponent) & in_range);
 }
 
 FASTST_HD bool is_finite(float v) { return (float_to_bits(v) & 0x7f800000u) != 0x7f800000u; }

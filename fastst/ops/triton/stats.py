@@ -7,9 +7,9 @@ time for logits, from cache if the block's values are still there) and writes 5 
 pixel plus one atomic per (block, class present).
 
 The arithmetic mirrors csrc/fastst/kernels/stats.h operation by operation (float32 taps computed
-like ATen, the max/argmax pass, then for logits the class-ordered sum of stats.h's polynomial
-exp_nonpositive, IEEE division for 1/sum, and no FMA contraction), so the outputs equal those of
-the C++/CUDA twins bit for bit, from logits too.
+like ATen, the max/argmax pass, then for logits the class-ordered sum of stats.h's table-and-cubic
+exp_nonpositive with its explicit FMAs, IEEE division for 1/sum, and no other FMA contraction), so
+the outputs equal those of the C++/CUDA twins bit for bit, from logits too.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before
 triton is first imported).
@@ -37,6 +37,15 @@ __all__ = ["pixel_stats_triton", "INTERPRETED"]
 NON_FINITE = 1
 OUT_OF_UNIT_RANGE = 2
 MAX_BLOCK = 1024
+# 2^(j/16) for j < 16 rounded to float32: the table of stats.h::exp_nonpositive (kExp2Sixteenths).
+EXP2_SIXTEENTHS = (2.0 ** (np.arange(16) / 16.0)).astype(np.float32)
+_EXP_TABLES = {}  # device -> EXP2_SIXTEENTHS as a float32 tensor there
+
+
+def _exp_table(device: torch.device) -> torch.Tensor:
+    if device not in _EXP_TABLES:
+        _EXP_TABLES[device] = torch.from_numpy(EXP2_SIXTEENTHS.copy()).to(device)
+    return _EXP_TABLES[device]
 
 
 @triton.jit
@@ -73,23 +82,24 @@ def _channel_value(p00, p01, p10, p11, off, mask, h0, h1, w0, w1, RESIZE: tl.con
 
 
 @triton.jit
-def _exp_nonpositive(x):
-    """stats.h::exp_nonpositive: exp(x) for x <= 0 (0 below -87), Cody-Waite reduction by ln 2 and
-    the Cephes polynomial, operation for operation (no FMA: the launch disables fusion), so the
-    result has the C++/CUDA bits rather than those of Triton's ex2.approx-based tl.exp."""
-    x = tl.where(x < -87.0, -87.0, x)
-    n = (x * 1.44269504088896341 + 12582912.0) - 12582912.0  # round to nearest integer
-    r = x - n * 0.693359375
-    r = r - n * -2.12194440e-4
-    p = 1.9875691500e-4 + tl.zeros_like(r)
-    p = p * r + 1.3981999507e-3
-    p = p * r + 8.3334519073e-3
-    p = p * r + 4.1665795894e-2
-    p = p * r + 1.6666665459e-1
-    p = p * r + 5.0000001201e-1
-    e = ((p * r) * r + r) + 1.0
-    scale = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.where(x <= -87.0, 0.0, e * scale)
+def _exp_nonpositive(x, table_ptr):
+    """stats.h::exp_nonpositive: exp(x) for x <= 0 (0 at or below -87). k = round(16 x / ln 2),
+    r = x - k ln2/16 by two FMAs, then 2^(k >> 4) * T[k & 15] * (1 + r + r^2 (1/2 + r/6)) with
+    T = EXP2_SIXTEENTHS at `table_ptr`, operation for operation with explicit FMAs (the launch
+    disables fusion elsewhere), so the result has the C++/CUDA bits rather than those of Triton's
+    ex2.approx-based tl.exp."""
+    in_range = x > -87.0  # false for NaN
+    x = tl.where(in_range, x, -87.0)
+    shifted = tl.fma(x, 23.083120346069336, 12582912.0)  # 1.5 * 2^23 + k
+    k = shifted - 12582912.0
+    r = tl.fma(k, -0.043321698904037476, x)
+    r = tl.fma(k, 1.1904088825787085e-10, r)
+    k_bits = shifted.to(tl.int32, bitcast=True)  # k in the low bits, two's complement
+    t = tl.load(table_ptr + (k_bits & 15))
+    em1 = tl.fma(r * r, tl.fma(r, 0.1666666716337204, 0.5), r)  # exp(r) - 1
+    e = tl.fma(t, em1, t)
+    exponent = (k_bits << 19) & -8388608  # (k >> 4) << 23; -8388608 is 0xff800000 as int32
+    return tl.where(in_range, (e.to(tl.int32, bitcast=True) + exponent).to(tl.float32, bitcast=True), 0.0)
 
 
 @triton.jit
@@ -110,7 +120,7 @@ def _flags_of(v, FROM_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, m_ptr, a_ptr, counts_ptr, flags_ptr,
+def _stats_kernel(x_ptr, m_ptr, a_ptr, counts_ptr, flags_ptr, exp_table_ptr,
                   h, w, H, W,
                   stride_b, stride_c, stride_h, stride_w,
                   scale_h, scale_w,
@@ -120,7 +130,7 @@ def _stats_kernel(x_ptr, m_ptr, a_ptr, counts_ptr, flags_ptr,
 
     x: (B, C, h, w) float32/float16/bfloat16 at any element strides; m (B, H, W) float32,
     a (B, H, W) uint8, counts (B, C) int64 and flags (1,) int32, the last two zeroed by the
-    caller and accumulated atomically. `scale_h`, `scale_w` are the float32 resize scales
+    caller and accumulated atomically; exp_table: EXP2_SIXTEENTHS (16,) float32. `scale_h`, `scale_w` are the float32 resize scales
     (ATen's area_pixel_compute_scale), used only when RESIZE. NUM_BINS: a power of two > C.
     C is a compile-time constant: one compilation per class count (a model has one), and
     triton 3.2's interpreter cannot loop to a runtime bound under NumPy 2.
@@ -168,7 +178,7 @@ def _stats_kernel(x_ptr, m_ptr, a_ptr, counts_ptr, flags_ptr,
         for c in range(0, C):
             off = tl.cast(c, tl.int64) * stride_c
             v = _channel_value(p00, p01, p10, p11, off, mask, h0, h1, w0, w1, RESIZE)
-            total = total + _exp_nonpositive(v - best)
+            total = total + _exp_nonpositive(v - best, exp_table_ptr)
         m = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), total)  # IEEE, as 1.0f / sum
     else:
         m = best + 0.0  # -0 becomes +0, so the float bits of m sort like its value
@@ -226,15 +236,15 @@ def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: in
     grid = (triton.cdiv(pixels, block), B)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _stats_kernel[grid](
-            x, m, a, counts, flags,
+            x, m, a, counts, flags, _exp_table(x.device),
             h, w, out_h, out_w,
             *x.stride(),
             _resize_scale(h, out_h, align_corners), _resize_scale(w, out_w, align_corners),
             C=C, FROM_LOGITS=bool(from_logits), RESIZE=resize, ALIGN_CORNERS=bool(align_corners),
             BLOCK=block, NUM_BINS=triton.next_power_of_2(C + 1),
             num_warps=4 if block >= 512 else 2,
-            # No FMA contraction, so the taps and the exp polynomial round like the C++ twin
-            # (built with -ffp-contract=off) and the CUDA one (explicit _rn intrinsics).
+            # No FMA contraction beyond the exp's explicit tl.fma, so the taps and the exp round
+            # like the C++ twin (-ffp-contract=off) and the CUDA one (explicit _rn intrinsics).
             enable_fp_fusion=False,
         )
     return m, a, counts, flags
