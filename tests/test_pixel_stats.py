@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fastst.ops as ops
 from fastst.ops import _backend, reference
 from fastst.ops._library import pixel_stats
+from fastst.ops.triton._exact_fma import fma_float32
 from helpers import gen, mismatch, probs
 
 pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="fastst._C is not built")
@@ -139,23 +140,6 @@ def test_logit_flags_at_every_lane(column, channel, size):
         assert _stats(x, from_logits=True, size=size)[3].item() == want, (value, column, channel)
 
 
-def _fma32(a, b, c):
-    """float32 a * b + c rounded once (IEEE fma), through float64: the product is exact there, and
-    a float64 sum that lands exactly halfway between two float32 values is moved by the sign of
-    its own rounding error (TwoSum) before rounding to float32, so nothing is rounded twice."""
-    a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
-    p = a * b
-    s = p + c
-    s_b = s - p
-    error = (p - (s - s_b)) + (c - s_b)  # s + error == p + c exactly
-    r = s.astype(np.float32)
-    toward_s = np.nextafter(r, np.where(s > r, np.float32(np.inf), np.float32(-np.inf)))
-    halfway = (s != r) & (np.abs(s - r) * 2 == np.abs(toward_s.astype(np.float64) - r))
-    # halfway and the exact value is past the midpoint (away from r): round the other way
-    beyond = halfway & (error != 0) & (np.sign(error) == np.sign(s - r))
-    return np.where(beyond, toward_s, r).astype(np.float32)
-
-
 EXP2_SIXTEENTHS = (2.0 ** (np.arange(16) / 16.0)).astype(np.float32)
 
 
@@ -167,19 +151,20 @@ def _exp_nonpositive_formula(x):
     f = np.float32
     in_range = x > f(-87.0)
     x = np.where(in_range, x, f(-87.0)).astype(np.float32)
-    shifted = _fma32(x, f(23.083120346069336), f(12582912.0))
+    shifted = fma_float32(x, f(23.083120346069336), f(12582912.0))
     k = shifted - f(12582912.0)
-    r = _fma32(k, f(1.1904088825787085e-10), _fma32(k, f(-0.043321698904037476), x))
+    r = fma_float32(k, f(1.1904088825787085e-10), fma_float32(k, f(-0.043321698904037476), x))
     k_bits = shifted.view(np.uint32)
     t = EXP2_SIXTEENTHS[k_bits & 15]
-    em1 = _fma32(r * r, _fma32(r, f(1.0 / 6.0), f(0.5)), r)
-    e = _fma32(t, em1, t)
+    em1 = fma_float32(r * r, fma_float32(r, f(1.0 / 6.0), f(0.5)), r)
+    e = fma_float32(t, em1, t)
     exponent = (k_bits << np.uint32(19)) & np.uint32(0xFF800000)
     return np.where(in_range, (e.view(np.uint32) + exponent).view(np.float32), f(0.0))
 
 
-def test_fma_emulation_rounds_once():
-    """_fma32 against exact rational arithmetic, on random operands and on operands built so that
+def test_exact_fma_rounds_once():
+    """fma_float32 (also what Triton's interpreter gets where its fma rounds twice) against exact
+    rational arithmetic, on random operands and on operands built so that
     the float64 sum lands exactly halfway between two float32 values (where rounding twice errs)."""
     from fractions import Fraction
     rng = np.random.default_rng(1)
@@ -188,11 +173,13 @@ def test_fma_emulation_rounds_once():
     c = rng.standard_normal(300).astype(np.float32)
     # a * b + c = (1 + 2^-23) + 2^-24 - 2^-70: float64 rounds it to the midpoint between 1 + 2^-23
     # and 1 + 2^-22, whence ties-to-even would go up; the exact value is below: 1 + 2^-23
-    a = np.append(a, np.float32(2 ** -12 * (1 + 2 ** -23))).astype(np.float32)
-    b = np.append(b, np.float32(2 ** -12 * (1 - 2 ** -23))).astype(np.float32)
-    c = np.append(c, np.float32(1 + 2 ** -23)).astype(np.float32)
-    got = _fma32(a, b, c)
-    assert got[-1] == np.float32(1 + 2 ** -23)
+    # (and the same negated)
+    a = np.append(a, np.float32([2 ** -12 * (1 + 2 ** -23), -2 ** -12 * (1 + 2 ** -23)]))
+    b = np.append(b, np.float32([2 ** -12 * (1 - 2 ** -23)] * 2))
+    c = np.append(c, np.float32([1 + 2 ** -23, -(1 + 2 ** -23)]))
+    got = fma_float32(a, b, c)
+    assert got[-2] == np.float32(1 + 2 ** -23) and got[-1] == -np.float32(1 + 2 ** -23)
+    assert (a.astype(np.float32) * b + c)[-2] != got[-2]  # what rounding twice gives
     for ai, bi, ci, gi in zip(a, b, c, got):
         exact = Fraction(float(ai)) * Fraction(float(bi)) + Fraction(float(ci))
         below = np.float32(float(exact))

@@ -209,3 +209,24 @@ def test_flags_nan_inf_and_range():
     z = torch.randn(1, 4, 3, 3, generator=gen(8)).to(torch.bfloat16).to(DEVICE)
     z[0, 3, 2, 1] = float("inf")
     assert _stats(z, from_logits=True, size=(5, 6))[3].item() == 1
+
+
+def test_interpreter_fma_made_exact_where_it_rounds_twice(monkeypatch):
+    """Older interpreters compute tl.fma on float32 as x * y + z (two roundings); _exact_fma.install
+    detects that on its probe and replaces it, and leaves an exact one alone."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from fastst.ops.triton import _exact_fma
+    builder = interpreter.InterpreterBuilder
+
+    def rounds_twice(self, x, y, z):
+        return interpreter.TensorHandle(x.data * y.data + z.data, z.dtype.scalar)
+
+    monkeypatch.setattr(builder, "create_fma", rounds_twice)
+    operands = [interpreter.TensorHandle(np.array([v], np.float32), tl.float32) for v in _exact_fma._PROBE]
+    assert builder.create_fma(None, *operands).data[0] != _exact_fma._PROBE[2]
+    assert _exact_fma.install()
+    assert builder.create_fma(None, *operands).data[0] == _exact_fma._PROBE[2]
+    assert not _exact_fma.install()  # now exact: nothing to do

@@ -203,6 +203,10 @@ def _is_interpreted(kernel) -> bool:
 
 # Triton decides at decoration time whether kernels are compiled or interpreted.
 INTERPRETED = _is_interpreted(_stats_kernel)
+if INTERPRETED:
+    from ._exact_fma import install as _install_exact_fma
+
+    _install_exact_fma()  # older interpreters round tl.fma twice; the exp needs it rounded once
 
 
 def _resize_scale(in_size: int, out_size: int, align_corners: bool) -> float:
