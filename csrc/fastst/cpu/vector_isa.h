@@ -1,7 +1,7 @@
 // Run-time choice of the hand-written x86 vector kernels (max_argmax.cpp, half_bins.cpp,
 // row_lerp.cpp, exp_vector.cpp): used where the CPU has AVX2, FMA and F16C, unless
-// FASTST_PORTABLE_CPU is set; the AVX-512 ones where the CPU also has AVX-512F, unless
-// FASTST_NO_AVX512 is set. Both variables are read once per process; tests compare the portable
+// FASTST_PORTABLE_CPU is set; the AVX-512 ones (exp_vector.cpp, max_argmax.cpp) where the CPU
+// also has AVX-512F, unless FASTST_NO_AVX512 is set. Both variables are read once per process; tests compare the portable
 // loops and the AVX2 kernels with the default ones through them.
 #pragma once
 
