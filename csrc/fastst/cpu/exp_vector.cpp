@@ -34,7 +34,6 @@ void exp_shifted_portable(const float* x, const float* shift, int64_t n, float* 
 __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x, __m512 table) {
   const __m512 lowest = _mm512_set1_ps(K::kLowest);
   const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_GT_OQ);  // false for NaN
-  x = _mm512_mask_blend_ps(in_range, lowest, x);
   const __m512 round_shift = _mm512_set1_ps(K::kRoundShift);
   const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(K::kSixteenOverLn2), round_shift);
   const __m512 k = _mm512_sub_ps(shifted, round_shift);
@@ -78,7 +77,6 @@ __attribute__((target("avx512f"))) void exp_shifted_avx512(const float* x, const
 __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x, __m256 table_low, __m256 table_high) {
   const __m256 lowest = _mm256_set1_ps(K::kLowest);
   const __m256 in_range = _mm256_cmp_ps(x, lowest, _CMP_GT_OQ);  // all ones, or zero (also for NaN)
-  x = _mm256_blendv_ps(lowest, x, in_range);
   const __m256 round_shift = _mm256_set1_ps(K::kRoundShift);
   const __m256 shifted = _mm256_fmadd_ps(x, _mm256_set1_ps(K::kSixteenOverLn2), round_shift);
   const __m256 k = _mm256_sub_ps(shifted, round_shift);

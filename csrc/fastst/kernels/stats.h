@@ -77,11 +77,12 @@ struct ExpConstants {
 // kernels), CUDA and Triton evaluate the same operations and return the same bits. Branch-free:
 // k comes out of the rounding step's bits (adding 1.5 * 2^23 leaves k in the low mantissa bits),
 // 2^(k >> 4) is added to the exponent field as an integer ((k << 19) with the low 23 bits
-// cleared; the result stays normal for x > -87), and the zero below -87 is a bit mask.
+// cleared; the result stays normal for x > -87), and the zero at or below -87 is a bit mask.
 FASTST_HD float exp_nonpositive(float x) {
   using K = ExpConstants;
-  const uint32_t in_range = 0u - uint32_t(x > K::kLowest);  // all ones unless x <= -87 (or NaN)
-  x = bits_to_float((float_to_bits(x) & in_range) | (float_to_bits(K::kLowest) & ~in_range));
+  // All ones unless x <= -87 or NaN. Such x go through the same operations (their table index is
+  // still k & 15, in bounds; no trap) and the mask zeroes whatever they give: no clamp needed.
+  const uint32_t in_range = 0u - uint32_t(x > K::kLowest);
   const float shifted = ffma(x, K::kSixteenOverLn2, K::kRoundShift);  // 1.5 * 2^23 + k
   const float k = fsub(shifted, K::kRoundShift);
   const float r = ffma(k, -K::kLn2OverSixteenLo, ffma(k, -K::kLn2OverSixteenHi, x));

@@ -88,8 +88,7 @@ def _exp_nonpositive(x, table_ptr):
     T = EXP2_SIXTEENTHS at `table_ptr`, operation for operation with explicit FMAs (the launch
     disables fusion elsewhere), so the result has the C++/CUDA bits rather than those of Triton's
     ex2.approx-based tl.exp."""
-    in_range = x > -87.0  # false for NaN
-    x = tl.where(in_range, x, -87.0)
+    in_range = x > -87.0  # false for NaN; other lanes compute junk (index still k & 15) and give 0
     shifted = tl.fma(x, 23.083120346069336, 12582912.0)  # 1.5 * 2^23 + k
     k = shifted - 12582912.0
     r = tl.fma(k, -0.043321698904037476, x)
