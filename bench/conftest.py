@@ -20,6 +20,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# Full runs time each implementation for about this long (at least 5 rounds, at most 200): the
+# median of 5 rounds of a 5 ms op spans 25 ms, where one burst of a neighbour's work on the shared
+# CPU moves it; the ops of a group are timed one after the other, so each gets a comparable span.
+_SECONDS_PER_BENCH = 0.5
+
+
+def _rounds_for(timed):
+    """Rounds for a full run: one untimed call (it also warms up), then enough rounds to fill
+    _SECONDS_PER_BENCH, clamped to [5, 200]."""
+    import time
+    start = time.perf_counter()
+    timed()
+    once = time.perf_counter() - start
+    return max(5, min(200, int(_SECONDS_PER_BENCH / max(once, 1e-9))))
+
+
 @pytest.fixture
 def run():
     def _run(benchmark, group, impl, fn, device="cpu", rounds=None):
@@ -30,7 +46,9 @@ def run():
 
         benchmark.group = group
         benchmark.extra_info["impl"] = impl
-        result = benchmark.pedantic(timed, rounds=rounds or (3 if QUICK else 5), warmup_rounds=1)
+        if rounds is None and not QUICK:
+            rounds = _rounds_for(timed)
+        result = benchmark.pedantic(timed, rounds=rounds or 3, warmup_rounds=1)
         _RESULTS[group][impl] = benchmark.stats.stats.median
         return result
 
