@@ -1,6 +1,7 @@
 // Per-pixel arithmetic of the fused statistics pass, shared by cpu/stats.cpp and cuda/stats.cu.
-// Every operation that rounds goes through the non-contracting helpers of common.h, so the CPU
-// twin and the GPU produce the same bits (also from logits), whatever their loop organisation.
+// Every operation that rounds goes through the helpers of common.h (fadd/fmul never contracted,
+// ffma always fused), so the CPU twin and the GPU produce the same bits (also from logits),
+// whatever their loop organisation.
 //
 // For one output pixel of a (B, C, h, w) input, read the C channel values (bilinearly upsampled
 // to (H, W) on the fly when asked, with the index/weight rules of F.interpolate), and produce
