@@ -89,7 +89,7 @@ ITERATION_IMPLS = ["fused", "eager"] + (["fused_graphs"] if DEVICE == "cuda" els
 def test_self_training_iteration(benchmark, run, note, impl):
     model = _model().train()
     model.freeze_bn_affine(True)
-    optimizer = torch.optim.Adam(model.param_groups(2.5e-5), betas=(0.9, 0.999),
+    optimizer = torch.optim.Adam(model.param_groups(2.5e-6, 2.5e-5), betas=(0.9, 0.999),
                                  weight_decay=5e-4)
     images, labels = _images(BATCH, CROP, 0), _pseudo_labels(BATCH, CROP)
     loss_fn = _eager_loss if impl == "eager" else _fused_loss

@@ -75,6 +75,9 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "runtime": {
         "device": "auto",
         "amp": "bfloat16",
+        # Pseudo-label passes (and the teachers of the class-balanced rounds) run the model in
+        # float32, as the released code labels; true: under runtime.amp's autocast instead.
+        "amp_pseudo": False,
         "channels_last": True,
         "workers": 4,
         "threads": None,
@@ -116,9 +119,16 @@ BASE_DEFAULTS: Dict[str, Any] = {
 
 # Keys of a stage, by method. Every stage names its method; the rest comes from here unless the
 # preset sets it. epochs and t_max count epochs of floor(|source| / batch_size) iterations
-# (SPEC 4); iterations / iterations_per_epoch, when set, replace the computed numbers.
-_COMMON_STAGE = {"epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4, "freeze_bn_affine": True,
-                 "iterations": None, "iterations_per_epoch": None}
+# (README "Training"); iterations / iterations_per_epoch, when set, replace the computed numbers.
+# lr is the recipe's LR: the backbone trains at backbone_lr_mult * lr and the head (ASPP and
+# classifier) at head_lr_mult * lr. IAST's released build_optimizer gives 0.1 * LR and LR (the
+# defaults of source_only, warmup and iast stages); CBST/CRST/TPLD give LR and 10 * LR (the
+# class-balanced stages' defaults). The cosine schedule's floor is eta_min_ratio * lr for every
+# group and the discriminator. select_every: under chain=released, the stage evaluates on the
+# val split and keeps model snapshots every select_every iterations (the released ITER_VAL).
+_COMMON_STAGE = {"epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4,
+                 "backbone_lr_mult": 0.1, "head_lr_mult": 1.0, "freeze_bn_affine": True,
+                 "iterations": None, "iterations_per_epoch": None, "select_every": 400}
 STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "source_only": {**_COMMON_STAGE, "freeze_bn_affine": False},
     # variant: "output" (IAST's output-space GAN), "multilevel" (AdaptSegNet: + an auxiliary
@@ -140,6 +150,7 @@ STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
 # floor(source_portion * |source|) source images (drawn with source_seed); TPLD phase 2 on easy
 # and hard target crops.
 _CLASS_BALANCED = {**_COMMON_STAGE, "epochs": 2, "t_max": 2, "batch_size": 2, "lr": 5.0e-5,
+                   "backbone_lr_mult": 1.0, "head_lr_mult": 10.0,
                    "optimizer": "sgd", "momentum": 0.9, "lr_schedule": "constant",
                    "bn_eval": True, "portion": 0.2, "pseudo_size": [1024, 2048],
                    "pseudo_scales": [0.9], "pseudo_flip": True, "subsample": 4}
@@ -158,7 +169,7 @@ STAGE_DEFAULTS.update({
 
 _DEVICES = ("auto", "cpu", "cuda")
 _AMP = ("bfloat16", "float16", "none")
-_CHAINS = ("last",)
+_CHAINS = ("last", "released")
 _IAS_MODES = ("official", "paper")
 _OPTIMIZERS = ("adam", "sgd")
 _LR_SCHEDULES = ("cosine", "constant")
@@ -469,6 +480,9 @@ def _validate_stages(config: Mapping[str, Any]) -> None:
         _real(config, f"{prefix}.t_max", 0, low_open=True)
         _int(config, f"{prefix}.batch_size", 1)
         _real(config, f"{prefix}.lr", 0, low_open=True)
+        _real(config, f"{prefix}.backbone_lr_mult", 0, low_open=True)
+        _real(config, f"{prefix}.head_lr_mult", 0, low_open=True)
+        _int(config, f"{prefix}.select_every", 1)
         _int(config, f"{prefix}.iterations", 1, optional=True)
         _int(config, f"{prefix}.iterations_per_epoch", 1, optional=True)
         if not isinstance(stages[name]["freeze_bn_affine"], bool):
@@ -559,7 +573,7 @@ def _validate_runtime(config: Mapping[str, Any]) -> None:
     _choice(config, "runtime.cbst_thresholds", CBST_THRESHOLD_STORES)
     _choice(config, "runtime.compile", COMPILE_MODES)
     for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data",
-                "pseudo_quality", "sync_bn"):
+                "pseudo_quality", "sync_bn", "amp_pseudo"):
         if not isinstance(config["runtime"][key], bool):
             _fail(f"runtime.{key}", "true or false", config["runtime"][key])
     _int(config, "runtime.workers", 0)

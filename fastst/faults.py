@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import torch
 
 from fastst.atomic import read_json, write_json_atomic
+from fastst.data.io import list_path
 
 __all__ = ["NonFiniteLoss", "NonFiniteLossError", "check_finite", "DISK_FULL_ERRNOS",
            "disk_full", "disk_full_message", "naming_file", "DataCheckFailed", "DATA_CHECK_NAME",
@@ -143,7 +144,7 @@ def check_run_data(config: Mapping[str, Any], run_dir, *, workers: Optional[int]
         if spec["dataset"] == "synthetic":
             continue
         root = str(Path(spec["root"]).expanduser().resolve())
-        list_file = None if spec["list_file"] is None else str(Path(spec["list_file"]).resolve())
+        list_file = None if spec["list_file"] is None else str(list_path(spec["list_file"]).resolve())
         key = "|".join([spec["dataset"], root, spec["split"], str(list_file), str(labels)])
         if any(record["key"] == key for record in records):
             continue

@@ -87,8 +87,8 @@ def test_multilevel_model_leaves_the_plain_model_unchanged():
         assert torch.equal(main, model(x)) and torch.equal(model(x), plain.eval()(x))
     assert aux.shape == main.shape == (2, 5, 5, 6)
 
-    backbone, head = net.param_groups(1e-4)
-    assert (backbone["lr"], head["lr"]) == (1e-4, pytest.approx(1e-3))
+    backbone, head = net.param_groups(1e-5, 1e-4)
+    assert (backbone["lr"], head["lr"]) == (1e-5, 1e-4)
     ids = [id(p) for group in (backbone, head) for p in group["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters()), "every parameter once"
     assert {id(p) for p in net.aux_classifier.parameters()} <= {id(p) for p in head["params"]}

@@ -260,17 +260,20 @@ def test_shape_mismatch_and_config_mismatch(tmp_path):
 
 def test_param_groups_cover_every_parameter_once():
     model = _small_model()
-    groups = model.param_groups(2.5e-4)
-    assert [g["lr"] for g in groups] == [2.5e-4, 2.5e-3]
+    groups = model.param_groups(2.5e-5, 2.5e-4)
+    assert [g["lr"] for g in groups] == [2.5e-5, 2.5e-4]
+    assert [g["name"] for g in groups] == ["backbone", "head"]
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in model.parameters()}
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.classifier.parameters()}
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=5e-4)
-    assert [g["lr"] for g in optimizer.param_groups] == [2.5e-4, 2.5e-3]
+    assert [g["lr"] for g in optimizer.param_groups] == [2.5e-5, 2.5e-4]
     for bad in (0, -1.0, float("nan"), float("inf"), "1e-3"):
-        with pytest.raises(ValueError, match="lr"):
-            model.param_groups(bad)
+        with pytest.raises(ValueError, match="backbone_lr"):
+            model.param_groups(bad, 1e-4)
+        with pytest.raises(ValueError, match="head_lr"):
+            model.param_groups(1e-4, bad)
 
 
 def test_freeze_bn_affine_keeps_running_stats_updating():

@@ -73,6 +73,7 @@ def tiny_overrides(root, iterations=2, stages=IAST_STAGES, **extra):
     overrides = {
         "model.backbone": "resnet18_w16", "model.pretrained": "null",
         "data.source.root": gta, "data.target.root": cityscapes, "data.val.root": cityscapes,
+        "data.source.list_file": "null",
         "data.source.crop_height_range": "[24, 32]", "data.target.crop_height_range": "[24, 32]",
         "data.crop_size": "[32, 64]", "data.val.input_size": "null",
         "runtime.workers": 0, "runtime.progress": "false", "runtime.checkpoint_every": 1,
@@ -257,25 +258,36 @@ def test_a_run_directory_refuses_another_recipe(fixture_root, tmp_path):
 
 
 def test_cosine_schedule_values():
+    # Released IAST: CosineAnnealingLR_with_Restart (code/sseg/models/losses/
+    # cos_annealing_with_restart.py:41-45) with eta_min = cfg.TRAIN.LR * 0.001 for the model's
+    # and every discriminator's scheduler (code/sseg/workflow/sl_trainer.py:206-219), over
+    # build_optimizer's groups backbone 0.1 * LR, decoder and predictor LR (trainer.py:334-338).
     lr, period = 3e-5, 9351.0
-    eta_min = 0.001 * lr
-    assert cosine_lr(0, lr, period) == lr
-    assert cosine_lr(int(period), lr, period) == pytest.approx(eta_min, rel=1e-12)
-    assert cosine_lr(2 * 3117, lr, period) == pytest.approx(eta_min + (lr - eta_min) / 4, rel=1e-12)
-    assert cosine_lr(period / 2, lr, period) == pytest.approx((lr + eta_min) / 2, rel=1e-12)
-    assert cosine_lr(2 * period, lr, period) == pytest.approx(eta_min)
+    floor = 0.001 * lr
+    assert cosine_lr(0, lr, period, floor) == lr
+    assert cosine_lr(int(period), lr, period, floor) == pytest.approx(floor, rel=1e-12)
+    assert cosine_lr(2 * 3117, lr, period, floor) == \
+        pytest.approx(floor + (lr - floor) / 4, rel=1e-12)
+    assert cosine_lr(period / 2, lr, period, floor) == pytest.approx((lr + floor) / 2, rel=1e-12)
+    assert cosine_lr(2 * period, lr, period, floor) == pytest.approx(floor)
 
     model = deeplabv2(num_classes=3, backbone="resnet18_w16")
-    optimizer = torch.optim.Adam(model.param_groups(lr))
+    optimizer = torch.optim.Adam(model.param_groups(0.1 * lr, lr))
     discriminator = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=2e-5)
-    schedule = CosineSchedule([optimizer, discriminator], period)
+    schedule = CosineSchedule([optimizer, discriminator], period, floor)
     for iteration in (0, 100, 6234):
         schedule.step(iteration)
         backbone, head = (g["lr"] for g in optimizer.param_groups)
-        assert backbone == cosine_lr(iteration, lr, period)
-        assert head == pytest.approx(10 * backbone, rel=1e-12)
-        assert discriminator.param_groups[0]["lr"] == cosine_lr(iteration, 2e-5, period)
-    assert math.isclose(optimizer.param_groups[0]["lr"] / lr, 0.001 + 0.999 * 0.25, rel_tol=1e-9)
+        c = (1 + math.cos(math.pi * iteration / period)) / 2
+        # One floor for every group: the backbone's rate is not 0.1 x the head's after i = 0.
+        assert backbone == pytest.approx(floor + (0.1 * lr - floor) * c, rel=1e-12)
+        assert head == pytest.approx(floor + (lr - floor) * c, rel=1e-12)
+        assert discriminator.param_groups[0]["lr"] == pytest.approx(floor + (2e-5 - floor) * c,
+                                                                    rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] != pytest.approx(0.1 * optimizer.param_groups[1]["lr"])
+    constant = CosineSchedule([optimizer], period, None)
+    constant.step(5000)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1 * lr, lr]
 
 
 class _ConstantD(torch.nn.Module):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .cityscapes import CityscapesLayout
 from .gta5 import GTA5Layout
-from .io import read_image, read_label
+from .io import list_path, read_image, read_label
 from .synthia import SynthiaLayout
 
 LAYOUTS = {"gta5": GTA5Layout, "synthia": SynthiaLayout, "cityscapes": CityscapesLayout}
@@ -166,7 +166,7 @@ def dataset_fingerprint(name: str, root, split: Optional[str] = None, *, list_fi
         digest.update(entry.encode())
 
     if list_file is not None:
-        add(Path(list_file))
+        add(list_path(list_file))
     if layout.root.is_dir():
         for s in splits:
             pairs, orphans = layout.pairs(s)
@@ -203,7 +203,7 @@ def check_dataset(name: str, root, split: Optional[str] = None, *, list_file=Non
         split_pairs, orphans = layout.pairs(s)
         if list_file is not None and split_pairs:
             try:
-                split_pairs = layout.select_listed(split_pairs, Path(list_file))
+                split_pairs = layout.select_listed(split_pairs, list_path(list_file))
             except (OSError, ValueError) as exc:
                 report.errors.append(str(exc))
         if not split_pairs:

@@ -246,6 +246,19 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 NO_DATA_HINT = "to try fastst without data use --preset demo"
+# Image lists shipped with fastst (the released recipes' lists): a ``list_file`` that names one
+# of these files by its bare name and does not exist as a path reads the shipped one.
+SHIPPED_LISTS = Path(__file__).resolve().parent / "lists"
+
+
+def list_path(list_file) -> Path:
+    """The path of ``list_file``: itself when it exists (or has a directory part), else the
+    shipped list of that name (fastst/data/lists/, e.g. ``gta5_iast_train.txt``)."""
+    path = Path(list_file)
+    if path.exists() or path.parent != Path("."):
+        return path
+    shipped = SHIPPED_LISTS / path.name
+    return shipped if shipped.is_file() else path
 
 
 def png_files(directory: Path, suffix: str = ".png") -> List[Path]:
@@ -351,7 +364,7 @@ class Layout:
         if not pairs:
             raise self.missing(split)
         if list_file is not None:
-            pairs = self.select_listed(pairs, Path(list_file))
+            pairs = self.select_listed(pairs, list_path(list_file))
         if not labels or not self.has_labels(split):
             return [(image, None, None) for image, _ in pairs]
         unlabelled = [image for image, label in pairs if label is None]
@@ -366,7 +379,9 @@ class Layout:
     def select_listed(self, pairs, list_file: Path):
         """The pairs named by `list_file`, one relative image path or stem a line, in its order."""
         if not list_file.is_file():
-            raise FileNotFoundError(f"list file {list_file} not found")
+            raise FileNotFoundError(
+                f"list file {list_file} not found (lists shipped with fastst, named without a "
+                f"directory: {', '.join(sorted(p.name for p in SHIPPED_LISTS.glob('*.txt')))})")
         by_key = {}
         for pair in pairs:
             for key in self.list_keys(pair[0]):

@@ -1,66 +1,90 @@
-"""The learning-rate schedule of the released IAST recipe (SPEC section 4).
+"""Learning rates of a stage: the base rate of every parameter group and the schedule (README
+"Training", the released IAST ``build_optimizer`` and ``CosineAnnealingLR_with_Restart``).
 
-Per iteration i (counted from 0 within a stage, never restarted):
-``lr_i = eta_min + (lr - eta_min) * (1 + cos(pi * i / T)) / 2`` with ``eta_min = eta_min_ratio *
-lr`` (0.001 in the recipe) and ``T = t_max * iterations_per_epoch``. Self-training rounds have
-t_max = 3 and stop after 2 epochs, i.e. at i = 2T/3, where lr_i = eta_min + (lr - eta_min) / 4.
-Each optimizer parameter group follows the schedule from its own initial lr (the head's is 10x
-the backbone's), and so does the discriminator's optimizer.
+A stage's ``lr`` is the recipe's LR. The backbone's base rate is ``backbone_lr_mult * lr``, the
+head's ``head_lr_mult * lr`` (IAST: 0.1 and 1; CBST/CRST/TPLD: 1 and 10), a discriminator's its
+stage's ``d_lr``. Per iteration i (counted from 0 within a stage, never restarted) every group
+follows ``lr_i = eta_min + (base - eta_min) * (1 + cos(pi * i / T)) / 2`` from its own base rate
+towards one floor ``eta_min = eta_min_ratio * lr`` shared by all groups and the discriminator
+(the released code passes ``eta_min = TRAIN.LR * 0.001`` to every scheduler), with
+``T = t_max * iterations_per_epoch``. Self-training rounds have t_max = 3 and stop after 2
+epochs, i.e. at i = 2T/3. ``lr_schedule: constant`` keeps every base rate.
 """
 import math
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-__all__ = ["cosine_lr", "CosineSchedule"]
+__all__ = ["cosine_lr", "base_lrs", "eta_min", "CosineSchedule"]
 
 
-def cosine_lr(iteration: int, base_lr: float, period: float, eta_min_ratio: float = 0.001) -> float:
-    """The learning rate at ``iteration`` of a cosine decay from ``base_lr`` to
-    ``eta_min_ratio * base_lr`` over ``period`` iterations (held at the minimum after it)."""
+def cosine_lr(iteration: float, base_lr: float, period: float, floor: float) -> float:
+    """The learning rate at ``iteration`` of a cosine decay from ``base_lr`` to ``floor`` over
+    ``period`` iterations (held at the floor after it)."""
     if period <= 0:
         raise ValueError(f"period must be positive, got {period}")
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
-    eta_min = eta_min_ratio * base_lr
     progress = min(iteration / period, 1.0)
-    return eta_min + (base_lr - eta_min) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    return floor + (base_lr - floor) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def base_lrs(settings: Mapping[str, Any]) -> Dict[str, float]:
+    """{"backbone", "head"[, "discriminator"]}: the base rates of a stage's parameter groups
+    (the discriminator's where the stage trains one, i.e. has ``d_lr``)."""
+    rates = {"backbone": settings["backbone_lr_mult"] * settings["lr"],
+             "head": settings["head_lr_mult"] * settings["lr"]}
+    if "d_lr" in settings:
+        rates["discriminator"] = settings["d_lr"]
+    return rates
+
+
+def eta_min(settings: Mapping[str, Any], optim: Mapping[str, Any]) -> Optional[float]:
+    """The cosine floor of every group of a stage, or None for ``lr_schedule: constant``."""
+    if settings.get("lr_schedule", "cosine") == "constant":
+        return None
+    return optim["eta_min_ratio"] * settings["lr"]
 
 
 class CosineSchedule:
     """Sets the lr of every parameter group of ``optimizers`` for an iteration.
 
-    The initial lr of each group is read once, at construction (``initial_lr``, kept in the
-    group so that a restored optimizer state carries it). ``step(i)`` sets the lrs of iteration
-    i and returns the first group's."""
+    The base lr of each group is read once, at construction (``initial_lr``, kept in the group
+    so that a restored optimizer state carries it). ``floor`` is the shared eta_min (None: the
+    rates stay at their base). ``step(i)`` sets the lrs of iteration i and returns the first
+    group's."""
 
     def __init__(self, optimizers: List[torch.optim.Optimizer], period: float,
-                 eta_min_ratio: float = 0.001) -> None:
+                 floor: Optional[float]) -> None:
         if not period > 0:
             raise ValueError(f"the schedule period T must be positive, got {period}")
         self.optimizers = list(optimizers)
         self.period = float(period)
-        self.eta_min_ratio = float(eta_min_ratio)
+        self.floor = None if floor is None else float(floor)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
         self.iteration = 0
+
+    def lr(self, iteration: float, base_lr: float) -> float:
+        """The rate at ``iteration`` of a group whose base rate is ``base_lr``."""
+        if self.floor is None:
+            return base_lr
+        return cosine_lr(iteration, base_lr, self.period, self.floor)
 
     def step(self, iteration: int) -> float:
         self.iteration = int(iteration)
         first = None
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(self.iteration, group["initial_lr"], self.period,
-                                        self.eta_min_ratio)
+                group["lr"] = self.lr(self.iteration, group["initial_lr"])
                 first = group["lr"] if first is None else first
         return first
 
-    def state_dict(self) -> Dict[str, float]:
-        return {"iteration": self.iteration, "period": self.period,
-                "eta_min_ratio": self.eta_min_ratio}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"iteration": self.iteration, "period": self.period, "floor": self.floor}
 
-    def load_state_dict(self, state: Dict[str, float]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if abs(float(state["period"]) - self.period) > 1e-9 * self.period:
             raise ValueError(f"checkpoint schedule has period T = {state['period']}, this run "
                              f"{self.period}; the recipe changed since the checkpoint was written")

@@ -7,11 +7,13 @@ which extra state it checkpoints (``extra_state``). ``Stage.run`` does the rest:
 
 * the model comes from the stage's own checkpoint when one exists (resumption), else from
   ``init_model()`` (the previous stage's last checkpoint, ``--init``, or a fresh model);
-* Adam (or SGD with momentum, ``optimizer: sgd``) over ``model.param_groups(lr)`` (head at
-  10x), betas and weight decay from ``optim``; BN affine parameters frozen when the stage says
+* Adam (or SGD with momentum, ``optimizer: sgd``) over ``model.param_groups`` with the backbone
+  at ``backbone_lr_mult * lr`` and the head at ``head_lr_mult * lr`` (``schedule.base_lrs``),
+  betas and weight decay from ``optim``; BN affine parameters frozen when the stage says
   so (running statistics still update, unless ``bn_eval`` puts BN layers in eval mode);
-* per iteration i the cosine schedule of SPEC 4 sets every group's lr, with
-  T = t_max * iterations_per_epoch (``lr_schedule: constant`` keeps lr fixed); the stage runs
+* per iteration i the cosine schedule (``fastst.methods.schedule``) sets every group's lr, with
+  T = t_max * iterations_per_epoch and one floor for all groups (``lr_schedule: constant``
+  keeps the rates fixed); the stage runs
   ``epochs * iterations_per_epoch`` iterations (rounds: 2 of t_max = 3 epochs, so they stop at
   2T/3), one epoch being
   floor(|source| / batch_size) iterations counted on the source set in every stage;
@@ -57,7 +59,7 @@ from fastst.checkpoint import checkpoint_state, load_checkpoint, load_model, sav
 from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
-from fastst.methods.schedule import CosineSchedule
+from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min
 from fastst.methods.streams import BatchStream, derive_seed
 
 __all__ = ["Stage", "CHECKPOINT_NAME", "stage_iterations", "NonFiniteLoss", "NonFiniteLossError"]
@@ -189,9 +191,11 @@ class Stage:
 
     def model_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam (IAST) or SGD with momentum (CBST/CRST/TPLD, the stage's ``optimizer`` key) over
-        ``model.param_groups(lr)``, weight decay from ``optim``."""
+        ``model.param_groups(backbone, head)`` at the stage's base rates
+        (``schedule.base_lrs``), weight decay from ``optim``."""
         optim = self.ctx.config["optim"]
-        groups = model.param_groups(self.settings["lr"])
+        rates = base_lrs(self.settings)
+        groups = model.param_groups(rates["backbone"], rates["head"])
         if self.settings.get("optimizer", "adam") == "sgd":
             return torch.optim.SGD(groups, lr=self.settings["lr"],
                                    momentum=self.settings["momentum"],
@@ -273,9 +277,8 @@ class Stage:
         self.setup(model)
         train_model = compile_module(self.parallel_model(model), ctx.runtime.get("compile"))
         dctx = self.dist
-        constant = self.settings.get("lr_schedule", "cosine") == "constant"
         schedule = CosineSchedule(self.optimizers, self.period,
-                                  1.0 if constant else ctx.config["optim"]["eta_min_ratio"])
+                                  eta_min(self.settings, ctx.config["optim"]))
         start = 0
         if state is not None:
             for optimizer, saved in zip(self.optimizers, state["optimizers"]):

@@ -82,14 +82,17 @@ class DeepLabV2(nn.Module):
         _check_images(x)
         return self.classifier(self.backbone(x))
 
-    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
-        """Optimizer parameter groups: the backbone at ``lr`` and the head at ``10 * lr``
-        (AdaptSegNet/IAST ``optim_parameters``). Every parameter appears exactly once, frozen
-        ones included (optimizers skip parameters without gradients)."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        return [{"params": list(self.backbone.parameters()), "lr": lr},
-                {"params": list(self.classifier.parameters()), "lr": 10 * lr}]
+    def param_groups(self, backbone_lr: float, head_lr: float) -> List[Dict[str, Any]]:
+        """Optimizer parameter groups ``[{"name": "backbone", ...}, {"name": "head", ...}]``:
+        the ResNet at ``backbone_lr``, the ASPP classifier at ``head_lr`` (IAST's released
+        recipe: 0.1 * LR and LR; CRST/AdaptSegNet: LR and 10 * LR). Every parameter appears
+        exactly once, frozen ones included (optimizers skip parameters without gradients)."""
+        for name, lr in (("backbone_lr", backbone_lr), ("head_lr", head_lr)):
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {lr!r}")
+        return [{"name": "backbone", "params": list(self.backbone.parameters()),
+                 "lr": backbone_lr},
+                {"name": "head", "params": list(self.classifier.parameters()), "lr": head_lr}]
 
     def freeze_bn_affine(self, frozen: bool = True) -> "DeepLabV2":
         """Set ``requires_grad = not frozen`` on every BatchNorm weight and bias. Running
@@ -150,11 +153,10 @@ class MultiLevelDeepLabV2(nn.Module):
         layer3 = net.layer3(net.layer2(net.layer1(features)))
         return self.aux_classifier(layer3), self.model.classifier(net.layer4(layer3))
 
-    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
-        """The model's groups (backbone at ``lr``, head at ``10 * lr``) with the auxiliary
-        classifier in the head group, as AdaptSegNet's ``optim_parameters`` (layer5 and layer6
-        at 10x)."""
-        backbone, head = self.model.param_groups(lr)
+    def param_groups(self, backbone_lr: float, head_lr: float) -> List[Dict[str, Any]]:
+        """The model's groups with the auxiliary classifier in the head group, as AdaptSegNet's
+        ``optim_parameters`` (layer5 and layer6 at the head's rate)."""
+        backbone, head = self.model.param_groups(backbone_lr, head_lr)
         aux = list(self.aux_classifier.parameters())
         return [backbone, {**head, "params": head["params"] + aux}]
 
