@@ -12,23 +12,28 @@ __all__ = ["ConfusionMatrix"]
 
 
 class ConfusionMatrix:
-    """Accumulates an int64 (C, C) confusion matrix, `matrix[target, pred]`.
+    """Accumulates an int64 (C, C) confusion matrix, `matrix[target, pred]`, and int64 (C,)
+    `missed[target]`: the pixels of each true class predicted outside [0, C). Those are misses
+    (false negatives of the true class, in no class's false positives), as in the official
+    Cityscapes evaluation, where a prediction of a class it does not score (e.g. label id 0,
+    "unlabeled") lands in a column of its own.
 
-    `device=None` keeps the matrix on the CPU; give the evaluation device (e.g. "cuda") to keep
+    `device=None` keeps the counts on the CPU; give the evaluation device (e.g. "cuda") to keep
     updates free of host synchronisation. Counts are computed with `torch.bincount` on the device
-    of the inputs and added to the matrix (moved if the devices differ)."""
+    of the inputs and added to the counts (moved if the devices differ)."""
 
     def __init__(self, num_classes, device=None):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64,
-                                  device=torch.device("cpu") if device is None else device)
+        device = torch.device("cpu") if device is None else device
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.missed = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred, target):
         """Count the pixels of `pred` against `target`: integer tensors of the same shape (any
-        rank, any device). Pixels whose target is outside [0, C) (255 = ignore) or whose
-        prediction is outside [0, C) are left out."""
+        rank, any device). Pixels whose target is outside [0, C) (255 = ignore) are left out; a
+        prediction outside [0, C) at any other pixel counts in `missed`."""
         for name, tensor in (("pred", pred), ("target", target)):
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -45,13 +50,19 @@ class ConfusionMatrix:
         C = self.num_classes
         pred = pred.reshape(-1).long()
         target = target.reshape(-1).long()
-        valid = (target >= 0) & (target < C) & (pred >= 0) & (pred < C)
-        counts = torch.bincount(target[valid] * C + pred[valid], minlength=C * C)
-        self.matrix += counts.reshape(C, C).to(self.matrix.device)
+        valid = (target >= 0) & (target < C)
+        target, pred = target[valid], pred[valid]
+        # Column C of the (C, C + 1) counts collects the predictions outside [0, C).
+        pred = torch.where((pred >= 0) & (pred < C), pred, C)
+        counts = torch.bincount(target * (C + 1) + pred, minlength=C * (C + 1)).reshape(C, C + 1)
+        counts = counts.to(self.matrix.device)
+        self.matrix += counts[:, :C]
+        self.missed += counts[:, C]
         return self
 
     def reset(self):
         self.matrix.zero_()
+        self.missed.zero_()
         return self
 
     def merge(self, other):
@@ -59,23 +70,29 @@ class ConfusionMatrix:
         if not isinstance(other, ConfusionMatrix) or other.num_classes != self.num_classes:
             raise ValueError("merge needs a ConfusionMatrix with the same num_classes")
         self.matrix += other.matrix.to(self.matrix.device)
+        self.missed += other.missed.to(self.missed.device)
         return self
 
-    def all_reduce(self):
-        """Sum the matrix over all processes when torch.distributed is initialised (moved to
+    def all_reduce(self, context=None):
+        """Sum the counts over all processes when torch.distributed is initialised (moved to
         the process group's communication device for the collective and back); no-op
-        otherwise. Every process then holds the matrix of the whole data set."""
+        otherwise. Every process then holds the counts of the whole data set. context: a
+        `fastst.distributed.DistributedContext` (default: the process's)."""
         from .distributed import current
 
-        current().all_reduce_(self.matrix)
+        context = current() if context is None else context
+        context.all_reduce_(self.matrix)
+        context.all_reduce_(self.missed)
         return self
 
     def iou(self):
-        """float64 (C,) intersection over union per class on the CPU; NaN for classes absent from
-        both prediction and target."""
+        """float64 (C,) intersection over union per class on the CPU: TP / (TP + FP + FN), the
+        misses of `missed` among the FN; NaN for classes absent from both prediction and
+        target."""
         matrix = self.matrix.detach().to("cpu", torch.float64)
         intersection = matrix.diagonal()
-        union = matrix.sum(0) + matrix.sum(1) - intersection
+        union = matrix.sum(0) + matrix.sum(1) + self.missed.detach().to("cpu", torch.float64) \
+            - intersection
         return torch.where(union > 0, intersection / union.clamp_min(1),
                            torch.full_like(union, math.nan))
 

@@ -11,8 +11,10 @@ from fastst.data.ids import CLASS_NAMES, CLASSES_13, CLASSES_16
 from fastst.metrics import ConfusionMatrix
 
 
-def test_hand_computed_matrix_with_ignored_pixels():
-    # target 255 and 7 (>= C) are ignored, as are predictions outside [0, 4) (-1, 9).
+def test_hand_computed_matrix_with_ignored_pixels_and_misses():
+    # target 255 and 7 (>= C) are ignored whatever the prediction; a prediction outside [0, 4)
+    # (-1, 9) at a labelled pixel is a miss of the true class, as in cityscapesScripts'
+    # evalPixelLevelSemanticLabeling (FN = the whole row, predictions of unscored ids included).
     target = torch.tensor([[0, 0, 1, 1, 2], [2, 2, 255, 7, 0]])
     pred = torch.tensor([[0, 1, 1, 1, 0], [2, 9, 0, 0, -1]])
     cm = ConfusionMatrix(4).update(pred, target)
@@ -21,15 +23,26 @@ def test_hand_computed_matrix_with_ignored_pixels():
                              [1, 0, 1, 0],
                              [0, 0, 0, 0]])
     assert torch.equal(cm.matrix, expected)
-    assert cm.matrix.dtype == torch.int64
+    assert cm.missed.tolist() == [1, 0, 1, 0]      # the -1 on a class-0 pixel, the 9 on class 2
+    assert cm.matrix.dtype == cm.missed.dtype == torch.int64
     iou = cm.iou()
     assert iou.dtype == torch.float64
-    # class 0: 1 / (2 + 2 - 1); class 1: 2 / (2 + 3 - 2); class 2: 1 / (2 + 1 - 1); class 3 absent
-    assert iou[:3].tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    # class 0: 1 / (TP 1 + FP 1 + FN 1 + miss 1); class 1: 2 / (2 + 3 - 2);
+    # class 2: 1 / (TP 1 + FN 1 + miss 1); class 3 absent
+    assert iou[:3].tolist() == pytest.approx([1 / 4, 2 / 3, 1 / 3])
     assert math.isnan(iou[3].item())
-    assert cm.miou() == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
-    assert cm.miou([1, 2]) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert cm.miou() == pytest.approx((1 / 4 + 2 / 3 + 1 / 3) / 3)
+    assert cm.miou([1, 2]) == pytest.approx((2 / 3 + 1 / 3) / 2)
     assert math.isnan(cm.miou([3]))
+
+
+def test_a_class_only_missed_has_zero_iou_and_reset_clears_misses():
+    cm = ConfusionMatrix(3).update(torch.tensor([200, 200, 1]), torch.tensor([2, 2, 1]))
+    assert cm.matrix.sum() == 1 and cm.missed.tolist() == [0, 0, 2]
+    assert cm.iou()[2].item() == 0.0             # labelled but never predicted in range: 0
+    assert cm.iou()[1].item() == 1.0 and math.isnan(cm.iou()[0].item())
+    cm.reset()
+    assert cm.missed.sum() == 0 and math.isnan(cm.iou()[2].item())
 
 
 def test_class_only_predicted_counts_with_zero_iou():
@@ -102,14 +115,16 @@ def test_bad_input_is_rejected():
 
 
 def test_merge_and_all_reduce(tmp_path):
-    a = ConfusionMatrix(3).update(torch.tensor([0, 1]), torch.tensor([0, 2]))
-    b = ConfusionMatrix(3).update(torch.tensor([2, 2]), torch.tensor([2, 2]))
+    a = ConfusionMatrix(3).update(torch.tensor([0, 1, 5]), torch.tensor([0, 2, 1]))
+    b = ConfusionMatrix(3).update(torch.tensor([2, 2, -3]), torch.tensor([2, 2, 1]))
     merged = a.merge(b).matrix.clone()
     assert merged.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 2]]
+    assert a.missed.tolist() == [0, 2, 0]
     assert torch.equal(a.all_reduce().matrix, merged)   # no process group: no-op
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                             world_size=1)
     try:
         assert torch.equal(a.all_reduce().matrix, merged)   # one process: the sum is itself
+        assert a.missed.tolist() == [0, 2, 0]
     finally:
         dist.destroy_process_group()
