@@ -1,8 +1,9 @@
 """Run a training pipeline from a preset: ``python -m fastst.train --preset NAME``.
 
     python -m fastst.train --preset NAME [--out DIR] [--stages a,b] [--init PATH] [key=value ...]
+    python -m fastst.train --preset NAME --dry-run [--json] [key=value ...]
 
-Presets are the YAML files in fastst/presets/ (``demo``, ``iast_gta5``, ``iast_synthia``); any
+Presets are the YAML files in fastst/presets/ (``demo``, ``iast_gta5``, ``tpld_gta5``, ...); any
 key can be overridden with ``key=value`` (dotted path, YAML value, e.g.
 ``stages.round1.alpha=0.25 data.source.root=/data/GTA5 seeds=3``). The stages of ``pipeline``
 run in order in one command, each starting from the previous stage's last checkpoint;
@@ -40,6 +41,7 @@ alone writes config.yaml, checkpoints, result.json, summary.json and TensorBoard
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -141,9 +143,30 @@ def _init_model(config: Mapping[str, Any], path: str):
         raise ValueError(f"--init {path}: {error}") from error
 
 
+def _model_from_ref(config: Mapping[str, Any], run_dir: Path, ref: Mapping[str, Any]):
+    """A zero-argument function building the model of a chain reference
+    (``fastst.methods.chain``): a stage's last checkpoint or one of its snapshots."""
+    from fastst.methods.chain import snapshot_name
+
+    last = ref["checkpoint"] == "last"
+    path = run_dir / ref["stage"] / (CHECKPOINT_NAME if last else snapshot_name(ref["checkpoint"]))
+    what = f"checkpoint of {ref['stage']}" if last else \
+        f"chain=released snapshot ({ref['checkpoint']}) of {ref['stage']}"
+    if not last and not path.is_file() and (run_dir / ref["stage"] / CHECKPOINT_NAME).is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist; {ref['stage']} finished without "
+                                "it. Rerun that stage under chain=released (delete its "
+                                "directory) or set chain=last")
+    return lambda: _model_from_file(config, path, what)
+
+
 def _initial_model(config, run_dir: Path, stages: Sequence[str], index: int, seed: int,
-                   init: Optional[str]):
-    """A zero-argument function building the model that stage ``stages[index]`` starts from."""
+                   init: Optional[str], plan: Optional[Mapping[str, Any]] = None):
+    """A zero-argument function building the model that stage ``stages[index]`` starts from:
+    under ``chain: released`` the reference of ``plan`` (``fastst.methods.chain``), else the
+    last checkpoint of the stage run before it."""
+    if plan is not None and plan[stages[index]]["starts_from"]["stage"] is not None \
+            and not (index == 0 and init is not None):
+        return _model_from_ref(config, run_dir, plan[stages[index]]["starts_from"])
     if index > 0:
         previous = run_dir / stages[index - 1] / CHECKPOINT_NAME
         return lambda: _model_from_file(config, previous, f"checkpoint of {stages[index - 1]}")
@@ -162,22 +185,45 @@ def _initial_model(config, run_dir: Path, stages: Sequence[str], index: int, see
     return lambda: _model_from_file(config, previous, f"checkpoint of {previous_name}")
 
 
-def _evaluate(ctx: RunContext, model, val_set, stage: str) -> Dict[str, Any]:
-    from fastst.evaluate import evaluate, results_dict
+def _val_confusion(ctx: RunContext, model, val_set, *, progress: bool):
+    """The confusion matrix of ``model`` on the val split under the run's ``eval`` settings."""
+    from fastst.evaluate import evaluate
 
     config = ctx.config
+    return evaluate(model, val_set, scales=tuple(config["eval"]["scales"]),
+                    flip=config["eval"]["flip"], batch_size=config["eval"]["batch_size"],
+                    device=ctx.device, num_classes=config["num_classes"], progress=progress,
+                    input_size=config["data"]["val"]["input_size"],
+                    autocast_dtype=ctx.amp_dtype, num_workers=ctx.runtime["workers"])
+
+
+def _evaluate(ctx: RunContext, model, val_set, stage: str) -> Dict[str, Any]:
+    from fastst.evaluate import results_dict
+
     started = time.perf_counter()
-    confusion = evaluate(model, val_set, scales=tuple(config["eval"]["scales"]),
-                         flip=config["eval"]["flip"], batch_size=config["eval"]["batch_size"],
-                         device=ctx.device, num_classes=config["num_classes"],
-                         progress=ctx.runtime["progress"],
-                         input_size=config["data"]["val"]["input_size"],
-                         autocast_dtype=ctx.amp_dtype, num_workers=ctx.runtime["workers"])
+    confusion = _val_confusion(ctx, model, val_set, progress=ctx.runtime["progress"])
     result = results_dict(confusion)
     result["eval_seconds"] = time.perf_counter() - started
     if ctx.writer is not None:
         _log_val_images(ctx, model, val_set, stage)
     return result
+
+
+def _chain_released(ctx: RunContext, stage, entry: Mapping[str, Any], snapshots: set, val_set,
+                    run_dir: Path) -> None:
+    """Give ``stage`` what ``chain: released`` asks of it: the snapshots to keep (scored on
+    ``val_set`` for "best") and the model its pseudo labels come from."""
+    stage.snapshots = set(snapshots)
+    stage.select_metric = lambda model: evaluate_miou(ctx, model, val_set)
+    label = entry["labels_with"]
+    if label is not None and label != entry["starts_from"]:
+        stage.label_model = _model_from_ref(ctx.config, run_dir, label)
+
+
+def evaluate_miou(ctx: RunContext, model, val_set) -> float:
+    """The val mIoU (a fraction; NaN counts as 0) that ``chain: released`` selects on."""
+    miou = _val_confusion(ctx, model, val_set, progress=False).miou()
+    return 0.0 if math.isnan(miou) else float(miou)
 
 
 def _log_val_images(ctx: RunContext, model, val_set, stage: str) -> None:
@@ -198,8 +244,10 @@ def _log_val_images(ctx: RunContext, model, val_set, stage: str) -> None:
     finally:
         model.train(was_training)
     ctx.writer.add_images(f"{stage}/val_input", denormalize(images).cpu(), 0)
-    ctx.writer.add_images(f"{stage}/val_prediction", colorize(probs.argmax(1)).cpu(), 0)
-    ctx.writer.add_images(f"{stage}/val_label", colorize(labels).cpu(), 0)
+    num_classes = probs.shape[1]
+    ctx.writer.add_images(f"{stage}/val_prediction", colorize(probs.argmax(1), num_classes).cpu(),
+                          0)
+    ctx.writer.add_images(f"{stage}/val_label", colorize(labels, num_classes).cpu(), 0)
 
 
 def _pseudo_quality(ctx: RunContext, stage) -> Optional[Dict[str, Any]]:
@@ -245,6 +293,12 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
                      writer=writer)
     try:
         val_set = None
+        plan = needed = None
+        if config["chain"] == "released":
+            from fastst.methods.chain import chain_plan, snapshots_needed
+
+            sizes = {role: len(build_role(config, role)) for role in ("source", "target", "val")}
+            plan, needed = chain_plan(config, sizes), snapshots_needed(config, sizes)
         for index, name in enumerate(stages):
             # Every rank decides from the same files: none is being written past this point.
             dctx.barrier()
@@ -259,9 +313,11 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
                     reused = _read_result(result_path) or {}
                     print(f"{name}: reused from {reused.get('reused_from')}", file=sys.stderr)
                 continue
-            model = stage.run(_initial_model(config, run_dir, stages, index, seed, init))
             if val_set is None:
                 val_set = build_role(config, "val")
+            if plan is not None:
+                _chain_released(ctx, stage, plan[name], needed[name], val_set, run_dir)
+            model = stage.run(_initial_model(config, run_dir, stages, index, seed, init, plan))
             result = {"name": name, "method": stage.method}
             result.update(_evaluate(ctx, model, val_set, name))
             result["target_miou"] = result["miou"]
@@ -468,9 +524,29 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated subset of the pipeline's stages to run")
     parser.add_argument("--init", default=None,
                         help="checkpoint the first selected stage starts from")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the recipe (per stage: iterations, batch, crop, loss weights, "
+                             "the lr of every parameter group at the first, middle and last "
+                             "iteration, the checkpoints it starts from and labels with) and "
+                             "exit without reading data or training")
+    parser.add_argument("--json", action="store_true",
+                        help="with --dry-run: print the recipe as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="configuration overrides, e.g. stages.round1.alpha=0.25 seeds=3")
     return parser
+
+
+def _dry_run(parser: argparse.ArgumentParser, config: Mapping[str, Any], *, as_json: bool) -> int:
+    """Print ``fastst.recipe.describe_recipe(config)`` as a table or JSON; exit 2 on a recipe
+    that cannot run (e.g. a chain snapshot that cannot exist, a missing list file)."""
+    from fastst.recipe import describe_recipe, format_recipe
+
+    try:
+        recipe = describe_recipe(config)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(json.dumps(recipe, indent=1) if as_json else format_recipe(recipe))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -481,6 +557,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stages = select_stages(config, args.stages)
     except ConfigError as error:
         parser.error(str(error))
+    if args.json and not args.dry_run:
+        parser.error("--json goes with --dry-run")
+    if args.dry_run:
+        return _dry_run(parser, config, as_json=args.json)
     out_dir = Path(args.out) if args.out else Path("runs") / config["name"]
     try:
         summary = run_pipeline(config, out_dir, stages=stages, init=args.init)

@@ -3,7 +3,9 @@ labels with the region losses.
 
 Before its first iteration the round labels the whole target train set, resized to its
 ``pseudo_size``, with the model it starts from (the previous stage's last checkpoint: a warm-up,
-or source-only directly), in eval mode. The stage key ``selector`` picks how pixels are selected
+or source-only directly), in eval mode; under ``chain: released`` with the snapshot that
+``fastst.methods.chain`` names instead (``label_model``). The stage key ``selector`` picks how
+pixels are selected
 (IAST Fig. 4 and Table 5):
 
 * ``ias`` (default): the instance-adaptive selector, ``fastst.pseudo.ias_pass`` with this round's
@@ -78,7 +80,10 @@ class IASTRound(Stage):
             self.manifest = require_finished_pass(self.read_pseudo_manifest(), self.pseudo_dir,
                                                   self.checkpoint_path)
             return
-        self.manifest = self.label_pass(model, self.pseudo_dir)
+        # chain=released labels with another checkpoint than the one the round trains from.
+        labeller = model if self.label_model is None else \
+            self.label_model().to(self.ctx.device, memory_format=self.ctx.memory_format)
+        self.manifest = self.label_pass(labeller, self.pseudo_dir)
 
     def label_pass(self, model: nn.Module, out_dir) -> Dict[str, Any]:
         """Label the target train set with ``model`` by this round's selector into ``out_dir``

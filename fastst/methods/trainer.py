@@ -117,6 +117,13 @@ class Stage:
         self.skipped_steps = 0
         self.dist = distributed.current()
         self._model_param_ids: set = set()
+        # chain=released (fastst.methods.chain): the snapshots later stages read ("best" and/or
+        # iterations), taken every select_every iterations; select_metric scores the model on
+        # the val split for "best"; label_model builds the model a round labels with.
+        self.snapshots: set = set()
+        self.select_metric: Optional[Callable[[nn.Module], float]] = None
+        self.label_model: Optional[Callable[[], nn.Module]] = None
+        self.best: Optional[Dict[str, float]] = None
 
     # --- hooks -----------------------------------------------------------------------------
 
@@ -286,6 +293,7 @@ class Stage:
             schedule.load_state_dict(state["scheduler"])
             self.load_extra_state(state)
             start = int(state["iteration"])
+            self.best = state.get("best")
             self._restore_rng(state, start)
             self.skipped_steps = int(state.get("skipped_steps", 0))
         else:
@@ -303,7 +311,7 @@ class Stage:
                     complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
                     scheduler=schedule.state_dict(), rng=rng, seconds=self.seconds,
                     total_iterations=self.total, skipped_steps=self.skipped_steps,
-                    **per_rank, **self.extra_state()))
+                    best=self.best, **per_rank, **self.extra_state()))
             last_saved = iteration
 
         runtime = ctx.runtime
@@ -340,6 +348,8 @@ class Stage:
                 if self.log_images_now and self.visual is not None:
                     self._log_visual(done)
                 bar.update(1)
+                if self.snapshots and done % self.settings["select_every"] == 0:
+                    self._snapshot(model, done)
                 # No periodic save inside a run of skipped steps: a rerun after giving up then
                 # redoes those iterations from the last productive checkpoint.
                 if done % runtime["checkpoint_every"] == 0 and done < self.total and not streak:
@@ -355,6 +365,25 @@ class Stage:
         # The next stage (and the evaluation's result.json) reads the checkpoint rank 0 wrote.
         dctx.barrier()
         return model
+
+    def _snapshot(self, model: nn.Module, done: int) -> None:
+        """chain=released: keep the model after ``done`` iterations as DIR/<stage>/iter_<done>.pt
+        where a later stage asks for it, and as best.pt when its val mIoU is at least the best
+        so far (the released trainers' ``>=``: later ties win)."""
+        from fastst.methods.chain import BEST, snapshot_name
+
+        keep = [done] if done in self.snapshots else []
+        if BEST in self.snapshots:
+            miou = float(self.select_metric(model))
+            if self.best is None or miou >= self.best["miou"]:
+                self.best = {"iteration": done, "miou": miou}
+                keep.append(BEST)
+        if not keep or not self.dist.is_main:
+            return
+        state = checkpoint_state(model, stage=self.name, method=self.method, iteration=done,
+                                 snapshot=True)
+        for which in keep:
+            save_checkpoint(self.dir / snapshot_name(which), state)
 
     def _mean_over_ranks(self, sums: Mapping[str, torch.Tensor],
                          counts: Mapping[str, int]) -> Dict[str, float]:
@@ -419,5 +448,7 @@ class Stage:
         writer = self.ctx.writer
         writer.add_images(f"{self.name}/train_input", denormalize(visual["image"][:count]).cpu(),
                           step)
-        writer.add_images(f"{self.name}/train_prediction", colorize(logits.argmax(1)).cpu(), step)
-        writer.add_images(f"{self.name}/train_label", colorize(label).cpu(), step)
+        num_classes = logits.shape[1]
+        writer.add_images(f"{self.name}/train_prediction",
+                          colorize(logits.argmax(1), num_classes).cpu(), step)
+        writer.add_images(f"{self.name}/train_label", colorize(label, num_classes).cpu(), step)
