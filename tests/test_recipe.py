@@ -288,3 +288,11 @@ def test_released_chain_trains_and_labels_from_the_selected_snapshots(tmp_path, 
     expected = snapshot("round1", "iter_4.pt")["model"]
     assert all(torch.equal(v, expected[k]) for k, v in start.state_dict().items())
     assert set_sizes(config)["source"] == 24966  # the dry run's standard size, no data read
+
+    # A run reusing these stages gets their snapshots too (and scores nothing again).
+    again = load_config("iast_gta5", overrides + [f"runtime.reuse_from={out}"])
+    train.run_pipeline(again, tmp_path / "again")
+    for stage, name in (("source_only", "best.pt"), ("warmup", "best.pt"),
+                        ("warmup", "iter_3.pt"), ("round1", "iter_4.pt")):
+        copied = tmp_path / "again" / stage / name
+        assert copied.read_bytes() == (out / stage / name).read_bytes(), (stage, name)

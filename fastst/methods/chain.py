@@ -27,11 +27,12 @@ of a pipeline starts from ``{"stage": None, "checkpoint": "init"}`` (``model.pre
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Mapping, Optional
 
 from fastst.config import ConfigError
 
-__all__ = ["chain_plan", "snapshots_needed", "snapshot_name", "BEST"]
+__all__ = ["chain_plan", "snapshots_needed", "snapshot_name", "is_snapshot_name", "BEST"]
 
 BEST = "best"
 _LABELLING = ("iast", "cbst", "tpld_phase1", "tpld_phase2")
@@ -102,3 +103,8 @@ def snapshots_needed(config: Mapping[str, Any], sizes: Mapping[str, int]) -> Dic
 def snapshot_name(checkpoint) -> str:
     """The file name of a snapshot in its stage's directory: best.pt or iter_<i>.pt."""
     return "best.pt" if checkpoint == BEST else f"iter_{int(checkpoint)}.pt"
+
+
+def is_snapshot_name(name: str) -> bool:
+    """Whether a file name in a stage directory is a snapshot (``snapshot_name``'s form)."""
+    return name == "best.pt" or re.fullmatch(r"iter_[0-9]+\.pt", name) is not None

@@ -5,8 +5,7 @@ Before its first iteration the round labels the whole target train set, resized 
 ``pseudo_size``, with the model it starts from (the previous stage's last checkpoint: a warm-up,
 or source-only directly), in eval mode; under ``chain: released`` with the snapshot that
 ``fastst.methods.chain`` names instead (``label_model``). The stage key ``selector`` picks how
-pixels are selected
-(IAST Fig. 4 and Table 5):
+pixels are selected (IAST Fig. 4 and Table 5):
 
 * ``ias`` (default): the instance-adaptive selector, ``fastst.pseudo.ias_pass`` with this round's
   ``alpha`` and the ``pseudo`` settings (beta, gamma, mode official/paper, group, order);

@@ -11,7 +11,8 @@ same recipe, i.e. when
 * the seed was run there (DIR itself for a one-seed run, DIR/seed<s> otherwise);
 * its checkpoint is complete and its result.json readable.
 
-The checkpoint and result.json are copied (atomically) into this run, result.json gains
+The checkpoint, its ``chain: released`` snapshots and result.json are copied (atomically) into
+this run, result.json gains
 ``"reused_from"``. On the CPU, where runs are deterministic, this is what training the stage
 again would give.
 """
@@ -24,6 +25,7 @@ from typing import Any, Mapping, Optional
 from fastst.atomic import atomic_write, read_json, write_json_atomic
 from fastst.checkpoint import load_checkpoint
 from fastst.config import read_config_file
+from fastst.methods.chain import is_snapshot_name
 
 __all__ = ["same_recipe_through", "reuse_stage"]
 
@@ -88,8 +90,11 @@ def _reuse_from(root: Path, config: Mapping[str, Any], run_dir: Path, seed: int,
         return False
     target_dir = run_dir / stage
     target_dir.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint, "rb") as src, atomic_write(target_dir / checkpoint_name) as dst:
-        shutil.copyfileobj(src, dst)
+    # chain=released snapshots (best.pt, iter_<i>.pt) first: the checkpoint marks the copy done.
+    snapshots = sorted(p for p in (seed_dir / stage).iterdir() if is_snapshot_name(p.name))
+    for path in [*snapshots, checkpoint]:
+        with open(path, "rb") as src, atomic_write(target_dir / path.name) as dst:
+            shutil.copyfileobj(src, dst)
     result["checkpoint"] = str(target_dir / checkpoint_name)
     result["reused_from"] = str(seed_dir / stage)
     write_json_atomic(result, target_dir / result_name)
