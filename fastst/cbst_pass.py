@@ -456,9 +456,9 @@ def _labels(model, dataset, ctx: RunContext, settings: Mapping[str, Any], state:
                         counts.index_add_(0, flat, torch.ones_like(flat))
                     batch_names = list(batch["name"])
                     writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names,
-                                              labels, colour))
+                                              labels, colour, settings["num_classes"]))
                     if ctx.writer is not None and done < IMAGES_LOGGED:
-                        log_pass_images(ctx.writer, tag, images, labels)
+                        log_pass_images(ctx.writer, tag, images, labels, settings["num_classes"])
                 if dctx.is_distributed:  # the step's names and confidences, in pass order
                     parts = dctx.all_gather_object(
                         (batch_names, [] if confidence is None else confidence.cpu().tolist()))

@@ -58,6 +58,10 @@ BASE_DEFAULTS: Dict[str, Any] = {
                    "subset": None, "domain": None},
         "val": {"dataset": "cityscapes", "root": "data/cityscapes", "split": "val",
                 "list_file": None, "input_size": [512, 1024]},
+        # The classes every role's labels are mapped to (fastst.data.ids.CLASS_SETS):
+        # "cityscapes19" (the 19 Cityscapes classes) or "synthia16" (the 16 SYNTHIA shares with
+        # Cityscapes, lane marking as road, as CRST/TPLD); num_classes must be its size.
+        "class_set": "cityscapes19",
         "synthetic": None,
         "crop_size": [512, 1024],
         "aspect": 2.0,
@@ -391,6 +395,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if config["num_classes"] > 254:
         _fail("num_classes", "at most 254 (labels are uint8 with 255 = ignore)",
               config["num_classes"])
+    _validate_class_set(config)
     _choice(config, "chain", _CHAINS)
     _choice(config, "model.backbone", sorted(RESNET_SPECS))
     _str(config, "model.pretrained", optional=True)
@@ -449,6 +454,19 @@ def validate_config(config: Mapping[str, Any]) -> None:
     _int(config, "eval.batch_size", 1)
     _validate_stages(config)
     _validate_runtime(config)
+
+
+def _validate_class_set(config: Mapping[str, Any]) -> None:
+    from fastst.data.ids import CLASS_SETS
+
+    _choice(config, "data.class_set", tuple(CLASS_SETS))
+    class_set = CLASS_SETS[config["data"]["class_set"]]
+    if config["num_classes"] != class_set.num_classes:
+        others = ", ".join(f"data.class_set={s.name} with num_classes={s.num_classes}"
+                           for s in CLASS_SETS.values() if s is not class_set)
+        raise ConfigError(f"num_classes = {config['num_classes']} does not match "
+                          f"data.class_set={class_set.name}, which has {class_set.num_classes} "
+                          f"classes; set num_classes={class_set.num_classes} (or {others})")
 
 
 def _validate_subset(config: Mapping[str, Any], key: str) -> None:

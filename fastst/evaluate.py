@@ -3,12 +3,15 @@
     python -m fastst.evaluate --checkpoint PATH --dataset NAME --root DIR [--split val]
         [--domain target] [--scales 0.5 0.75 1.0] [--flip] [--resize H W] [--batch-size N]
         [--device cpu|cuda] [--autocast bfloat16|float16] [--workers N] [--json OUT.json]
+        [--class-set cityscapes19|synthia16]
 
 Predictions are made at the image's size (or `--resize H W`, times each scale) and scored at
 the label's full resolution; multi-scale and flip evaluation sum the softmax maps before the
 argmax (SPEC section 3, `fastst.inference.predict_probs`). mIoU values are fractions in [0, 1]
 (the printed table shows percent); classes absent from both prediction and ground truth are NaN
-(null in the JSON) and left out of the means.
+(null in the JSON) and left out of the means. Labels are mapped to the class set of the model
+(`--class-set`; by default "synthia16" for a 16-class checkpoint, "cityscapes19" otherwise),
+which also names the mIoU variants reported (mIoU-19/16/13, or mIoU-16/13 for synthia16).
 
 Under ``torchrun`` (``torchrun --standalone --nproc_per_node N -m fastst.evaluate ...``) each rank
 scores its share of the batches and the confusion matrices are summed over the ranks: the same
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from .atomic import write_json_atomic
-from .data.ids import CLASS_NAMES, NUM_CLASSES
+from .data.ids import CLASS_SETS, NUM_CLASSES, class_set_for
 from .inference import predict_probs
 from .metrics import ConfusionMatrix
 
@@ -85,13 +88,20 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
     return confusion
 
 
-def results_dict(confusion, class_names=CLASS_NAMES, **extra):
-    """JSON-ready results: {"miou", "miou16", "miou13" (19 classes), "iou": {name: IoU}, **extra};
-    NaN becomes None."""
-    summary = confusion.summary()
+def results_dict(confusion, class_names=None, class_set=None, **extra):
+    """JSON-ready results: {"miou", "miou16", "miou13" (those of a class set, see
+    `ConfusionMatrix.summary`), "iou": {name: IoU}, **extra}; NaN becomes None. The classes are
+    named by `class_names` when it has one name a class, else by the class set (None: the one
+    with the matrix's number of classes), else "class <c>"."""
+    summary = confusion.summary(class_set)
     result = {key: _finite_or_none(value) for key, value in summary.items() if key != "iou"}
-    names = class_names if len(class_names) == confusion.num_classes else \
-        [f"class {c}" for c in range(confusion.num_classes)]
+    known = confusion.class_set(class_set)
+    if class_names is not None and len(class_names) == confusion.num_classes:
+        names = class_names
+    elif known is not None:
+        names = known.names
+    else:
+        names = [f"class {c}" for c in range(confusion.num_classes)]
     result["iou"] = {name: _finite_or_none(value) for name, value in zip(names, summary["iou"])}
     result.update(extra)
     return result
@@ -140,6 +150,9 @@ def _parser():
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--class-set", default=None, choices=tuple(CLASS_SETS),
+                        help="the classes the labels are mapped to; must match the model "
+                             "(default: synthia16 for a 16-class model, else cityscapes19)")
     return parser
 
 
@@ -170,17 +183,22 @@ def main(argv=None):
         model = load_model(args.checkpoint, map_location="cpu")
     except (FileNotFoundError, RuntimeError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: cannot load --checkpoint: {error}\n")
-    options = {}
+    num_classes = model.model_config["num_classes"] if hasattr(model, "model_config") \
+        else NUM_CLASSES
+    class_set = args.class_set or getattr(class_set_for(num_classes), "name", None)
+    if args.class_set is not None and CLASS_SETS[class_set].num_classes != num_classes:
+        parser.error(f"--class-set {class_set} has {CLASS_SETS[class_set].num_classes} classes "
+                     f"but the model predicts {num_classes}; pass the class set it was trained "
+                     f"on ({', '.join(CLASS_SETS)})")
+    options = {"class_set": class_set}
     if args.dataset == "synthetic":
         domain = args.domain or "target"
-        options = {"domain": domain, "synthetic": _synthetic_options(args.root, domain)}
+        options.update(domain=domain, synthetic=_synthetic_options(args.root, domain))
     try:
         dataset = build_dataset(args.dataset, args.root, args.split, **options)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: cannot read --dataset {args.dataset} at "
                        f"{args.root!r}: {error}\n")
-    num_classes = model.model_config["num_classes"] if hasattr(model, "model_config") \
-        else NUM_CLASSES
     autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
     dctx = distributed.init_from_env(device)  # under torchrun: one shard of the batches a rank
     try:
@@ -194,9 +212,10 @@ def main(argv=None):
         distributed.shutdown()
     if not dctx.is_main:
         return 0
-    print(confusion.table())
+    print(confusion.table(class_set=class_set))
     if args.json:
-        result = results_dict(confusion, scales=list(args.scales), flip=args.flip,
+        result = results_dict(confusion, class_set=class_set, scales=list(args.scales),
+                              flip=args.flip,
                               checkpoint=str(args.checkpoint), dataset=args.dataset,
                               split=args.split, domain=options.get("domain"),
                               resize=args.resize, num_images=len(dataset))

@@ -1,12 +1,13 @@
 """Confusion matrix and IoU for semantic segmentation (SPEC section 3).
 
 Rows are ground-truth classes, columns predicted classes. mIoU-16 and mIoU-13 (SYNTHIA) are read
-off the 19-class matrix with `fastst.data.ids.CLASSES_16` / `CLASSES_13`."""
+off the matrix of a class set (`fastst.data.ids.ClassSet.miou_subsets`): subsets of the 19
+Cityscapes classes, or all 16 classes and a subset of them for the "synthia16" class set."""
 import math
 
 import torch
 
-from .data.ids import CLASS_NAMES, CLASSES_13, CLASSES_16, NUM_CLASSES
+from .data.ids import class_set_for, get_class_set
 
 __all__ = ["ConfusionMatrix"]
 
@@ -109,19 +110,37 @@ class ConfusionMatrix:
         present = iou[~iou.isnan()]
         return float(present.mean()) if present.numel() else math.nan
 
-    def summary(self):
-        """{"miou", "miou16", "miou13" (19 classes only), "iou": [per-class floats or NaN]}."""
+    def class_set(self, class_set=None):
+        """The `ids.ClassSet` named by `class_set` (a name or ClassSet), checked to have this
+        matrix's number of classes; for None the class set with that many classes (19:
+        cityscapes19, 16: synthia16), or None where there is none."""
+        if class_set is None:
+            return class_set_for(self.num_classes)
+        class_set = get_class_set(class_set)
+        if class_set.num_classes != self.num_classes:
+            raise ValueError(f"class set {class_set.name!r} has {class_set.num_classes} classes, "
+                             f"the confusion matrix {self.num_classes}")
+        return class_set
+
+    def summary(self, class_set=None):
+        """{"miou": the mean over all classes, "iou": [per-class floats or NaN], then the class
+        set's mIoU variants: "miou16" and "miou13" for both "cityscapes19" (subsets of the 19)
+        and "synthia16" ("miou16" = "miou")}. class_set: see `class_set` (None: by the number
+        of classes; other numbers of classes report "miou" and "iou" only)."""
         result = {"miou": self.miou(), "iou": self.iou().tolist()}
-        if self.num_classes == NUM_CLASSES:
-            result["miou16"] = self.miou(CLASSES_16)
-            result["miou13"] = self.miou(CLASSES_13)
+        class_set = self.class_set(class_set)
+        for key, _, classes in () if class_set is None else class_set.miou_subsets():
+            result[key] = self.miou(classes)
         return result
 
-    def table(self, class_names=None):
-        """Per-class IoU in percent, one line a class, then the mIoU lines (mIoU-19/16/13 for the
-        19 Cityscapes classes, mIoU otherwise). 'n/a' marks classes absent from both."""
+    def table(self, class_names=None, class_set=None):
+        """Per-class IoU in percent, one line a class (named by `class_names`, default the class
+        set's names), then the mIoU lines: mIoU-C over all C classes of a class set and its
+        other variants (mIoU-19/16/13 for cityscapes19, mIoU-16/13 for synthia16), or "mIoU" where
+        there is no class set. 'n/a' marks classes absent from both."""
+        class_set = self.class_set(class_set)
         if class_names is None:
-            class_names = CLASS_NAMES if self.num_classes == NUM_CLASSES else \
+            class_names = class_set.names if class_set is not None else \
                 [f"class {c}" for c in range(self.num_classes)]
         if len(class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for "
@@ -130,12 +149,14 @@ class ConfusionMatrix:
         lines = [f"{'class':<{width}}IoU"]
         for name, value in zip(class_names, self.iou().tolist()):
             lines.append(f"{name:<{width}}{_percent(value)}")
-        if self.num_classes == NUM_CLASSES:
-            for label, classes in (("mIoU-19", None), ("mIoU-16", CLASSES_16),
-                                   ("mIoU-13", CLASSES_13)):
-                lines.append(f"{label:<{width}}{_percent(self.miou(classes))}")
-        else:
+        if class_set is None:
             lines.append(f"{'mIoU':<{width}}{_percent(self.miou())}")
+        else:
+            lines.append(f"{f'mIoU-{self.num_classes}':<{width}}{_percent(self.miou())}")
+            everything = tuple(range(self.num_classes))
+            for _, label, classes in class_set.miou_subsets():
+                if classes != everything:
+                    lines.append(f"{label:<{width}}{_percent(self.miou(classes))}")
         return "\n".join(lines)
 
 

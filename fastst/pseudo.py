@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Subset
 
 from fastst import distributed
 from fastst.atomic import read_json
-from fastst.data.ids import CLASS_NAMES
+from fastst.data.ids import class_set_for
 from fastst.data.pseudo_label import pseudo_label_path, save_pseudo_labels
 from fastst.methods.context import (RunContext, colorize, denormalize, save_torch_atomic,
                                     write_json_atomic)
@@ -84,7 +84,10 @@ def read_manifest(out_dir, format: str = MANIFEST_FORMAT) -> Optional[Dict[str, 
 
 
 def class_names(num_classes: int) -> List[str]:
-    return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else \
+    """The names of the class set with ``num_classes`` classes (ids.class_set_for), else
+    "class <c>"."""
+    class_set = class_set_for(num_classes)
+    return list(class_set.names) if class_set is not None else \
         [f"class {c}" for c in range(num_classes)]
 
 
@@ -200,9 +203,9 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
                 own = labels[start - spans[0][0]:stop - spans[0][0]]
                 if batch_names:
                     writes.append(pool.submit(save_pseudo_labels, label_dir, batch_names, own,
-                                              colour))
+                                              colour, num_classes))
                 if ctx.writer is not None and done < IMAGES_LOGGED and images is not None:
-                    log_pass_images(ctx.writer, tag, images, own)
+                    log_pass_images(ctx.writer, tag, images, own, num_classes)
                 names.extend(step_names)
                 done += labels.shape[0]
                 bar.update(labels.shape[0])
@@ -302,13 +305,14 @@ def load_pass_state(path: Path, settings: Mapping[str, Any], label_dir: Path) ->
     return state
 
 
-def log_pass_images(writer, tag: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+def log_pass_images(writer, tag: str, images: torch.Tensor, labels: torch.Tensor,
+                    num_classes: Optional[int] = None) -> None:
     count = min(IMAGES_LOGGED, images.shape[0])
     inputs = torch.nn.functional.interpolate(denormalize(images[:count]).float(),
                                              size=labels.shape[-2:], mode="bilinear",
                                              align_corners=False).round().to(torch.uint8)
     writer.add_images(f"{tag}/input", inputs.cpu(), 0)
-    writer.add_images(f"{tag}/pseudo_label", colorize(labels[:count]).cpu(), 0)
+    writer.add_images(f"{tag}/pseudo_label", colorize(labels[:count], num_classes).cpu(), 0)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from __future__ import annotations
 from .check import CheckReport, check_dataset
 from .cityscapes import Cityscapes
 from .gta5 import GTA5
-from .ids import CLASS_NAMES, CLASSES_13, CLASSES_16, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from .ids import (CLASS_NAMES, CLASS_SETS, CLASSES_13, CLASSES_16, IGNORE_INDEX, NUM_CLASSES,
+                  PALETTE, ClassSet, class_set_for, get_class_set)
 from .io import SegmentationDataset, read_image, read_label, write_png_atomic
 from .mining import MiningSizedCrop, mining_train_transform
 from .mixed import MixedDomainDataset, sample_source_indices
@@ -25,7 +26,9 @@ SYNTHETIC_DOMAINS = ("source", "target")
 def build_dataset(name: str, root, split: str, **kwargs) -> SegmentationDataset:
     """The data set `name` ("gta5", "synthia", "cityscapes" or "synthetic") under `root`.
 
-    kwargs for every name: transform, resize, seed, labels, list_file (see FileDataset).
+    kwargs for every name: transform, resize, seed, labels, list_file, class_set (the classes
+    labels are mapped to: "cityscapes19" (default) or "synthia16", see ids.ClassSet; see
+    FileDataset).
     "synthetic" also takes domain="source"|"target" (required) and synthetic={...}, the keyword
     arguments of fastst.data.synthetic.ensure_synthetic (num_train, height, ...): the domain is
     generated once under root/<domain> and read with the Cityscapes loader."""
@@ -48,6 +51,7 @@ __all__ = [
     "SegmentationDataset", "save_pseudo_labels", "pseudo_label_path", "train_transform",
     "val_transform", "read_image", "read_label", "write_png_atomic", "check_dataset",
     "CheckReport", "IMAGENET_MEAN", "IMAGENET_STD", "CLASS_NAMES", "NUM_CLASSES", "IGNORE_INDEX",
-    "CLASSES_16", "CLASSES_13", "PALETTE", "MiningSizedCrop", "mining_train_transform",
+    "CLASSES_16", "CLASSES_13", "PALETTE", "CLASS_SETS", "ClassSet", "get_class_set",
+    "class_set_for", "MiningSizedCrop", "mining_train_transform",
     "MixedDomainDataset", "sample_source_indices",
 ]

@@ -1,6 +1,7 @@
 """Cityscapes (Cordts et al. 2016): root/leftImg8bit/<split>/<city>/<base>_leftImg8bit.png with
-root/gtFine/<split>/<city>/<base>_gtFine_labelTrainIds.png (train ids, used as they are) or else
-<base>_gtFine_labelIds.png (label ids, mapped). A split without a gtFine directory (the test
+root/gtFine/<split>/<city>/<base>_gtFine_labelTrainIds.png (the 19 Cityscapes train ids) or else
+<base>_gtFine_labelIds.png (label ids, mapped). Both are mapped to the class set's train ids
+(ids.ClassSet: the identity for the 19 classes). A split without a gtFine directory (the test
 split as usually downloaded) gives all-255 labels."""
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ from pathlib import Path
 from typing import List, Tuple
 
 from .gta5 import CITYSCAPES_LABEL_IDS
-from .ids import CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES
+from .ids import IGNORE_INDEX, NUM_CLASSES
 from .io import FileDataset, Layout, png_files, subdirectories
 
 IMAGE_SUFFIX = "_leftImg8bit"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds"
-TRAIN_ID_MAP = {train_id: train_id for train_id in range(NUM_CLASSES)}
 TRAIN_IDS = frozenset(range(NUM_CLASSES)) | {IGNORE_INDEX}
 
 
@@ -58,7 +58,9 @@ class CityscapesLayout(Layout):
         return (self.root / "gtFine" / split).is_dir()
 
     def id_map(self, label: Path) -> dict:
-        return TRAIN_ID_MAP if label.stem.endswith(TRAIN_IDS_SUFFIX) else CITYSCAPES_ID_TO_TRAIN_ID
+        if label.stem.endswith(TRAIN_IDS_SUFFIX):
+            return self.class_set.from_cityscapes_train_ids
+        return self.class_set.cityscapes_ids
 
     def valid_ids(self, label: Path) -> frozenset:
         return TRAIN_IDS if label.stem.endswith(TRAIN_IDS_SUFFIX) else CITYSCAPES_LABEL_IDS

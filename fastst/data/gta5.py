@@ -1,11 +1,11 @@
 """GTA5 (Richter et al. 2016): root/images/*.png with root/labels/*.png of the same name, the
-labels holding Cityscapes label ids (8-bit; palette PNGs are read as their indices)."""
+labels holding Cityscapes label ids (8-bit; palette PNGs are read as their indices), mapped by the
+class set's `cityscapes_ids` (ids.ClassSet)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List
 
-from .ids import CITYSCAPES_ID_TO_TRAIN_ID
 from .io import FileDataset, Layout, png_files
 
 # The Cityscapes label definition has ids 0..33; the 19 in the map are trained on, the others
@@ -27,7 +27,7 @@ class GTA5Layout(Layout):
         return png_files(self.root / "labels")
 
     def id_map(self, label: Path) -> dict:
-        return CITYSCAPES_ID_TO_TRAIN_ID
+        return self.class_set.cityscapes_ids
 
     def valid_ids(self, label: Path) -> frozenset:
         return CITYSCAPES_LABEL_IDS

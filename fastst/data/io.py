@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_write
-from .ids import IGNORE_INDEX, lookup_table
+from .ids import IGNORE_INDEX, get_class_set, lookup_table
 from .transforms import check_size, normalize, resize_image, resize_label
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -290,13 +290,15 @@ class Layout:
     """Where a data set keeps its files. Subclasses say where images and labels are
     (`image_files`, `label_files`), how an image is matched with its label (`image_key`,
     `label_key`) and which ids a label file holds (`id_map`, `valid_ids`); this class pairs them,
-    applies list files and raises the errors that say what layout was expected."""
+    applies list files and raises the errors that say what layout was expected. `class_set`
+    (a name or `ids.ClassSet`; None: "cityscapes19") decides the train ids the ids map to."""
 
     name = "data set"
     splits: Tuple[str, ...] = ()
 
-    def __init__(self, root):
+    def __init__(self, root, class_set=None):
         self.root = Path(root).expanduser()
+        self.class_set = get_class_set(class_set)
 
     def describe(self, split: str) -> str:
         """The expected layout in words, e.g. "<root>/images/*.png and <root>/labels/*.png"."""
@@ -412,15 +414,16 @@ class FileDataset(SegmentationDataset):
     root: the data set's directory; split: one of `layout_class.splits`; list_file: optional
     text file naming the images to use (one relative image path or stem a line, as the released
     IAST/AdaptSegNet lists); labels=False: every label is all 255 (an unlabelled target set);
-    transform, resize, seed: see `SegmentationDataset`."""
+    class_set: the classes labels are mapped to ("cityscapes19", the default, or "synthia16";
+    see `ids.ClassSet`); transform, resize, seed: see `SegmentationDataset`."""
 
     layout_class = Layout
 
     def __init__(self, root, split: str, *, list_file=None, labels: bool = True,
                  transform: Optional[Transform] = None, resize: Optional[Sequence[int]] = None,
-                 seed: int = 0):
+                 seed: int = 0, class_set=None):
         super().__init__(transform=transform, resize=resize, seed=seed)
-        self.layout = self.layout_class(root)
+        self.layout = self.layout_class(root, class_set)
         self.split = split
         self.samples = self.layout.samples(split, list_file=list_file, labels=labels)
 

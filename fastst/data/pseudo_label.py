@@ -23,11 +23,12 @@ def pseudo_label_path(label_dir, name: str) -> Path:
 
 
 def save_pseudo_labels(out_dir, names: Sequence[str], labels: torch.Tensor,
-                       colour: bool = False) -> List[Path]:
+                       colour: bool = False, num_classes: Optional[int] = None) -> List[Path]:
     """Write `labels` (uint8 (B,H,W), any device; class ids or 255) as
     `<out_dir>/<names[b]>_pseudo_label.png`, and with `colour` also `<names[b]>_pseudo_color.png`
-    (palette PNG, Cityscapes colours, ignore black). Each file is written atomically; safe to
-    call from several threads. Returns the label paths."""
+    (palette PNG, the Cityscapes colours of the class set with `num_classes` classes,
+    ids.palette_for; ignore black). Each file is written atomically; safe to call from several
+    threads. Returns the label paths."""
     if not isinstance(labels, (torch.Tensor, np.ndarray)) or labels.ndim != 3:
         raise ValueError(f"labels must be a uint8 (B,H,W) tensor, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
@@ -48,7 +49,8 @@ def save_pseudo_labels(out_dir, names: Sequence[str], labels: torch.Tensor,
     for name, label in zip(names, labels):
         paths.append(write_png_atomic(pseudo_label_path(out_dir, name), label))
         if colour:
-            write_png_atomic(out_dir / f"{name}{COLOUR_SUFFIX}", label, palette=palette_bytes())
+            write_png_atomic(out_dir / f"{name}{COLOUR_SUFFIX}", label,
+                             palette=palette_bytes(num_classes))
     return paths
 
 

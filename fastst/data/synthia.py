@@ -1,14 +1,14 @@
 """SYNTHIA RAND_CITYSCAPES (Ros et al. 2016): root/RGB/*.png with root/GT/LABELS/*.png of the same
-name, 16-bit PNGs whose first channel holds the SYNTHIA class id."""
+name, 16-bit PNGs whose first channel holds the SYNTHIA class id, mapped by the class set's
+`synthia_ids` (ids.ClassSet: 19 classes with lane marking ignored, or 16 with it as road)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List
 
-from .ids import SYNTHIA_ID_TO_TRAIN_ID
 from .io import FileDataset, Layout, png_files
 
-# SYNTHIA's classes are 0 (void) .. 22 (lane marking); 19 of them map to Cityscapes train ids.
+# SYNTHIA's classes are 0 (void) .. 22 (lane marking); the class set maps some of them to train ids.
 SYNTHIA_LABEL_IDS = frozenset(range(23))
 
 
@@ -26,7 +26,7 @@ class SynthiaLayout(Layout):
         return png_files(self.root / "GT" / "LABELS")
 
     def id_map(self, label: Path) -> dict:
-        return SYNTHIA_ID_TO_TRAIN_ID
+        return self.class_set.synthia_ids
 
     def valid_ids(self, label: Path) -> frozenset:
         return SYNTHIA_LABEL_IDS

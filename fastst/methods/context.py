@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fastst.atomic import atomic_write, write_json_atomic
-from fastst.data.ids import IGNORE_INDEX, PALETTE
+from fastst.data.ids import IGNORE_INDEX, palette_for
 from fastst.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["RunContext", "StopRequested", "resolve_device", "write_json_atomic", "save_torch_atomic",
@@ -101,11 +101,13 @@ def save_torch_atomic(data: Any, path: Path) -> Path:
     return Path(path)
 
 
-def colorize(labels: torch.Tensor) -> torch.Tensor:
+def colorize(labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
     """Integer labels (B, H, W) (train ids, 255 = ignore) -> uint8 (B, 3, H, W) RGB in the
-    Cityscapes palette, ignore (and ids beyond the palette) black. Same device as the input."""
+    Cityscapes colours of the class set with ``num_classes`` classes (``ids.palette_for``; the
+    19 classes' for None), ignore (and ids beyond the palette) black. Same device as the input."""
+    palette = palette_for(num_classes)
     table = torch.zeros(256, 3, dtype=torch.uint8, device=labels.device)
-    table[:len(PALETTE)] = torch.tensor(PALETTE, dtype=torch.uint8, device=labels.device)
+    table[:len(palette)] = torch.tensor(palette, dtype=torch.uint8, device=labels.device)
     table[IGNORE_INDEX] = 0
     return table[labels.long().clamp(0, 255)].permute(0, 3, 1, 2).contiguous()
 

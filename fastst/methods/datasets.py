@@ -3,7 +3,8 @@
 Roles: "source" (labelled, e.g. GTA5), "target" (the unlabelled target train set: its labels are
 never read, ``labels=False``) and "val" (the labelled target evaluation split). A "synthetic"
 data set is generated on first use under its root, domain "source" for the source role and
-"target" for the others, with the generator arguments of ``data.synthetic``.
+"target" for the others, with the generator arguments of ``data.synthetic``. Every role maps its
+labels to the train ids of ``data.class_set`` ("cityscapes19" or "synthia16", README "Data").
 """
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -65,7 +66,8 @@ def build_role(config: Mapping[str, Any], role: str, *, transform=None,
     subset = spec.get("subset")
     kwargs = {"transform": transform, "resize": None if resize is None else list(resize),
               "seed": seed, "list_file": spec["list_file"],
-              "labels": role != "target" if labels is None else labels}
+              "labels": role != "target" if labels is None else labels,
+              "class_set": config["data"]["class_set"]}
     if spec["dataset"] == "synthetic":
         kwargs["domain"] = spec.get("domain") or _DOMAINS[role]
         kwargs["synthetic"] = dict(config["data"]["synthetic"] or {})
