@@ -234,6 +234,7 @@ def test_16_class_tpld_run_end_to_end(fixture_root, tmp_path, capsys):
     result = json.loads((out / "phase1_1" / "result.json").read_text())
     assert list(result["iou"]) == list(CRST_NAMES_16)
     assert result["miou16"] == result["miou"] and result["miou13"] is not None
+    assert list(result["pseudo"]["quality"]["p_iou"]) == list(CRST_NAMES_16)
     assert summary["stages"][-1]["miou13"] == result["miou13"]
 
     capsys.readouterr()
