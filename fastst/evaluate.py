@@ -1,13 +1,21 @@
 """Evaluate a segmentation model: confusion matrix over a data set, per-class IoU and mIoU.
 
     python -m fastst.evaluate --checkpoint PATH --dataset NAME --root DIR [--split val]
+        [--protocol fastst|iast_source_only|iast_warmup|iast_round|iast_ms|crst]
+        [--save-predictions DIR]
         [--domain target] [--scales 0.5 0.75 1.0] [--flip] [--resize H W] [--batch-size N]
         [--device cpu|cuda] [--autocast bfloat16|float16] [--workers N] [--json OUT.json]
         [--class-set cityscapes19|synthia16]
 
-Predictions are made at the image's size (or `--resize H W`, times each scale) and scored at
-the label's full resolution; multi-scale and flip evaluation sum the softmax maps before the
-argmax (SPEC section 3, `fastst.inference.predict_probs`). mIoU values are fractions in [0, 1]
+    python -m fastst.evaluate --predictions DIR --dataset cityscapes --root DIR [--split val]
+
+Predictions are scored at the label's full resolution. `--protocol` names how the model sees the
+images (`PROTOCOLS`: fastst's own, where `--scales` and `--flip` apply to the image's size or
+`--resize H W` and the softmax maps are summed, or one of the released evaluations of IAST and
+CRST). A prediction outside the class range counts as a miss (`ConfusionMatrix.missed`), as in
+the official Cityscapes evaluation. `--save-predictions DIR` also writes the Cityscapes benchmark
+files (`fastst.predictions`); `--predictions DIR` scores such files instead of a model.
+mIoU values are fractions in [0, 1]
 (the printed table shows percent); classes absent from both prediction and ground truth are NaN
 (null in the JSON) and left out of the means. Labels are mapped to the class set of the model
 (`--class-set`; by default "synthia16" for a 16-class checkpoint, "cityscapes19" otherwise),
@@ -18,10 +26,13 @@ scores its share of the batches and the confusion matrices are summed over the r
 matrix, hence the same mIoU, as one process; rank 0 prints and writes the JSON.
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -29,21 +40,89 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed
 from .atomic import write_json_atomic
 from .data.ids import CLASS_SETS, NUM_CLASSES, class_set_for
-from .inference import predict_probs
+from .inference import COMBINE_MODES, predict_scores, scaled_size
 from .metrics import ConfusionMatrix
+from .predictions import dataset_classes, image_cities, save_prediction, score_predictions
 
-__all__ = ["evaluate", "main"]
+__all__ = ["Protocol", "PROTOCOLS", "DEFAULT_PROTOCOL", "evaluate", "main"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How an evaluation feeds the images to the model and combines the scores.
+
+    scales: the input sizes as factors of the base size (the image's, or `input_size`), rounded,
+    or rounded down with `floor` (as `F.interpolate(scale_factor=s)` sizes them); flip: also
+    the mirrored inputs; combine, at_input_size: see `fastst.inference.predict_scores`."""
+
+    scales: Tuple[float, ...]
+    flip: bool = False
+    combine: str = "softmax"
+    at_input_size: bool = False
+    floor: bool = False
+
+    def __post_init__(self):
+        if not self.scales or any(not math.isfinite(s) or s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be positive numbers, got {self.scales}")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got "
+                             f"{self.combine!r}")
+
+    def sizes(self, base_size):
+        """The (h, w) model inputs for images of `base_size` (H, W), one a scale."""
+        if not self.floor:
+            return [scaled_size(base_size, s) for s in self.scales]
+        return [tuple(max(1, math.floor(side * s)) for side in base_size) for s in self.scales]
+
+
+DEFAULT_PROTOCOL = "fastst"
+# The released evaluations. IAST's sizes are absolute, for Cityscapes' 1024x2048 frames; here
+# they are factors of the image size (exactly the released sizes on Cityscapes): 512x1024,
+# 640x1280, 768x1536, 900x1800 and 1024x2048. "fastst" is `Protocol(--scales, --flip)`.
+PROTOCOLS = {
+    # Validation during IAST training, per stage: one input size, the network's logits upsampled
+    # to it, then to the label, argmax (Raykoooo/IAST code/sseg/workflow/trainer.py:274-278, with
+    # DATASET.VAL.RESIZE_SIZE of code/config/gtav2cityscapes_v100_1/run_task/source_only.yaml:32,
+    # warmup_at.yaml:38 and sl_1.yaml:36, the same in sl_2/sl_3 and the SYNTHIA configs).
+    "iast_source_only": Protocol((0.5,), combine="logits", at_input_size=True),
+    "iast_warmup": Protocol((0.625,), combine="logits", at_input_size=True),
+    "iast_round": Protocol((0.75,), combine="logits", at_input_size=True),
+    # IAST's eval.py multi-scale test: the softmax at each input size, summed over five sizes
+    # after the resize to the label, no flip (code/sseg/workflow/eval.py:81-93, TEST.RESIZE_SIZE
+    # of run_task/sl_1.yaml:48, TEST.USE_FLIP false in code/sseg/models/default.py:109).
+    "iast_ms": Protocol((0.5, 0.625, 0.75, 0.87890625, 1.0), at_input_size=True),
+    # CRST's test: scales 0.9/1.0/1.2 of the image (sizes rounded down) and their flips, logits
+    # upsampled to the label size and averaged (yzou2/CRST crst_seg.py:89-91 and 578-597;
+    # --test-flipping in mrkld.sh and cbst.sh).
+    "crst": Protocol((0.9, 1.0, 1.2), flip=True, combine="logits", floor=True),
+}
+
+
+def _protocol(name, scales, flip, input_size):
+    """The Protocol called `name`; "fastst" takes `scales` and `flip`, the others fix both."""
+    if name == DEFAULT_PROTOCOL:
+        return Protocol(tuple(float(s) for s in scales), bool(flip))
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {name!r}; valid protocols: "
+                         f"{', '.join([DEFAULT_PROTOCOL, *PROTOCOLS])}")
+    if tuple(scales) != (1.0,) or flip or input_size is not None:
+        raise ValueError(f"protocol {name!r} fixes the input sizes and flips; leave scales, flip "
+                         f"and input_size at their defaults or use protocol {DEFAULT_PROTOCOL!r}")
+    return PROTOCOLS[name]
 
 
 def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device="cpu",
              num_classes=NUM_CLASSES, progress=True, input_size=None, autocast_dtype=None,
-             num_workers=0, distributed_context=None):
+             num_workers=0, distributed_context=None, protocol=DEFAULT_PROTOCOL,
+             save_predictions=None):
     """Run `model` over `dataset` and return the filled `ConfusionMatrix` (on `device`).
 
     dataset: items {"image": float32 (3,H,W) normalised, "label": int64 (H,W) train ids with
-    255 = ignore, ...} (fastst.data). Images in one batch must share a size.
-    input_size: (H, W) the model sees at scale 1.0 (default: the image's size); predictions are
-    upsampled to the label's size either way.
+    255 = ignore, "name": str} (fastst.data). Images in one batch must share a size.
+    protocol: a name of `PROTOCOLS`, or "fastst": `scales` (factors of `input_size`, default the
+    image's size) and `flip`, the softmax maps summed. Predictions are made at the label's size.
+    save_predictions: a folder to write each prediction to as Cityscapes benchmark files
+    (`fastst.predictions.save_prediction`; a Cityscapes-layout data set only).
     The model is moved to `device` and put in eval mode for the run; its previous train/eval
     modes are restored afterwards. `progress` shows a tqdm bar with rate and ETA.
     distributed_context: a `fastst.distributed.DistributedContext` (default: the process's,
@@ -54,6 +133,12 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
 
     if len(dataset) == 0:
         raise ValueError("the data set to evaluate is empty")
+    spec = _protocol(protocol, scales, flip, input_size)
+    if save_predictions is not None:
+        cities, classes = image_cities(dataset), dataset_classes(dataset)
+        if len(classes) != num_classes:
+            raise ValueError(f"the data set has {len(classes)} classes, the evaluation "
+                             f"num_classes={num_classes}")
     dctx = distributed.current() if distributed_context is None else distributed_context
     device = torch.device(device)
     shard = dataset
@@ -67,24 +152,38 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
     confusion = ConfusionMatrix(num_classes, device=device)
     modes = {module: module.training for module in model.modules()}
     model.to(device).eval()
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="eval-png")
+    writes = []
     try:
         with tqdm(total=len(shard), desc="evaluate", unit="img",
                   disable=not (progress and dctx.is_main), dynamic_ncols=True) as bar:
             for batch in loader:
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
-                probs = predict_probs(model, images, scales=scales, flip=flip,
-                                      out_size=tuple(labels.shape[-2:]), input_size=input_size,
-                                      autocast_dtype=autocast_dtype)
-                if probs.shape[1] != num_classes:
-                    raise ValueError(f"the model predicts {probs.shape[1]} classes, the "
+                base_size = tuple(images.shape[-2:]) if input_size is None else input_size
+                scores = predict_scores(model, images, spec.sizes(base_size), flip=spec.flip,
+                                        out_size=tuple(labels.shape[-2:]), combine=spec.combine,
+                                        at_input_size=spec.at_input_size,
+                                        autocast_dtype=autocast_dtype)
+                if scores.shape[1] != num_classes:
+                    raise ValueError(f"the model predicts {scores.shape[1]} classes, the "
                                      f"evaluation expects num_classes={num_classes}")
-                confusion.update(probs.argmax(dim=1), labels)
+                pred = scores.argmax(dim=1)
+                confusion.update(pred, labels)
+                if save_predictions is not None:
+                    for name, one in zip(batch["name"], pred.to("cpu", torch.uint8)):
+                        writes.append(writer.submit(save_prediction, save_predictions,
+                                                    cities[name], name, one, classes))
+                    while len(writes) > 16:  # bound the maps waiting to be written
+                        writes.pop(0).result()
                 bar.update(images.shape[0])
+        for future in writes:
+            future.result()  # re-raises a failed write
     finally:
+        writer.shutdown(wait=True)
         for module, training in modes.items():
             module.train(training)
-    dctx.all_reduce_(confusion.matrix)  # a no-op in one process
+    confusion.all_reduce(dctx)  # a no-op in one process
     return confusion
 
 
@@ -129,15 +228,32 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastst.evaluate",
         description="Evaluate a fastst checkpoint: per-class IoU and mIoU-19/16/13.")
-    parser.add_argument("--checkpoint", required=True, help="fastst checkpoint file (.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="fastst checkpoint file (.pt)")
+    source.add_argument("--predictions", default=None, metavar="DIR",
+                        help="score the Cityscapes label-id PNGs below DIR (one <city>_<seq>_"
+                             "<frame>*.png an image, e.g. the labelIds folder of "
+                             "--save-predictions) instead of a checkpoint")
     parser.add_argument("--dataset", required=True,
                         choices=("cityscapes", "gta5", "synthia", "synthetic"))
     parser.add_argument("--root", required=True, help="the data set's directory")
     parser.add_argument("--split", default="val")
     parser.add_argument("--domain", default=None, choices=("source", "target"),
                         help="synthetic data only: which domain (default: target)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                        help="input scales whose softmax maps are summed (default: 1.0)")
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL,
+                        choices=(DEFAULT_PROTOCOL, *PROTOCOLS),
+                        help="how the model sees the images: fastst (--scales, --flip, "
+                             "--resize), the IAST release's per-stage validation sizes "
+                             "(iast_source_only 512x1024, iast_warmup 640x1280, iast_round "
+                             "768x1536), its multi-scale test (iast_ms) or CRST's (crst: scales "
+                             "0.9/1.0/1.2 + flip, logits averaged); default: fastst")
+    parser.add_argument("--save-predictions", default=None, metavar="DIR",
+                        help="also write each prediction as Cityscapes benchmark files: "
+                             "DIR/labelIds/<city>/<base>_labelIds.png (label ids) and "
+                             "DIR/color/<city>/<base>_color.png (cityscapes or synthetic data)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="--protocol fastst: input scales whose softmax maps are summed "
+                             "(default: 1.0)")
     parser.add_argument("--flip", action="store_true", help="also add horizontally flipped inputs")
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="size the model sees at scale 1.0 (default: the image size); "
@@ -165,6 +281,24 @@ def main(argv=None):
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    fixed = [option for option, value in (("--scales", args.scales), ("--flip", args.flip),
+                                          ("--resize", args.resize)) if value]
+    if args.predictions is not None:
+        fixed += [option for option, value in (
+            ("--protocol", args.protocol != DEFAULT_PROTOCOL), ("--autocast", args.autocast),
+            ("--save-predictions", args.save_predictions)) if value]
+        if fixed:
+            parser.error(f"--predictions scores files; {', '.join(fixed)} apply to a "
+                         f"--checkpoint only")
+    elif args.protocol != DEFAULT_PROTOCOL and fixed:
+        parser.error(f"--protocol {args.protocol} fixes the input sizes and flips; drop "
+                     f"{', '.join(fixed)} or use --protocol {DEFAULT_PROTOCOL}")
+    if (args.predictions or args.save_predictions) and args.dataset not in ("cityscapes",
+                                                                            "synthetic"):
+        parser.error(f"{'--predictions' if args.predictions else '--save-predictions'} needs "
+                     f"Cityscapes benchmark files, hence --dataset cityscapes or synthetic (a "
+                     f"Cityscapes-layout tree), got --dataset {args.dataset}")
+    args.scales = args.scales or [1.0]
     if any(not math.isfinite(s) or s <= 0 for s in args.scales):
         parser.error(f"--scales must be positive numbers, got {args.scales}")
     if args.resize is not None and min(args.resize) < 1:
@@ -179,12 +313,14 @@ def main(argv=None):
     from .checkpoint import load_model
     from .data import build_dataset
 
-    try:
-        model = load_model(args.checkpoint, map_location="cpu")
-    except (FileNotFoundError, RuntimeError, ValueError, TypeError) as error:
-        parser.exit(2, f"{parser.prog}: error: cannot load --checkpoint: {error}\n")
+    model = None
+    if args.checkpoint is not None:
+        try:
+            model = load_model(args.checkpoint, map_location="cpu")
+        except (FileNotFoundError, RuntimeError, ValueError, TypeError) as error:
+            parser.exit(2, f"{parser.prog}: error: cannot load --checkpoint: {error}\n")
     num_classes = model.model_config["num_classes"] if hasattr(model, "model_config") \
-        else NUM_CLASSES
+        else CLASS_SETS[args.class_set].num_classes if args.class_set else NUM_CLASSES
     class_set = args.class_set or getattr(class_set_for(num_classes), "name", None)
     if args.class_set is not None and CLASS_SETS[class_set].num_classes != num_classes:
         parser.error(f"--class-set {class_set} has {CLASS_SETS[class_set].num_classes} classes "
@@ -199,6 +335,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: cannot read --dataset {args.dataset} at "
                        f"{args.root!r}: {error}\n")
+    if args.predictions is not None:
+        return _report(args, dataset, class_set, _score_files(parser, dataset, args.predictions),
+                       domain=options.get("domain"), predictions=args.predictions)
     autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
     dctx = distributed.init_from_env(device)  # under torchrun: one shard of the batches a rank
     try:
@@ -207,18 +346,35 @@ def main(argv=None):
                              device=dctx.device if dctx.is_distributed else device,
                              num_classes=num_classes, progress=not args.no_progress,
                              input_size=args.resize, autocast_dtype=autocast_dtype,
-                             num_workers=args.workers, distributed_context=dctx)
+                             num_workers=args.workers, distributed_context=dctx,
+                             protocol=args.protocol, save_predictions=args.save_predictions)
     finally:
         distributed.shutdown()
     if not dctx.is_main:
         return 0
+    spec = _protocol(args.protocol, args.scales, args.flip, args.resize)
+    if args.save_predictions:
+        print(f"wrote the predictions below {args.save_predictions}")
+    return _report(args, dataset, class_set, confusion, domain=options.get("domain"),
+                   checkpoint=str(args.checkpoint), protocol=args.protocol,
+                   scales=list(spec.scales), flip=spec.flip, resize=args.resize,
+                   save_predictions=args.save_predictions)
+
+
+def _score_files(parser, dataset, predictions_dir):
+    try:
+        return score_predictions(dataset, predictions_dir)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: cannot score --predictions {predictions_dir}: "
+                       f"{error}\n")
+
+
+def _report(args, dataset, class_set, confusion, **extra):
+    """Print the table and write the --json results of a finished evaluation; returns 0."""
     print(confusion.table(class_set=class_set))
     if args.json:
-        result = results_dict(confusion, class_set=class_set, scales=list(args.scales),
-                              flip=args.flip,
-                              checkpoint=str(args.checkpoint), dataset=args.dataset,
-                              split=args.split, domain=options.get("domain"),
-                              resize=args.resize, num_images=len(dataset))
+        result = results_dict(confusion, class_set=class_set, dataset=args.dataset,
+                              split=args.split, num_images=len(dataset), **extra)
         write_json_atomic(result, args.json, indent=2)
         print(f"wrote {args.json}")
     return 0
