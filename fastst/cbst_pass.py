@@ -6,7 +6,8 @@ out_dir/manifest.json. The CBST/CRST rounds and both TPLD phases (fastst.methods
 run it before training.
 
 Two passes over the images, in data-set index order, in batches of ``batch_size``; the model in
-eval mode without gradients (autocast as ``ctx.amp_dtype``). Each batch's probabilities are
+eval mode without gradients, in float32 (autocast as ``ctx.pseudo_amp_dtype``: only with
+``runtime.amp_pseudo=true``). Each batch's probabilities are
 ``fastst.inference.predict_probs`` over ``scales`` (and their flips) divided by the number of
 views: the mean softmax, float32 (B, C, H, W) at the image size.
 
@@ -263,7 +264,7 @@ def _probabilities(model, batch, ctx: RunContext, settings: Mapping[str, Any]):
                          f"{settings['size'][1]} (the pseudo-label size), got "
                          f"{images.shape[-2]}x{images.shape[-1]}; build it with a fixed resize")
     probs = predict_probs(model, images, scales=settings["scales"], flip=settings["flip"],
-                          autocast_dtype=ctx.amp_dtype)
+                          autocast_dtype=ctx.pseudo_amp_dtype)
     if probs.shape[1] != settings["num_classes"]:
         raise ValueError(f"the model returns {probs.shape[1]} classes but its model_config says "
                          f"num_classes = {settings['num_classes']}")

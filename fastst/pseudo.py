@@ -8,7 +8,9 @@ DIR/manifest.json. Inside ``python -m fastst.train`` every IAST round runs the s
 The pass visits the images in the order ``torch.randperm(N, generator=
 torch.Generator().manual_seed(order_seed))`` (0 in the recipe, the same every round), in batches of
 ``batch_size`` (a multiple of the IAS instance ``group``). The model runs in eval mode without
-gradients (bf16 autocast and channels_last on CUDA); its logits, at 1/8 of the image, go straight
+gradients, in float32 as the released code labels (channels_last on CUDA; bf16 autocast only
+with ``runtime.amp_pseudo=true``), so the labels and thresholds of a checkpoint are those of the
+op on its float32 logits; its logits, at 1/8 of the image, go straight
 to ``fastst.ops.ias_pseudo_label(from_logits=True, size=pseudo size)``, which upsamples, takes the
 softmax and updates the class thresholds theta; theta stays on the device from batch to batch,
 starting at 0.9 for every class. Label maps are written as PNGs by a pool of threads while the
@@ -29,8 +31,9 @@ batch, the ranks' 1/8-resolution logits of the step are all-gathered, and every 
 one-process order, so labels, thresholds and the manifest equal those of one process (the op is
 exact whatever the batch boundaries, as long as they do not split an instance). Each rank writes
 the PNGs of its own images; rank 0 writes the state and the manifest. Why the logits: they are
-the smallest exact input of the op (C * 2 bytes per 64 label pixels in bf16, about 0.6 byte
-per pixel for C = 19, against 5 bytes for per-pixel max/argmax or 4-8 for packed keys), and the
+the smallest exact input of the op (C * 4 bytes per 64 label pixels in float32, about 1.2 bytes
+per pixel for C = 19, half that in bf16, against 5 bytes for per-pixel max/argmax or 4-8 for
+packed keys), and the
 statistics pass every rank then repeats over the step is a small fraction of a model forward.
 
 manifest.json: {"format": "fastst-pseudo-v1", "complete": true, "settings": {mode, alpha, beta,
@@ -186,7 +189,7 @@ def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, *, alpha
                 if stop > start:
                     batch = next(batches)
                     images = ctx.images_to_device(batch["image"])
-                    with ctx.autocast():
+                    with ctx.autocast(pseudo=True):
                         logits = model(images)
                     batch_names = list(batch["name"])
                 step_names = batch_names

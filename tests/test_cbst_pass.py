@@ -222,6 +222,29 @@ def test_a_fixed_threshold_labels_every_class_alike_without_pass_one(model, data
             run(model, dataset, tmp_path / "bad", context(tmp_path), threshold=bad)
 
 
+def test_pass_runs_the_model_in_float32_unless_amp_pseudo(model, dataset, tmp_path,
+                                                          monkeypatch):
+    # CRST labels with the float32 model (yzou2/CRST crst_seg.py:459-464; it has no autocast).
+    # runtime.amp's bf16 autocast on the CPU, as runtime.amp=bfloat16 gives it on CUDA:
+    monkeypatch.setattr(RunContext, "amp_dtype", property(lambda self: torch.bfloat16))
+    manifests = {}
+    for amp_pseudo in (False, True):
+        dtypes = []
+        handle = model.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        try:
+            manifests[amp_pseudo] = run(model, dataset, tmp_path / str(amp_pseudo),
+                                        context(tmp_path, amp_pseudo=amp_pseudo))
+        finally:
+            handle.remove()
+        assert dtypes and set(dtypes) == {torch.bfloat16 if amp_pseudo else torch.float32}
+    batches, lambdas, _ = by_hand(model, dataset, **OPTIONS)
+    assert manifests[False]["lambdas"] == lambdas.tolist()
+    assert manifests[True]["lambdas"] != lambdas.tolist()
+    confident = torch.cat([cbst_pseudo_label(p, lambdas) for p in batches]).numpy()
+    np.testing.assert_array_equal(read_labels(tmp_path / "False", [f"img_{i}" for i in
+                                                                   range(NUM_IMAGES)]), confident)
+
+
 def test_mine_classes_rule():
     counts = [5, 0, 5, 100, 1, 0]  # fractions 5/111, 0, 5/111, 100/111, 1/111, 0
     assert mine_classes(counts, 0.06) == [1, 5, 4, 0, 2]

@@ -179,3 +179,89 @@ def test_cli_labels_a_preset_target_set_from_a_checkpoint(model, target, tmp_pat
         pseudo.main(["--checkpoint", str(tmp_path / "absent.pt"), "--preset", "iast_gta5",
                      "--out", str(out)])
     assert "absent.pt" in capsys.readouterr().err
+
+
+def amp_on_the_cpu(monkeypatch):
+    """runtime.amp's bf16 autocast on the CPU, as runtime.amp=bfloat16 gives it on CUDA."""
+    monkeypatch.setattr(RunContext, "amp_dtype", property(lambda self: torch.bfloat16))
+
+
+def record_output_dtypes(model):
+    """(the list the model's output dtypes are appended to, the hook's handle)."""
+    dtypes = []
+    return dtypes, model.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+
+
+def op_in_order(model, dataset, *, alpha, amp=False):
+    """The op applied by hand in the pass's order and batches (group 2, batch 2): labels in
+    visiting order and the final theta, the model in float32 or under CPU bf16 autocast."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    labels, theta = [], None
+    with torch.no_grad():
+        for start in range(0, len(dataset), 2):
+            images = torch.stack([dataset[int(i)]["image"] for i in order[start:start + 2]])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                logits = model(images)
+            batch, theta, _ = ias_pseudo_label(logits, theta, alpha=alpha, mode="official",
+                                               from_logits=True, size=SIZE, group=2)
+            labels.append(batch.numpy())
+    return [dataset[int(i)]["name"] for i in order], np.concatenate(labels), theta
+
+
+def test_pass_runs_the_model_in_float32_unless_amp_pseudo(model, target, tmp_path, monkeypatch):
+    # The released code labels in float32 (Raykoooo/IAST code/sseg/workflow/sl_trainer.py:155
+    # runs net_pseudo before amp.initialize at :246), even where training uses autocast.
+    amp_on_the_cpu(monkeypatch)
+    dataset = build_dataset("cityscapes", target, "train", labels=False)
+    manifests = {}
+    for amp_pseudo in (False, True):
+        dtypes, handle = record_output_dtypes(model)
+        try:
+            manifests[amp_pseudo] = run_pass(model, dataset, tmp_path / str(amp_pseudo),
+                                             context(tmp_path, amp_pseudo=amp_pseudo))
+        finally:
+            handle.remove()
+        assert dtypes and set(dtypes) == {torch.bfloat16 if amp_pseudo else torch.float32}
+        names, labels, theta = op_in_order(model, dataset, alpha=0.2, amp=amp_pseudo)
+        np.testing.assert_array_equal(read_labels(tmp_path / str(amp_pseudo), names), labels)
+        assert manifests[amp_pseudo]["theta"] == theta.tolist()
+    assert manifests[True]["theta"] != manifests[False]["theta"], \
+        "the fixture must tell bf16 logits from float32 ones"
+
+
+def test_labels_of_a_checkpoint_are_the_op_on_its_float32_logits(model, target, tmp_path,
+                                                                 monkeypatch):
+    """python -m fastst.pseudo under a training autocast: the labels and thresholds are what
+    the op gives on the float32 logits of the checkpoint's model (the op is exact given its
+    input, so nothing else stands between them and the released code)."""
+    from fastst.checkpoint import load_model
+
+    amp_on_the_cpu(monkeypatch)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"format": "fastst-checkpoint-v1", "model": model.state_dict(),
+                "model_config": model.model_config}, checkpoint)
+    overrides = ["--checkpoint", str(checkpoint), "--preset", "iast_gta5", "--stage", "round1",
+                 f"data.target.root={target}", f"stages.round1.pseudo_size=[{SIZE[0]}, {SIZE[1]}]",
+                 "runtime.workers=0", "runtime.progress=false", "runtime.threads=1"]
+    assert pseudo.main(["--out", str(tmp_path / "fp32")] + overrides) == 0
+    assert pseudo.main(["--out", str(tmp_path / "amp")] + overrides
+                       + ["runtime.amp_pseudo=true"]) == 0
+
+    loaded = load_model(checkpoint).eval()
+    dataset = build_dataset("cityscapes", target, "train", labels=False, resize=list(SIZE))
+    thetas = {}
+    for out, amp in (("fp32", False), ("amp", True)):
+        names, labels, theta = op_in_order(loaded, dataset, alpha=0.2, amp=amp)
+        thetas[out] = json.loads((tmp_path / out / "manifest.json").read_text())["theta"]
+        np.testing.assert_array_equal(read_labels(tmp_path / out, names), labels)
+        assert thetas[out] == theta.tolist()
+    assert thetas["fp32"] != thetas["amp"]
+
+
+def test_amp_pseudo_is_off_by_default_and_must_be_a_bool():
+    from fastst.config import ConfigError
+
+    assert load_config("demo")["runtime"]["amp_pseudo"] is False
+    assert load_config("demo", ["runtime.amp_pseudo=true"])["runtime"]["amp_pseudo"] is True
+    with pytest.raises(ConfigError, match="runtime.amp_pseudo"):
+        load_config("demo", ["runtime.amp_pseudo=bfloat16"])

@@ -65,6 +65,13 @@ class RunContext:
         return getattr(torch, amp) if self.on_cuda and amp != "none" else None
 
     @property
+    def pseudo_amp_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype of pseudo-label passes and of the teachers whose targets are
+        calibrated by their thresholds: None (float32, as the released code labels) unless
+        ``runtime.amp_pseudo`` is true, then ``amp_dtype``."""
+        return self.amp_dtype if self.runtime["amp_pseudo"] else None
+
+    @property
     def channels_last(self) -> bool:
         return self.on_cuda and self.runtime["channels_last"]
 
@@ -76,10 +83,13 @@ class RunContext:
     def pin_memory(self) -> bool:
         return self.on_cuda
 
-    def autocast(self):
-        if self.amp_dtype is None:
+    def autocast(self, pseudo: bool = False):
+        """Autocast at ``amp_dtype`` (training), or at ``pseudo_amp_dtype`` with ``pseudo=True``
+        (pseudo-label passes, teachers); a no-op context when that dtype is None."""
+        dtype = self.pseudo_amp_dtype if pseudo else self.amp_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
