@@ -163,9 +163,9 @@ _MIXED = {"source_portion": 0.03, "source_seed": 4, "mine_p": 0.8, "mine_portion
 _VOTE = {"vote_window": 7, "vote_weight": 0.7, "vote_iterations": 3, "beta": 0.95}
 STAGE_DEFAULTS.update({
     # loss: "ce" (CBST), "mrkld" (CRST-MRKLD), "lrent" (CRST-LRENT, soft labels of temperature
-    # lrent_alpha from the round's teacher).
+    # lrent_alpha from the round's teacher); in tpld_phase1 the base method TPLD is built on.
     "cbst": {**_CLASS_BALANCED, **_MIXED, "loss": "mrkld", "lrent_alpha": 0.25},
-    "tpld_phase1": {**_CLASS_BALANCED, **_MIXED, **_VOTE},
+    "tpld_phase1": {**_CLASS_BALANCED, **_MIXED, **_VOTE, "loss": "mrkld", "lrent_alpha": 0.25},
     "tpld_phase2": {**_CLASS_BALANCED, "beta": 0.95, "easy_portion": 0.3, "gamma": 2.0,
                     "lambda_adv": 0.001, "d_lr": 1.0e-4, "d_betas": [0.9, 0.99], "d_ndf": 64,
                     "d_first_kernel": 4},
@@ -552,7 +552,6 @@ def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str
         _real(config, f"{prefix}.mine_p", 0, 1)
         _real(config, f"{prefix}.mine_portion", 0, 1)
         _real(config, f"{prefix}.mrkld_weight", 0)
-    if method == "cbst":
         _choice(config, f"{prefix}.loss", _CBST_LOSSES)
         _real(config, f"{prefix}.lrent_alpha", 0, low_open=True)
     if method == "tpld_phase1":

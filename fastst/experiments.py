@@ -1,29 +1,45 @@
-"""The sweeps of the IAST paper's Tables 3, 4, 5, 8 and 9, as runs of ``fastst.train`` pipelines:
-``python -m fastst.experiments TABLE``.
+"""The sweeps of the IAST paper's Tables 2, 3, 4, 5, 8 and 9 and of the TPLD paper's Table 2, as
+runs of ``fastst.train`` pipelines: ``python -m fastst.experiments TABLE``.
 
     python -m fastst.experiments table5                      # on the synthetic demo (CPU)
     python -m fastst.experiments table9 --preset iast_gta5 data.source.root=/data/GTA5 ...
     python -m fastst.experiments table8 --preset iast_semi_cityscapes
+    python -m fastst.experiments tpld_table2 --preset tpld_gta5 ...
 
 TABLE is one of:
+  table2  the pseudo-label selector: IAS at (alpha, beta) = (0.2, 0), (0.2, 0.5), (0.2, 0.9),
+          (0.2, 0.99), (0.3, 0.9), (0.5, 0.9) with gamma 0, a constant threshold (the rounds'
+          `threshold`), class-balanced thresholds at portion 0.2
   table3  lambda_ent (lambda_i) in 0.5..5 at lambda_kld 0.1, lambda_kld 0.05/0.15 at lambda_ent 3
-  table4  gamma in 0, 1, 4, 8, 16 (beta 1): first round's labelled proportion and P-mIoU, mIoU
+  table4  gamma in 0, 1, 4, 8, 16 (alpha 0.2, beta 0.9)
   table5  the ablation: source, warm-up, + constant-threshold ST, + IAS, + R_c, + R_i
   table8  semi-supervised: 1/8, 1/4, 1/2 of the target labelled (baseline and IAST), and full
   table9  IAST over other warm-ups: AdaptSegNet (multi-level), AdvEnt, none (from source-only)
+  tpld_table2  CBST, CRST-LRENT and CRST-MRKLD, each alone and with TPLD
 
-Each variant is a pipeline of the base preset (``--preset``: ``demo`` for tables 3, 4, 5, 9 and
-``demo_semi`` for table 8 by default, i.e. the synthetic domains on a CPU; ``iast_gta5`` /
-``iast_synthia`` / ``iast_semi_cityscapes`` give the released settings) with the variant's
-overrides, run in DIR/<table>/<variant>/ (DIR: ``--out``, default runs/experiments). Stages that
-variants share (source-only, warm-up) are trained once: every variant reuses them from the
-earlier variants' directories (``runtime.reuse_from``). Reruns resume and skip finished variants.
-The table is printed and written to DIR/<table>/results.md and results.json.
+Tables 2, 4 and tpld_table2 report the first round's labelled proportion and P-mIoU (the pseudo
+labels against the target's own labels) beside the final mIoU; tables 2, 3, 4, 5 and tpld_table2
+also report TPLD's rare-class mIoU of the final model (R-mIoU, ``fastst.metrics.rare_class_miou``).
+Table 2 runs IAS with gamma 0: its beta = 0 row labels exactly alpha = 20 % of each image, which
+only gamma = 0 gives (the quantile is taken at alpha * theta ** gamma), and its (0.2, 0.9) row is
+Table 4's gamma = 0 row (36 %, 50.5 mIoU). Table 4 runs beta 0.9 where the paper's caption says
+1.0: with beta = 1 the thresholds never leave 0.9 and gamma changes nothing, and the paper's
+proportions are those of beta 0.9. The TPLD rows: "X" is the base preset's phase-1 rounds with loss
+X and TPLD's two changes turned off (``vote_iterations`` 0: the confident labels; ``beta`` 1: the
+base method's gradients) and no phase 2; "X + TPLD" is the whole preset with loss X in phase 1.
+
+Each variant is a pipeline of the base preset (``--preset``: ``demo`` for the IAST tables,
+``demo_semi`` for table 8 and ``demo_tpld`` for tpld_table2 by default, i.e. the synthetic
+domains on a CPU; ``iast_gta5`` / ``iast_synthia`` / ``iast_semi_cityscapes`` / ``tpld_gta5`` /
+``tpld_synthia`` give the released settings) with the variant's overrides, run in
+DIR/<table>/<variant>/ (DIR: ``--out``, default runs/experiments). Stages that variants share
+(source-only, warm-up) are trained once: every variant reuses them from the earlier variants'
+directories (``runtime.reuse_from``). Reruns resume and skip finished variants. The table is
+printed and written to DIR/<table>/results.md and results.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +47,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from fastst.atomic import atomic_write, write_json_atomic
 from fastst.config import ConfigError, load_config
+from fastst.metrics import rare_class_miou
 
 __all__ = ["Variant", "TABLES", "table_variants", "run_table", "main"]
 
@@ -58,8 +75,19 @@ def _each_round(config, **settings) -> List[str]:
 
 
 def _final(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The last stage's mIoU and rare-class mIoU."""
     last = list(results.values())[-1]
-    return {"mIoU": last["target_miou"]}
+    return {"mIoU": last["target_miou"], "R-mIoU": rare_class_miou(last.get("iou") or {})}
+
+
+def _labels_of(stage: str):
+    """Columns: ``stage``'s labelled proportion and P-mIoU (None without target labels), then
+    the final mIoU and R-mIoU."""
+    def columns(results):
+        quality = (results[stage].get("pseudo") or {}).get("quality") or {}
+        return {"proportion": quality.get("labelled_proportion"), "P-mIoU": quality.get("p_miou"),
+                **_final(results)}
+    return columns
 
 
 def _rounds_columns(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
@@ -74,6 +102,17 @@ def _miou_of(stage: str):
     return lambda results: {"mIoU": results[stage]["target_miou"]}
 
 
+def _table2(config) -> List[Variant]:
+    columns = _labels_of(_rounds(config)[0])
+    rows = [(0.2, 0.0), (0.2, 0.5), (0.2, 0.9), (0.2, 0.99), (0.3, 0.9), (0.5, 0.9)]
+    return [Variant(f"alpha={alpha} beta={beta}", [f"pseudo.beta={beta}", "pseudo.gamma=0.0"]
+                    + _each_round(config, selector="ias", alpha=alpha), columns)
+            for alpha, beta in rows] + [
+        Variant("constant", _each_round(config, selector="constant"), columns),
+        # The class-balanced selector takes 20 % of the target set's pixels (IAST section 5.2).
+        Variant("class-balanced", _each_round(config, selector="cbst", portion=0.2), columns)]
+
+
 def _table3(config) -> List[Variant]:
     rows = [(lambda_ent, 0.1) for lambda_ent in (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)]
     rows += [(3.0, 0.05), (3.0, 0.15)]
@@ -82,15 +121,8 @@ def _table3(config) -> List[Variant]:
 
 
 def _table4(config) -> List[Variant]:
-    first = _rounds(config)[0]
-
-    def columns(results):
-        quality = (results[first].get("pseudo") or {}).get("quality") or {}
-        return {"proportion": quality.get("labelled_proportion"), "P-mIoU": quality.get("p_miou"),
-                **_final(results)}
-
-    return [Variant(f"gamma={gamma}", [f"pseudo.gamma={gamma}", "pseudo.beta=1.0"]
-                    + _each_round(config, alpha=0.2), columns)
+    return [Variant(f"gamma={gamma}", [f"pseudo.gamma={gamma}", "pseudo.beta=0.9"]
+                    + _each_round(config, alpha=0.2), _labels_of(_rounds(config)[0]))
             for gamma in (0.0, 1.0, 4.0, 8.0, 16.0)]
 
 
@@ -154,10 +186,31 @@ def _table9(config) -> List[Variant]:
     ] if rounds else []
 
 
+def _tpld_table2(config) -> List[Variant]:
+    method = {name: config["stages"][name]["method"] for name in config["pipeline"]}
+    phase1 = [name for name in config["pipeline"] if method[name] == "tpld_phase1"]
+    if not phase1:
+        raise ConfigError("tpld_table2 needs a base preset with tpld_phase1 stages (e.g. "
+                          "demo_tpld, tpld_gta5, tpld_synthia)")
+
+    def each(**settings):
+        return [f"stages.{name}.{key}={value}" for name in phase1
+                for key, value in settings.items()]
+
+    base = _pipeline([name for name in config["pipeline"] if method[name] != "tpld_phase2"])
+    columns = _labels_of(phase1[0])
+    variants = []
+    for label, loss in (("CBST", "ce"), ("CRST-LRENT", "lrent"), ("CRST-MRKLD", "mrkld")):
+        variants.append(Variant(label, [base] + each(loss=loss, vote_iterations=0, beta=1.0),
+                                columns))
+        variants.append(Variant(f"{label} + TPLD", each(loss=loss), columns))
+    return variants
+
+
 TABLES: Dict[str, Callable[[Mapping[str, Any]], List[Variant]]] = {
-    "table3": _table3, "table4": _table4, "table5": _table5, "table8": _table8,
-    "table9": _table9}
-DEFAULT_PRESETS = {"table8": "demo_semi"}
+    "table2": _table2, "table3": _table3, "table4": _table4, "table5": _table5,
+    "table8": _table8, "table9": _table9, "tpld_table2": _tpld_table2}
+DEFAULT_PRESETS = {"table8": "demo_semi", "tpld_table2": "demo_tpld"}
 
 
 def table_variants(table: str, preset: Optional[str] = None,
@@ -183,8 +236,9 @@ def run_table(table: str, out_dir, *, preset: Optional[str] = None,
     earlier: List[str] = [] if given is None else [given] if isinstance(given, str) else list(given)
     for index, variant in enumerate(variants):
         run_dir = table_dir / f"{index}_{_slug(variant.name)}"
-        reuse = [f"runtime.reuse_from={json.dumps(earlier)}"] if earlier else []
-        config = load_config(preset, list(overrides) + variant.overrides + reuse)
+        config = load_config(preset, list(overrides) + variant.overrides)
+        if earlier:  # set, not overridden: a preset's or user's reuse_from may be one string
+            config["runtime"]["reuse_from"] = list(earlier)
         summary = run_pipeline(config, run_dir)
         results = {stage["name"]: stage for stage in summary["stages"]}
         rows.append({"variant": variant.name, **variant.columns(results)})
@@ -219,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", help=", ".join(TABLES))
     parser.add_argument("--preset", default=None, help="base preset (default: demo; demo_semi "
-                        "for table8)")
+                        "for table8, demo_tpld for tpld_table2)")
     parser.add_argument("--out", default="runs/experiments", help="output directory")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides applied to every variant")

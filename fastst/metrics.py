@@ -4,12 +4,13 @@ Rows are ground-truth classes, columns predicted classes. mIoU-16 and mIoU-13 (S
 off the matrix of a class set (`fastst.data.ids.ClassSet.miou_subsets`): subsets of the 19
 Cityscapes classes, or all 16 classes and a subset of them for the "synthia16" class set."""
 import math
+from typing import Mapping, Optional
 
 import torch
 
 from .data.ids import class_set_for, get_class_set
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["ConfusionMatrix", "RARE_CLASS_NAMES", "rare_class_miou"]
 
 
 class ConfusionMatrix:
@@ -162,3 +163,25 @@ class ConfusionMatrix:
 
 def _percent(value):
     return "  n/a" if math.isnan(value) else f"{100.0 * value:5.2f}"
+
+
+# The classes TPLD (Shin et al., ECCV 2020, Table 1) marks as rare, after CLAN (Luo et al., CVPR
+# 2019), and averages into its rare-class mIoU (R-mIoU); the mean over exactly these 12 classes
+# reproduces every R-mIoU of that table (README "Pseudo-label quality, semi-supervised mode, the
+# paper's tables").
+RARE_CLASS_NAMES = ("wall", "fence", "pole", "traffic light", "traffic sign", "terrain", "rider",
+                    "truck", "bus", "train", "motorcycle", "bicycle")
+
+
+def rare_class_miou(iou: Mapping[str, Optional[float]]) -> Optional[float]:
+    """TPLD's rare-class mIoU (R-mIoU): the mean IoU over the classes of ``RARE_CLASS_NAMES``
+    that ``iou`` holds with a value. ``iou``: class name -> IoU in [0, 1], or None / NaN for a
+    class absent from both prediction and truth (the "iou" of a stage's ``result.json``). A class
+    set without some rare classes (SYNTHIA's 16: no terrain, truck, train) averages the others.
+    Returns a float, or None when no rare class has a value."""
+    if not isinstance(iou, Mapping):
+        raise TypeError(f"iou must map class names to IoU values (a result's 'iou'), got "
+                        f"{type(iou).__name__}")
+    values = [float(iou[name]) for name in RARE_CLASS_NAMES
+              if iou.get(name) is not None and not math.isnan(float(iou[name]))]
+    return sum(values) / len(values) if values else None

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastst.methods.st_losses import (cbst_loss, lrent_loss, lrent_soft_labels,
-                                      tpld_phase1_loss)
+                                      tpld_phase1_loss, tpld_phase1_lrent_loss)
 
 C, H, W = 5, 12, 16
 
@@ -130,3 +130,59 @@ def test_phase1_accepts_bf16_logits(dtype):
     torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
     loss.backward()
     assert low.grad.dtype == dtype
+
+
+def _phase1_lrent_reference(logits, labels, is_target, lambdas, soft, selected, beta):
+    """Per pixel: bootstrapping with y = the LRENT soft label on selected target pixels and
+    y = one-hot on the other labelled target pixels; CE on source pixels; mean over them all."""
+    log_p = _log_p(logits)
+    log_q = log_p - torch.log(lambdas).view(1, -1, 1, 1)
+    q = log_q.exp().detach()
+    onehot = F.one_hot(labels.clamp(max=C - 1), C).permute(0, 3, 1, 2).float()
+    tgt = is_target.view(-1, 1, 1)
+    valid = labels != 255
+    chosen = selected & tgt
+    voted = valid & tgt & ~chosen
+    source = valid & ~tgt
+    y = torch.where(chosen.unsqueeze(1), soft, onehot)
+    boot = -((beta * y + (1 - beta) * q) * log_q).sum(1)
+    ce = -(onehot * log_p).sum(1)
+    total = (boot * (chosen | voted)).sum() + (ce * source).sum()
+    return total / (chosen | voted | source).sum()
+
+
+def _lrent_batch(seed):
+    logits, labels, is_target, lambdas = _batch(seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    teacher = torch.softmax(torch.randn(3, C, H, W, generator=g) * 2, dim=1)
+    soft, selected = lrent_soft_labels(teacher, lambdas, 0.25)
+    return logits, labels, is_target, lambdas, soft, selected
+
+
+def test_phase1_lrent_loss_matches_the_formula_and_its_gradient():
+    logits, labels, is_target, lambdas, soft, selected = _lrent_batch(8)
+    tgt = is_target.view(-1, 1, 1)
+    # Both kinds of target pixels occur: LRENT-selected ones and voted ones it did not select.
+    assert (selected & tgt).any() and ((labels != 255) & tgt & ~selected).any()
+    loss = tpld_phase1_lrent_loss(logits, labels, is_target, lambdas, soft, selected, beta=0.95)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = _phase1_lrent_reference(logits, labels, is_target, lambdas, soft, selected, 0.95)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_phase1_lrent_with_beta_one_and_no_voted_pixels_trains_as_lrent():
+    logits, labels, is_target, lambdas, soft, selected = _lrent_batch(9)
+    # Without voting every labelled target pixel is confident, hence selected by LRENT.
+    labels = torch.where(is_target.view(-1, 1, 1) & ~selected, 255, labels)
+    phase1 = tpld_phase1_lrent_loss(logits, labels, is_target, lambdas, soft, selected, beta=1.0)
+    lrent = lrent_loss(logits, labels, is_target, soft, selected)
+    (grad,) = torch.autograd.grad(phase1, logits)
+    (lrent_grad,) = torch.autograd.grad(lrent, logits)
+    torch.testing.assert_close(grad, lrent_grad, rtol=1e-4, atol=1e-7)
+    # The values differ by sum y log lambda / n (log q = log p - log lambda).
+    chosen = (selected & is_target.view(-1, 1, 1)).unsqueeze(1)
+    count = ((labels != 255) & ~is_target.view(-1, 1, 1)).sum() + chosen.sum()
+    offset = (soft * chosen * torch.log(lambdas).view(1, -1, 1, 1)).sum() / count
+    torch.testing.assert_close(phase1, lrent + offset, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,10 @@ import torch
 from fastst import train
 from fastst.checkpoint import load_checkpoint
 from fastst.config import ConfigError, load_config
-from fastst.methods.context import StopRequested
+from fastst.methods.context import RunContext, StopRequested
+from fastst.methods.st_losses import (lrent_soft_labels, tpld_phase1_loss,
+                                      tpld_phase1_lrent_loss)
+from fastst.methods.tpld import TPLDPhase1
 from test_train import fixture_root, restore_threads, tiny_overrides  # noqa: F401
 
 TPLD_STAGES = ("source_only", "phase1_1", "phase2_1")
@@ -175,7 +178,42 @@ def test_demo_tpld_shares_the_demo_recipe_up_to_source_only():
     ("stages.phase2_1.easy_portion=1.0", "easy_portion must be in (0, 1)"),
     ("stages.phase1_1.optimizer=rmsprop", "optimizer must be one of adam, sgd"),
     ("stages.phase1_1.source_portion=-0.1", "source_portion must be a finite number >= 0"),
+    ("stages.phase1_1.loss=kld", "phase1_1.loss must be one of ce, mrkld, lrent"),
+    ("stages.phase1_1.lrent_alpha=0", "lrent_alpha must be a finite number > 0"),
 ])
 def test_bad_tpld_values_are_rejected_by_name(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("tpld_gta5", [override])
+
+
+def test_phase1_trains_with_the_loss_of_its_base_method(tmp_path):
+    """One step's loss of a tpld_phase1 round for each ``loss``: CBST's CE, CRST-MRKLD's or
+    CRST-LRENT's (soft labels from the teacher on the crop), each through the bootstrapping
+    loss; three different values on the same batch."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 16, 32, generator=g)
+    logits = torch.randn(2, 19, 4, 8, generator=g)
+    labels = torch.randint(0, 19, (2, 16, 32), generator=g)
+    labels[torch.rand(2, 16, 32, generator=g) < 0.3] = 255
+    is_target = torch.tensor([True, False])
+    lambdas = torch.rand(19, generator=g) * 0.3 + 0.05
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv2d(3, 19, 1).eval().requires_grad_(False)
+    teacher.weight.mul_(4.0)  # sharper than at init: LRENT selects some pixels
+    soft, selected = lrent_soft_labels(torch.softmax(teacher(images), 1), lambdas, 0.25)
+    expected = {
+        "ce": tpld_phase1_loss(logits, labels, is_target, lambdas, beta=0.95, mrkld_weight=0.0),
+        "mrkld": tpld_phase1_loss(logits, labels, is_target, lambdas, beta=0.95,
+                                  mrkld_weight=0.01),
+        "lrent": tpld_phase1_lrent_loss(logits, labels, is_target, lambdas, soft, selected,
+                                        beta=0.95)}
+    assert selected.any() and len({round(float(v), 5) for v in expected.values()}) == 3
+    for loss, value in expected.items():
+        config = load_config("tpld_gta5", [f"stages.phase1_1.loss={loss}",
+                                           "stages.phase1_1.lrent_alpha=0.25"])
+        ctx = RunContext(config=config, run_dir=tmp_path, seed=0, device=torch.device("cpu"))
+        stage = TPLDPhase1(ctx, "phase1_1")
+        stage.manifest = {"lambdas": lambdas.tolist()}
+        stage.teacher_model = teacher
+        got = stage.loss(logits, images, labels, is_target)
+        torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-6, msg=loss)

@@ -14,7 +14,7 @@ import torch
 from fastst.ops import bootstrap_loss, mrkld_loss
 
 __all__ = ["IGNORE", "domain_labels", "cbst_loss", "tpld_phase1_loss", "lrent_soft_labels",
-           "lrent_loss"]
+           "lrent_loss", "tpld_phase1_lrent_loss"]
 
 IGNORE = 255
 
@@ -90,3 +90,42 @@ def lrent_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tens
     n_valid = ((source_labels != IGNORE) | target_selected).sum().clamp(min=1)
     return bootstrap_loss(logits, source_labels, ones, beta=1.0, soft_target=soft, size=size,
                           reduction="sum") / n_valid
+
+
+def tpld_phase1_lrent_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor,
+                           lambdas: torch.Tensor, soft: torch.Tensor, selected: torch.Tensor, *,
+                           beta: float) -> torch.Tensor:
+    """TPLD phase 1 on CRST-LRENT: the LRENT loss with its target term through the
+    bootstrapping loss, over LRENT's pixels and the phase-1 map's. A target-crop pixel has a
+    target where LRENT selects it (``y`` = its soft label) and, elsewhere, where ``labels`` (the
+    voted phase-1 map) label it (``y`` = one-hot); each adds
+    ``-sum_k (beta * y_k + (1 - beta) * stopgrad(q_k)) * log q_k`` with ``q = p / lambda``.
+    Source crops add CE on their labels. The sum is divided by the number of pixels with a target.
+    With ``beta = 1`` and no voting its gradient is ``lrent_loss``'s (the value differs by the
+    constant ``sum y log lambda / n``).
+
+    Args: logits (B, C, h, w); labels (B, H, W) (source labels on source crops, the phase-1 map
+    on target crops, 255 = none); is_target (B,) bool; lambdas (C,) > 0; soft (B, C, H, W) and
+    selected (B, H, W) bool from ``lrent_soft_labels`` (not used on source crops); beta in [0, 1].
+    Returns a float32 0-dim loss. Three fused passes."""
+    size = tuple(labels.shape[-2:])
+    source_labels = domain_labels(labels, is_target, target=False)
+    target_selected = selected & is_target.view(-1, 1, 1)
+    hard = torch.where(target_selected, torch.full_like(labels.long(), IGNORE),
+                       domain_labels(labels, is_target, target=True))
+    soft = soft.float() * target_selected.unsqueeze(1)
+    ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
+    # The bootstrapping sum is linear in y: its soft part, beta * sum -y log q, is one CE pass
+    # with the targets scaled by beta (log p instead of log q: the constant
+    # beta * sum y log lambda is added back), passed together with the source CE.
+    lam = lambdas.float().to(logits.device)
+    supervised = bootstrap_loss(logits, source_labels, ones, beta=1.0, soft_target=beta * soft,
+                                size=size, reduction="sum") + \
+        beta * (soft * torch.log(lam).view(1, -1, 1, 1)).sum()
+    # ... its (1 - beta) * stopgrad(q) part on the selected pixels (beta = 0: y is not read) ...
+    marked = torch.where(target_selected, torch.zeros_like(hard), torch.full_like(hard, IGNORE))
+    own = bootstrap_loss(logits, marked, lam, beta=0.0, size=size, reduction="sum")
+    # ... and the one-hot pixels of the phase-1 map that LRENT did not select.
+    voted = bootstrap_loss(logits, hard, lam, beta=beta, size=size, reduction="sum")
+    count = (source_labels != IGNORE).sum() + target_selected.sum() + (hard != IGNORE).sum()
+    return (supervised + (1.0 - beta) * own + voted) / count.clamp(min=1)

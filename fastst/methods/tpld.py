@@ -1,9 +1,13 @@
 """TPLD (Shin et al., ECCV 2020): two-phase pseudo-label densification on top of CRST (SPEC 6).
 
-Phase 1 (``tpld_phase1``) is a CRST-MRKLD round (fastst.methods.cbst) whose pseudo labels are
+Phase 1 (``tpld_phase1``) is a class-balanced round (fastst.methods.cbst) whose pseudo labels are
 densified by sliding-window voting (``vote_window``, ``vote_weight``, ``vote_iterations``) and
-whose target CE is replaced by the bootstrapping loss (``beta``) with the round's thresholds.
-The manifest records the label density before and after voting.
+whose target term goes through the bootstrapping loss (``beta``) with the round's thresholds.
+Its base method is the ``loss`` key: "mrkld" (CRST-MRKLD, the paper's main setting), "ce"
+(CBST) or "lrent" (CRST-LRENT: the soft labels of temperature ``lrent_alpha`` from the teacher
+where LRENT selects a pixel, the voted label elsewhere; ``tpld_phase1_lrent_loss``). With
+``vote_iterations: 0`` and ``beta: 1`` a round trains as its base method does (same labels, same
+gradients). The manifest records the label density before and after voting.
 
 Phase 2 (``tpld_phase2``) ranks the target images by their confidence ``conf_t`` under the
 round's thresholds; the top ``easy_portion`` are easy, the rest hard (DIR/<stage>/split.json).
@@ -31,7 +35,8 @@ from torch import nn
 from fastst.atomic import read_json, write_json_atomic
 from fastst.methods.cbst import CBSTRound, ClassBalancedRound
 from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
-from fastst.methods.st_losses import tpld_phase1_loss
+from fastst.methods.st_losses import (lrent_soft_labels, tpld_phase1_loss,
+                                      tpld_phase1_lrent_loss)
 from fastst.methods.warmup import discriminator_input, gan_loss
 from fastst.models import FCDiscriminator
 from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard
@@ -52,9 +57,15 @@ class TPLDPhase1(CBSTRound):
                 "iterations": settings["vote_iterations"]}
 
     def loss(self, logits, images, labels, is_target) -> torch.Tensor:
+        settings = self.settings
+        if settings["loss"] == "lrent":
+            soft, selected = lrent_soft_labels(self.teacher_probs(images), self.lambdas(),
+                                               settings["lrent_alpha"])
+            return tpld_phase1_lrent_loss(logits, labels, is_target, self.lambdas(), soft,
+                                          selected, beta=settings["beta"])
+        weight = settings["mrkld_weight"] if settings["loss"] == "mrkld" else 0.0
         return tpld_phase1_loss(logits, labels, is_target, self.lambdas(),
-                                beta=self.settings["beta"],
-                                mrkld_weight=self.settings["mrkld_weight"])
+                                beta=settings["beta"], mrkld_weight=weight)
 
 
 class TPLDPhase2(ClassBalancedRound):
