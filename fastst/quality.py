@@ -51,7 +51,8 @@ def pseudo_label_quality(label_dir, dataset, num_classes: int, class_names=None
         if tuple(pseudo.shape) != tuple(truth.shape):
             truth = resize_label(truth, pseudo.shape)
         pseudo = pseudo.long()
-        confusion.update(pseudo, truth)
+        # Unlabelled pseudo pixels (255) are not predictions: ignored, not misses.
+        confusion.update(pseudo, torch.where(pseudo == 255, torch.full_like(truth, 255), truth))
         labelled += torch.bincount(pseudo[pseudo < num_classes], minlength=num_classes)
         pixels += pseudo.numel()
     scores = results_dict(confusion, [] if class_names is None else list(class_names))
