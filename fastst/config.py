@@ -130,9 +130,13 @@ BASE_DEFAULTS: Dict[str, Any] = {
 # class-balanced stages' defaults). The cosine schedule's floor is eta_min_ratio * lr for every
 # group and the discriminator. select_every: under chain=released, the stage evaluates on the
 # val split and keeps model snapshots every select_every iterations (the released ITER_VAL).
+# eval_protocol: null (the run's eval settings) or a released evaluation by name
+# (fastst.evaluate.PROTOCOLS, e.g. iast_round: IAST's 768x1536 validation of the rounds), used
+# for the stage's result and for chain=released's selection.
 _COMMON_STAGE = {"epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4,
                  "backbone_lr_mult": 0.1, "head_lr_mult": 1.0, "freeze_bn_affine": True,
-                 "iterations": None, "iterations_per_epoch": None, "select_every": 400}
+                 "iterations": None, "iterations_per_epoch": None, "select_every": 400,
+                 "eval_protocol": None}
 STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "source_only": {**_COMMON_STAGE, "freeze_bn_affine": False},
     # variant: "output" (IAST's output-space GAN), "multilevel" (AdaptSegNet: + an auxiliary
@@ -501,6 +505,11 @@ def _validate_stages(config: Mapping[str, Any]) -> None:
         _real(config, f"{prefix}.backbone_lr_mult", 0, low_open=True)
         _real(config, f"{prefix}.head_lr_mult", 0, low_open=True)
         _int(config, f"{prefix}.select_every", 1)
+        protocol = stages[name]["eval_protocol"]
+        if protocol is not None:
+            from fastst.evaluate import PROTOCOLS
+
+            _choice(config, f"{prefix}.eval_protocol", (None, *PROTOCOLS))
         _int(config, f"{prefix}.iterations", 1, optional=True)
         _int(config, f"{prefix}.iterations_per_epoch", 1, optional=True)
         if not isinstance(stages[name]["freeze_bn_affine"], bool):

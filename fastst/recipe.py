@@ -33,8 +33,8 @@ _LOSS_KEYS = {
     "warmup": ("variant", "gan", "lambda_adv", "lambda_adv_aux", "lambda_seg_aux"),
     "iast": ("selector", "alpha", "lambda_kld", "lambda_ent", "source_weight"),
     "cbst": ("loss", "portion", "source_portion", "mrkld_weight", "lrent_alpha"),
-    "tpld_phase1": ("portion", "source_portion", "mrkld_weight", "beta", "vote_window",
-                    "vote_weight", "vote_iterations"),
+    "tpld_phase1": ("loss", "portion", "source_portion", "mrkld_weight", "lrent_alpha", "beta",
+                    "vote_window", "vote_weight", "vote_iterations"),
     "tpld_phase2": ("portion", "beta", "easy_portion", "gamma", "lambda_adv"),
 }
 
@@ -128,7 +128,8 @@ def describe_recipe(config: Mapping[str, Any],
     """The recipe of ``config`` as a JSON-ready dict: ``{"preset", "chain", "set_sizes",
     "stages": [{"name", "method", "iterations", "iterations_per_epoch", "period",
     "batch_size", "crop", "optimizer", "schedule", "loss", "lr": {"backbone": [first, mid,
-    last], "head": [...], "discriminator": [...]}, "starts_from", "labels_with"}]}``.
+    last], "head": [...], "discriminator": [...]}, "eval_protocol", "starts_from",
+    "labels_with"}]}``.
     ``sizes`` overrides ``set_sizes(config)``."""
     from fastst.methods.chain import chain_plan
 
@@ -147,6 +148,7 @@ def describe_recipe(config: Mapping[str, Any],
             "schedule": settings.get("lr_schedule", "cosine"),
             "loss": _loss_settings(settings),
             "lr": _lr_points(settings, config["optim"], lengths["period"], lengths["total"]),
+            "eval_protocol": settings["eval_protocol"] or "fastst",
             "starts_from": plan[name]["starts_from"], "labels_with": plan[name]["labels_with"]})
     return {"preset": config["name"], "chain": config["chain"], "set_sizes": sizes,
             "stages": stages}
@@ -186,5 +188,6 @@ def format_recipe(recipe: Mapping[str, Any]) -> str:
         chain = f"starts from {_ref(stage['starts_from'])}"
         if stage["labels_with"] is not None:
             chain += f", labels with {_ref(stage['labels_with'])}"
-        lines.append(f"{'':<12}{chain}" + (f"; {loss}" if loss else ""))
+        lines.append(f"{'':<12}{chain}; eval {stage['eval_protocol']}" +
+                     (f"; {loss}" if loss else ""))
     return "\n".join(line.rstrip() for line in lines)

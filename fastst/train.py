@@ -185,23 +185,26 @@ def _initial_model(config, run_dir: Path, stages: Sequence[str], index: int, see
     return lambda: _model_from_file(config, previous, f"checkpoint of {previous_name}")
 
 
-def _val_confusion(ctx: RunContext, model, val_set, *, progress: bool):
-    """The confusion matrix of ``model`` on the val split under the run's ``eval`` settings."""
+def _val_confusion(ctx: RunContext, model, val_set, stage: str, *, progress: bool):
+    """The confusion matrix of ``model`` on the val split: under the stage's ``eval_protocol``
+    (a released evaluation of ``fastst.evaluate.PROTOCOLS``) or the run's ``eval`` settings."""
     from fastst.evaluate import evaluate
 
     config = ctx.config
-    return evaluate(model, val_set, scales=tuple(config["eval"]["scales"]),
-                    flip=config["eval"]["flip"], batch_size=config["eval"]["batch_size"],
-                    device=ctx.device, num_classes=config["num_classes"], progress=progress,
-                    input_size=config["data"]["val"]["input_size"],
-                    autocast_dtype=ctx.amp_dtype, num_workers=ctx.runtime["workers"])
+    protocol = config["stages"][stage]["eval_protocol"]
+    views = {"protocol": protocol} if protocol is not None else {
+        "scales": tuple(config["eval"]["scales"]), "flip": config["eval"]["flip"],
+        "input_size": config["data"]["val"]["input_size"]}
+    return evaluate(model, val_set, batch_size=config["eval"]["batch_size"], device=ctx.device,
+                    num_classes=config["num_classes"], progress=progress,
+                    autocast_dtype=ctx.amp_dtype, num_workers=ctx.runtime["workers"], **views)
 
 
 def _evaluate(ctx: RunContext, model, val_set, stage: str) -> Dict[str, Any]:
     from fastst.evaluate import results_dict
 
     started = time.perf_counter()
-    confusion = _val_confusion(ctx, model, val_set, progress=ctx.runtime["progress"])
+    confusion = _val_confusion(ctx, model, val_set, stage, progress=ctx.runtime["progress"])
     result = results_dict(confusion)
     result["eval_seconds"] = time.perf_counter() - started
     if ctx.writer is not None:
@@ -214,15 +217,16 @@ def _chain_released(ctx: RunContext, stage, entry: Mapping[str, Any], snapshots:
     """Give ``stage`` what ``chain: released`` asks of it: the snapshots to keep (scored on
     ``val_set`` for "best") and the model its pseudo labels come from."""
     stage.snapshots = set(snapshots)
-    stage.select_metric = lambda model: evaluate_miou(ctx, model, val_set)
+    stage.select_metric = lambda model: evaluate_miou(ctx, model, val_set, stage.name)
     label = entry["labels_with"]
     if label is not None and label != entry["starts_from"]:
         stage.label_model = _model_from_ref(ctx.config, run_dir, label)
 
 
-def evaluate_miou(ctx: RunContext, model, val_set) -> float:
-    """The val mIoU (a fraction; NaN counts as 0) that ``chain: released`` selects on."""
-    miou = _val_confusion(ctx, model, val_set, progress=False).miou()
+def evaluate_miou(ctx: RunContext, model, val_set, stage: str) -> float:
+    """The val mIoU of ``stage``'s model (a fraction; NaN counts as 0) that ``chain: released``
+    selects on."""
+    miou = _val_confusion(ctx, model, val_set, stage, progress=False).miou()
     return 0.0 if math.isnan(miou) else float(miou)
 
 

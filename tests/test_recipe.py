@@ -250,7 +250,7 @@ def test_released_chain_trains_and_labels_from_the_selected_snapshots(tmp_path, 
     # Scripted val mIoUs: source-only ties at 2 and 3 (the later wins, as the released >=),
     # the warm-up is best after its first iteration.
     scores = iter([0.5, 0.7, 0.7, 0.9, 0.1, 0.2])
-    monkeypatch.setattr(train, "evaluate_miou", lambda ctx, model, val_set: next(scores))
+    monkeypatch.setattr(train, "evaluate_miou", lambda ctx, model, val_set, stage: next(scores))
     out = tmp_path / "run"
     train.run_pipeline(config, out)
     assert next(scores, None) is None, "best is scored only where a later stage needs it"
@@ -296,3 +296,30 @@ def test_released_chain_trains_and_labels_from_the_selected_snapshots(tmp_path, 
                         ("warmup", "iter_3.pt"), ("round1", "iter_4.pt")):
         copied = tmp_path / "again" / stage / name
         assert copied.read_bytes() == (out / stage / name).read_bytes(), (stage, name)
+
+
+def test_stage_eval_protocol_reaches_the_evaluation(tmp_path, monkeypatch):
+    """iast_gta5 validates each stage as the released trainer does: source-only at 512x1024
+    (source_only.yaml:32 VAL.RESIZE_SIZE [1024, 512]), warm-up at 640x1280 (warmup_at.yaml:38),
+    rounds at 768x1536 (sl_1.yaml:36)."""
+    import fastst.evaluate
+    from test_train import make_fixtures, tiny_overrides
+
+    config = load_config("iast_gta5")
+    assert [config["stages"][s]["eval_protocol"] for s in config["pipeline"]] == [
+        "iast_source_only", "iast_warmup", "iast_round", "iast_round", "iast_round"]
+    make_fixtures(tmp_path / "data")
+    seen = []
+    real = fastst.evaluate.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append({key: kwargs.get(key) for key in ("protocol", "scales", "input_size")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastst.evaluate, "evaluate", spy)
+    overrides = tiny_overrides(tmp_path / "data", stages=("source_only", "warmup"), **{
+        "pipeline": "[source_only, warmup]", "stages.warmup.eval_protocol": "null",
+        "eval.scales": "[1.0, 0.5]", "runtime.tensorboard": "false"})
+    train.run_pipeline(load_config("iast_gta5", overrides), tmp_path / "run")
+    assert seen == [{"protocol": "iast_source_only", "scales": None, "input_size": None},
+                    {"protocol": None, "scales": (1.0, 0.5), "input_size": None}]
