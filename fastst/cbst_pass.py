@@ -76,7 +76,8 @@ from fastst.ops._checks import check_real
 from fastst.pseudo import (IMAGES_LOGGED, LABEL_DIR, MANIFEST_NAME, class_names, labels_present,
                            load_pass_state, log_pass_images, read_manifest)
 
-__all__ = ["cbst_pass", "read_cbst_manifest", "mine_classes", "threshold_store", "CBST_MANIFEST_FORMAT"]
+__all__ = ["cbst_pass", "read_cbst_manifest", "mine_classes", "threshold_store",
+           "CBST_MANIFEST_FORMAT", "pass_probabilities"]
 
 CBST_MANIFEST_FORMAT = "fastst-cbst-pseudo-v1"
 
@@ -263,12 +264,22 @@ def _probabilities(model, batch, ctx: RunContext, settings: Mapping[str, Any]):
         raise ValueError(f"every image of the data set must be {settings['size'][0]}x"
                          f"{settings['size'][1]} (the pseudo-label size), got "
                          f"{images.shape[-2]}x{images.shape[-1]}; build it with a fixed resize")
-    probs = predict_probs(model, images, scales=settings["scales"], flip=settings["flip"],
-                          autocast_dtype=ctx.pseudo_amp_dtype)
+    probs = pass_probabilities(model, images, ctx, scales=settings["scales"], flip=settings["flip"])
     if probs.shape[1] != settings["num_classes"]:
         raise ValueError(f"the model returns {probs.shape[1]} classes but its model_config says "
                          f"num_classes = {settings['num_classes']}")
-    return probs.div_(len(settings["scales"]) * (2 if settings["flip"] else 1)), images
+    return probs, images
+
+
+def pass_probabilities(model, images: torch.Tensor, ctx: RunContext, *,
+                       scales: Sequence[float], flip: bool) -> torch.Tensor:
+    """The pass's probabilities of ``images`` (B, 3, H, W) normalised, on the device: the mean
+    softmax of ``model`` over ``scales`` and their flips, float32 (B, C, H, W), the model under
+    ``ctx.pseudo_amp_dtype`` (float32 by default). What the thresholds, labels and confidences
+    of a pass come from, and what the class-balanced rounds' teachers give (fastst.methods.cbst)."""
+    probs = predict_probs(model, images, scales=scales, flip=flip,
+                          autocast_dtype=ctx.pseudo_amp_dtype)
+    return probs.div_(len(scales) * (2 if flip else 1))
 
 
 def _loader(dataset, indices: Sequence[int], ctx: RunContext, batch_size: int) -> DataLoader:

@@ -188,7 +188,7 @@ def test_bad_tpld_values_are_rejected_by_name(override, message):
 
 def test_phase1_trains_with_the_loss_of_its_base_method(tmp_path):
     """One step's loss of a tpld_phase1 round for each ``loss``: CBST's CE, CRST-MRKLD's or
-    CRST-LRENT's (soft labels from the teacher on the crop), each through the bootstrapping
+    CRST-LRENT's (soft labels from the teacher's probabilities), each through the bootstrapping
     loss; three different values on the same batch."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 16, 32, generator=g)
@@ -214,6 +214,8 @@ def test_phase1_trains_with_the_loss_of_its_base_method(tmp_path):
         ctx = RunContext(config=config, run_dir=tmp_path, seed=0, device=torch.device("cpu"))
         stage = TPLDPhase1(ctx, "phase1_1")
         stage.manifest = {"lambdas": lambdas.tolist()}
-        stage.teacher_model = teacher
-        got = stage.loss(logits, images, labels, is_target)
+        # The teacher's probabilities on the batch's crops (where they come from:
+        # test_tpld_targets.py).
+        stage.teacher_probs = lambda batch: torch.softmax(teacher(batch["image"]), 1)
+        got = stage.loss(logits, {"image": images}, labels, is_target)
         torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-6, msg=loss)

@@ -13,9 +13,14 @@ Phase 2 (``tpld_phase2``) ranks the target images by their confidence ``conf_t``
 round's thresholds; the top ``easy_portion`` are easy, the rest hard (DIR/<stage>/split.json).
 Each iteration takes ``batch_size`` easy and ``batch_size`` hard target crops and no source crop:
 
-* easy crops: the bootstrapping loss against full calibrated targets, the teacher's (the model
-  the round started from) one-hot confident class where ``p / lambda >= 1`` and
-  ``(p / lambda) ** gamma`` elsewhere, computed on the crop;
+* easy crops: the bootstrapping loss against full calibrated targets (TPLD Eq. 3): the one-hot
+  confident class where ``p / lambda >= 1`` and ``(p / lambda) ** gamma`` elsewhere, with ``p``
+  the pass's probabilities, those lambda and conf_t were computed from: the teacher (the model
+  that labelled) reruns the pass's protocol on the whole image (``pseudo_size``, the
+  ``pseudo_scales`` and their flips) and each crop pixel takes the pixel its pseudo label comes
+  from (``ClassBalancedRound.teacher_probs``; the module docstring of fastst.methods.cbst says
+  why not the teacher on the augmented crop, measured). So the confident part of the targets is
+  the pass's label map, and their class shares are the pass's;
 * hard crops: intra-domain adversarial training on the weighted self-information maps
   ``I = -p log2 p / log2 C`` (ADVENT): ``FCDiscriminator(C)`` tells easy (1) from hard (0) with
   BCE-with-logits on ``I.detach()``; the segmenter gets ``lambda_adv`` times the BCE of its hard
@@ -33,13 +38,13 @@ import torch
 from torch import nn
 
 from fastst.atomic import read_json, write_json_atomic
-from fastst.methods.cbst import CBSTRound, ClassBalancedRound
+from fastst.methods.cbst import CBSTRound, ClassBalancedRound, CropGeometry, CropRecorder
 from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
 from fastst.methods.st_losses import (lrent_soft_labels, tpld_phase1_loss,
                                       tpld_phase1_lrent_loss)
 from fastst.methods.warmup import discriminator_input, gan_loss
 from fastst.models import FCDiscriminator
-from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard
+from fastst.ops import bootstrap_loss, cbst_pseudo_label, split_easy_hard, tpld_soft_targets
 
 __all__ = ["TPLDPhase1", "TPLDPhase2", "EASY_LABEL", "HARD_LABEL", "SPLIT_NAME"]
 
@@ -56,10 +61,10 @@ class TPLDPhase1(CBSTRound):
         return {"window": settings["vote_window"], "weight": settings["vote_weight"],
                 "iterations": settings["vote_iterations"]}
 
-    def loss(self, logits, images, labels, is_target) -> torch.Tensor:
+    def loss(self, logits, batch, labels, is_target) -> torch.Tensor:
         settings = self.settings
         if settings["loss"] == "lrent":
-            soft, selected = lrent_soft_labels(self.teacher_probs(images), self.lambdas(),
+            soft, selected = lrent_soft_labels(self.teacher_probs(batch), self.lambdas(),
                                                settings["lrent_alpha"])
             return tpld_phase1_lrent_loss(logits, labels, is_target, self.lambdas(), soft,
                                           selected, beta=settings["beta"])
@@ -111,10 +116,13 @@ class TPLDPhase2(ClassBalancedRound):
         for part in ("easy", "hard"):
             # One data set object per stream: each stream sets its own epoch on it (the seeded
             # augmentation), so a shared one would depend on the order the streams advance.
-            target = build_role(config, "target", transform=crop_transform(config, "target"),
-                                seed=self.seed_of(part, "augment"))
+            # Easy crops record their geometry, for the teacher's targets (teacher_probs).
+            transform = crop_transform(config, "target")
+            target = build_role(config, "target", seed=self.seed_of(part, "augment"),
+                                transform=CropRecorder(transform) if part == "easy" else transform)
             setattr(self, part, self.stream(part, batch_size, dataset=IndexedSubset(
-                target, self.division[f"{part}_indices"])))
+                CropGeometry(target) if part == "easy" else target,
+                self.division[f"{part}_indices"])))
         self.set_iterations(len(target) // 2)  # an epoch reads every target image once
         self.easy_batches = self.hard_batches = None
         self.teacher_model = self.teacher()
@@ -132,13 +140,15 @@ class TPLDPhase2(ClassBalancedRound):
         if self.easy_batches is None:
             self.easy_batches = self.easy.batches(start=iteration)
             self.hard_batches = self.hard.batches(start=iteration)
-        easy_images = ctx.images_to_device(next(self.easy_batches)["image"])
+        easy = next(self.easy_batches)
+        easy_images = ctx.images_to_device(easy["image"])
         hard_images = ctx.images_to_device(next(self.hard_batches)["image"])
         size = tuple(easy_images.shape[-2:])
         lambdas = self.lambdas()
-        # The easy crop's full calibrated targets are made inside the fused loss from the
-        # teacher's low-resolution logits: no (B, C, H, W) probabilities or targets exist.
-        teacher_logits = self.teacher_logits(easy_images)
+        # The easy crops' full calibrated targets, from the pass's probabilities on them.
+        pass_probs = self.teacher_probs(easy)
+        confident = cbst_pseudo_label(pass_probs, lambdas)
+        targets = tpld_soft_targets(pass_probs, lambdas, gamma=settings["gamma"])
         optimizer, d_optimizer = self.optimizers
         discriminator = self.discriminator
 
@@ -146,8 +156,8 @@ class TPLDPhase2(ClassBalancedRound):
         discriminator.requires_grad_(False)
         with ctx.autocast():
             easy_logits = model(easy_images)
-        easy_loss = bootstrap_loss(easy_logits, None, lambdas, beta=settings["beta"],
-                                   teacher_logits=teacher_logits, gamma=settings["gamma"], size=size)
+        easy_loss = bootstrap_loss(easy_logits, confident, lambdas, beta=settings["beta"],
+                                   soft_target=targets, size=size)
         easy_loss.backward()
         with ctx.autocast():
             hard_logits = model(hard_images)
@@ -170,8 +180,7 @@ class TPLDPhase2(ClassBalancedRound):
         optimizer.step()
         d_optimizer.step()
         accuracy = ((easy_out > 0).float().mean() + (hard_out < 0).float().mean()) / 2
-        if self.log_images_now:  # the teacher's confident map, made at full size for viewing only
-            confident = cbst_pseudo_label(self.teacher_probs(easy_images), lambdas)
+        if self.log_images_now:  # the confident part of the easy crops' targets
             self.visual = {"image": easy_images, "logits": easy_logits, "label": confident}
         return {"easy_loss": easy_loss.detach(), "adv": adv.detach(),
                 "discriminator": d_loss.detach(), "d_accuracy": accuracy.detach()}
