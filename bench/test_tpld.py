@@ -4,8 +4,8 @@ implementation of the vote (per-class box filters with conv2d), and the streamed
 Shapes (issue 8): tpld_vote C = 19, 512x1024, B in {1, 4}; thresholds over 100 batches of
 256x512 images; the fused bootstrapping (hard and soft targets) and MRKLD losses (forward +
 backward) from 1/8-resolution logits (cpp on the CPU, triton on CUDA, against the reference);
-TPLD phase 2's easy-crop loss with the soft targets made in the pass (teacher_logits=) against
-the materialised path, time and peak memory.
+the easy-crop loss with its soft targets made inside the fused loss from a teacher's logits
+(teacher_logits=) against the materialised path, time and peak memory.
 FASTST_BENCH_QUICK=1: 128x256, B = 1, 10 batches.
 """
 import os
@@ -172,7 +172,7 @@ def _phase2_inputs(B=PHASE2_B, h=H // 8, w=W // 8):
 
 def _phase2_step(impl, logits, teacher, lam, size=(H, W)):
     """One easy-crop loss, forward + backward; returns d loss / d logits. `in_pass` makes the soft
-    targets inside the fused loss (teacher_logits=); `materialised` is what phase 2 did before:
+    targets inside the fused loss (teacher_logits=); `materialised` builds them at full size:
     the teacher's probabilities at full size (F.interpolate + softmax), the confident map and
     tpld_soft_targets as (B, C, H, W) tensors, then the same fused loss with soft_target=."""
     backend = LOSS_IMPLS[0]
