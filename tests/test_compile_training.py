@@ -12,20 +12,23 @@ from test_train import fixture_root, tiny_overrides  # noqa: F401  (fixture)
 STAGES = ("source_only",)
 
 
-def _run(root, out, **runtime):
+def _run(root, out, iterations=2, **runtime):
     extra = {"pipeline": "[source_only]", **{f"runtime.{key}": value for key, value in runtime.items()}}
-    config = load_config("iast_gta5", tiny_overrides(root, stages=STAGES, **extra))
+    config = load_config("iast_gta5", tiny_overrides(root, iterations=iterations, stages=STAGES,
+                                                     **extra))
     train.run_pipeline(config, out)
     return load_checkpoint(out / "source_only" / "last.pt")
 
 
 def test_compiled_step_trains_the_same_weights_as_eager(fixture_root, tmp_path):  # noqa: F811
-    eager = _run(fixture_root, tmp_path / "eager")
-    compiled = _run(fixture_root, tmp_path / "compiled", compile="default")
-    assert compiled["complete"] and compiled["iteration"] == 2
+    # The gradients: Adam's first moments after one step (0.1 x the gradient) agree with eager's
+    # to float32 reordering, and are not all zero. (After a second step they need not: Adam moves
+    # a weight whose first gradient is ~0 by +-lr on the sign of float noise, and the second
+    # gradient of a tiny ResNet on 32x64 crops amplifies that by several percent in layer4.)
+    eager = _run(fixture_root, tmp_path / "eager", iterations=1)
+    compiled = _run(fixture_root, tmp_path / "compiled", iterations=1, compile="default")
+    assert compiled["complete"] and compiled["iteration"] == 1
     assert list(compiled["model"]) == list(eager["model"])  # no "_orig_mod." prefixes
-    # The gradients: Adam's first moments (after two steps, a mix of both steps' gradients)
-    # agree with eager's to float32 reordering, and are not all zero.
     eager_state = eager["optimizers"][0]["state"]
     compiled_state = compiled["optimizers"][0]["state"]
     assert eager_state.keys() == compiled_state.keys() and eager_state
