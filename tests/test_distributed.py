@@ -293,7 +293,8 @@ def test_two_process_pipeline_runs_and_rank_0_writes(launched):
         result = json.loads((run / name / "result.json").read_text())
         model = load_model(state).eval()
         confusion = evaluate(model, val, batch_size=1, num_classes=config["num_classes"],
-                          progress=False)
+                          progress=False,
+                          protocol=config["stages"][name]["eval_protocol"] or "fastst")
         assert result["miou"] == confusion.miou()
     manifest = json.loads((run / "round1" / "pseudo" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["images"]) == 6
