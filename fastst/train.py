@@ -6,10 +6,11 @@
 Presets are the YAML files in fastst/presets/ (``demo``, ``iast_gta5``, ``tpld_gta5``, ...); any
 key can be overridden with ``key=value`` (dotted path, YAML value, e.g.
 ``stages.round1.alpha=0.25 data.source.root=/data/GTA5 seeds=3``). The stages of ``pipeline``
-run in order in one command, each starting from the previous stage's last checkpoint;
-``--stages`` runs a subset (its first stage starts from ``--init PATH`` when given, else from the
-checkpoint of the stage before it in DIR, else - for the first stage of the pipeline - from
-``model.pretrained``).
+run in order in one command, each starting from the previous stage's last checkpoint (under
+``chain: released``, from the snapshot ``fastst.methods.chain`` names); ``--stages`` runs a subset
+(its first stage starts from ``--init PATH`` when given, else from the checkpoint of the stage
+before it in DIR, else - for the first stage of the pipeline - from ``model.pretrained``).
+``--dry-run`` prints the recipe (``fastst.recipe``) without reading data or training.
 
 Outputs in DIR (default runs/<preset>; with ``seeds: n > 1``, one DIR/seed<s>/ per seed):
   config.yaml              the resolved configuration
