@@ -78,9 +78,37 @@ def read_labels(out, names):
     return np.stack([np.array(Image.open(pseudo_label_path(out / "labels", n))) for n in names])
 
 
+class RecordsMode(torch.nn.Module):
+    """``net`` itself, recording at every forward whether it and its BatchNorm layers were in
+    training mode."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.model_config = net.model_config
+        self.modes = []
+
+    def forward(self, x):
+        batch_norms = [m for m in self.net.modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.modes.append((self.training, any(m.training for m in batch_norms)))
+        return self.net(x)
+
+
 def test_pass_equals_the_op_in_seeded_order_and_writes_a_manifest(model, target, tmp_path):
     dataset = build_dataset("cityscapes", target, "train", labels=False)
-    manifest = run_pass(model, dataset, tmp_path / "out", context(tmp_path))
+    # Handed over in train mode: the pass labels in eval mode (Raykoooo/IAST
+    # code/sseg/workflow/sl_trainer.py:128, net_pseudo.eval()) and gives the model back in the
+    # mode it came in.
+    recorder = RecordsMode(model).train()
+    running_mean = model.backbone.bn1.running_mean.clone()
+    try:
+        manifest = run_pass(recorder, dataset, tmp_path / "out", context(tmp_path))
+        assert recorder.training and model.training, "the caller's train mode must be restored"
+    finally:
+        model.eval()
+    assert recorder.modes == [(False, False)] * (NUM_IMAGES // 2), "the pass must run in eval mode"
+    assert torch.equal(model.backbone.bn1.running_mean, running_mean)
 
     order = torch.randperm(NUM_IMAGES, generator=torch.Generator().manual_seed(0))
     names = [dataset[int(i)]["name"] for i in order]

@@ -2,8 +2,10 @@
 (data.*.subset), recorded in DIR/semi_split.json, reproducible by seed, and a pipeline that trains
 CE on the labelled part and IAS rounds on the rest."""
 import json
+import math
 
 import pytest
+import torch
 
 from fastst import train
 from fastst.config import ConfigError, load_config
@@ -32,25 +34,42 @@ def semi_overrides(root, seed=0, fraction=0.5):
         "stages.round1.source_weight": 1.0})
 
 
+def expected_split(root, fraction, seed):
+    """The semi-supervised split of the fixture's Cityscapes train images by the seeded rule,
+    written out: the first floor(fraction * N) of torch.randperm(N) (generator seeded with
+    ``seed``) are labelled, the rest unlabelled, each part in ascending index order of the
+    sorted file names. Returns (labelled stems, unlabelled stems)."""
+    stems = sorted(path.stem for path in (root / "cityscapes" / "leftImg8bit" / "train")
+                   .rglob("*_leftImg8bit.png"))
+    order = torch.randperm(len(stems), generator=torch.Generator().manual_seed(seed))
+    chosen = sorted(order[:math.floor(fraction * len(stems))].tolist())
+    return ([stems[i] for i in chosen],
+            [stems[i] for i in range(len(stems)) if i not in chosen])
+
+
 def test_semi_pipeline_records_a_reproducible_split(fixture_root, tmp_path):
     config = load_config("iast_gta5", semi_overrides(fixture_root))
     summary = train.run_pipeline(config, tmp_path / "a")
     assert [s["name"] for s in summary["stages"]] == ["source_only", "round1"]
     split = json.loads((tmp_path / "a" / "semi_split.json").read_text())
-    labelled, unlabelled = split["source"]["names"], split["target"]["names"]
-    assert len(labelled) == 3 and len(unlabelled) == 3 and not set(labelled) & set(unlabelled)
-    everything = build_role(load_config("iast_gta5", tiny_overrides(fixture_root)), "target")
-    assert sorted(labelled + unlabelled) == sorted(everything[i]["name"]
-                                                   for i in range(len(everything)))
+    labelled, unlabelled = expected_split(fixture_root, 0.5, 0)
+    assert len(labelled) == 3 and len(unlabelled) == 3
+    # The source role trains on the labelled part, the target role labels the unlabelled one.
+    assert split["source"]["names"] == labelled and split["source"]["part"] == "labelled"
+    assert split["target"]["names"] == unlabelled and split["target"]["part"] == "unlabelled"
+    assert [build_role(config, "source")[i]["name"] for i in range(3)] == labelled
     manifest = json.loads((tmp_path / "a" / "round1" / "pseudo" / "manifest.json").read_text())
-    assert sorted(image["name"] for image in manifest["images"]) == sorted(unlabelled)
+    assert sorted(image["name"] for image in manifest["images"]) == unlabelled
 
     again = load_config("iast_gta5", semi_overrides(fixture_root))
     train.run_pipeline(again, tmp_path / "b", stages=["source_only"])
     assert json.loads((tmp_path / "b" / "semi_split.json").read_text()) == split
     other = load_config("iast_gta5", semi_overrides(fixture_root, seed=3))
     train.run_pipeline(other, tmp_path / "c", stages=["source_only"])
-    assert json.loads((tmp_path / "c" / "semi_split.json").read_text()) != split
+    names = json.loads((tmp_path / "c" / "semi_split.json").read_text())
+    labelled_3, unlabelled_3 = expected_split(fixture_root, 0.5, 3)
+    assert labelled_3 != labelled, "seed 3 must draw another split of the fixture"
+    assert (names["source"]["names"], names["target"]["names"]) == (labelled_3, unlabelled_3)
 
 
 def test_labelled_items_carry_their_labels(fixture_root):
