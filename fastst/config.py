@@ -172,8 +172,12 @@ STAGE_DEFAULTS.update({
     "tpld_phase1": {**_CLASS_BALANCED, **_MIXED, **_VOTE, "loss": "mrkld", "lrent_alpha": 0.25},
     "tpld_phase2": {**_CLASS_BALANCED, "beta": 0.95, "easy_portion": 0.3, "gamma": 2.0,
                     "lambda_adv": 0.001, "d_lr": 1.0e-4, "d_betas": [0.9, 0.99], "d_ndf": 64,
-                    "d_first_kernel": 4},
+                    "d_first_kernel": 4, "soft_targets": "crop"},
 })
+# tpld_phase2 soft_targets: where the easy crops' calibrated targets come from: "pass" (the
+# pass's probabilities, which lambda came from, mapped onto each crop) or "crop" (the teacher
+# on the augmented crop). See fastst/methods/tpld.py.
+TPLD_SOFT_TARGETS = ("pass", "crop")
 
 _DEVICES = ("auto", "cpu", "cuda")
 _AMP = ("bfloat16", "float16", "none")
@@ -587,6 +591,7 @@ def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str
             _fail(f"{prefix}.d_betas", "[beta1, beta2], each in [0, 1)", betas)
         _int(config, f"{prefix}.d_ndf", 1)
         _int(config, f"{prefix}.d_first_kernel", 1)
+        _choice(config, f"{prefix}.soft_targets", TPLD_SOFT_TARGETS)
 
 
 CBST_THRESHOLD_STORES = ("auto", "values", "histogram")

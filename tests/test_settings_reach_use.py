@@ -77,7 +77,7 @@ CANDIDATES = {
     "mine_portion": (0.05, 0.06), "mrkld_weight": (0.07, 0.08), "loss": ("lrent",),
     "lrent_alpha": (0.4, 0.5), "vote_window": (5, 3), "vote_weight": (0.55, 0.6),
     "vote_iterations": (2, 1), "beta": (0.85, 0.8), "easy_portion": (0.5, 0.6),
-    "gamma": (1.5, 3.0), "d_betas": ([0.8, 0.95], [0.7, 0.9]),
+    "gamma": (1.5, 3.0), "d_betas": ([0.8, 0.95], [0.7, 0.9]), "soft_targets": ("pass",),
 }
 PSEUDO_CANDIDATES = {"mode": ("paper",), "group": (1,), "beta": (0.8, 0.85), "gamma": (5.0, 6.0),
                      "batch_size": (3,), "order_seed": (3, 4), "colour": (True, False)}
@@ -454,6 +454,8 @@ def observe_tpld_phase2(run, new):
             "easy_portion": ((split["easy_portion"], split["easy"]), (new["easy_portion"], easy)),
             "gamma": ({c["kwargs"]["gamma"] for c in run.calls["tpld_soft_targets"]},
                       {new["gamma"]}),
+            "soft_targets": ({"pass" if "soft_target" in c["kwargs"] else "crop"
+                              for c in run.calls["bootstrap_loss"]}, {new["soft_targets"]}),
             "lambda_adv": (set(adv), {new["lambda_adv"]}),
             "d_lr": (d_group["initial_lr"], new["d_lr"]),
             "d_betas": (list(d_group["betas"]), new["d_betas"]),

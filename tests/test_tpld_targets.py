@@ -136,7 +136,8 @@ def test_phase2_step_trains_easy_crops_on_the_pass_targets(fixture_root, model, 
     """One phase-2 step: the bootstrapping loss of the easy crops gets the pass's label on each
     crop as its confident map and tpld_soft_targets of the pass's probabilities elsewhere."""
     config = make_config(fixture_root, **{"stages.phase2_1.easy_portion": 0.34,
-                                          "stages.phase2_1.batch_size": 2})
+                                          "stages.phase2_1.batch_size": 2,
+                                          "stages.phase2_1.soft_targets": "pass"})
     stage = labelled_stage(TPLDPhase2, config, "phase2_1", model, tmp_path)
     calls = {}
     original = stage.teacher_probs

@@ -16,8 +16,9 @@ momentum at a constant lr (head 10x), BN layers in eval mode, as the released re
 (``loss`` key): "ce" (CBST), "mrkld" (CRST-MRKLD, ``mrkld_weight``) or "lrent" (CRST-LRENT: soft
 labels of temperature ``lrent_alpha``, from the teacher's probabilities described next).
 
-Teacher targets (LRENT here, also as TPLD phase 1's base; TPLD phase 2's easy crops,
-fastst.methods.tpld) are calibrated by the pass's thresholds lambda, so they come from the pass's
+Teacher targets (LRENT here, also as TPLD phase 1's base; TPLD phase 2's easy crops with
+``soft_targets: pass``, fastst.methods.tpld) are calibrated by the pass's thresholds lambda, so
+they come from the pass's
 own probabilities, as in the released CRST code (``val`` stores the 0.9-scale + flip mean softmax
 of every image, ``label_selection`` makes LRENT's soft labels from it, and its data set scales,
 crops and flips them with the image) and in TPLD (Eq. 3: the easy images' full pseudo labels are
