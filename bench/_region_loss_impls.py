@@ -33,7 +33,7 @@ def make_inputs(B, h, w, H, W, device="cpu", ignored="pixels"):
 
 
 def released_region_loss(logits, target):
-    """IAST's loss as its code computes it, with the zero-count guard of SPEC 2."""
+    """IAST's loss as its code computes it, with the zero-count guard of docs/ops.md §2."""
     H, W = target.shape[-2:]
     if logits.shape[-2:] != (H, W):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=True)

@@ -24,7 +24,7 @@ IMPLS = BACKENDS + ["reference", "released_numpy"] + (["naive_torch"] if DEVICE 
 
 
 def _released_numpy(probs, alpha=0.2, beta=0.9, gamma=8.0, group=2):
-    """The released IAST pseudo-label loop (SPEC 1.2) on NumPy arrays, per group of images,
+    """The released IAST pseudo-label loop (docs/ops.md §1.2) on NumPy arrays, per group of images,
     with its per-pixel threshold lookup."""
     cls_thresh = np.ones(C) * 0.9
     out = []

@@ -9,7 +9,7 @@ fastst's fused ops against the same pipeline built from eager torch ops as the r
   bench/_region_loss_impls.py). Reported as images/s (batch / median time). On CUDA also
   ``fused_graphs``: the fused loss with the network under ``torch.compile(mode="reduce-overhead")``
   (CUDA graphs; ``runtime.compile``).
-- ``pseudo``: one batch of the IAS pass (SPEC 1.2, official mode, group 2): model forward in eval
+- ``pseudo``: one batch of the IAS pass (docs/ops.md §1.2, official mode, group 2): model forward in eval
   mode without gradients, then the labels. ``fused`` = ``ias_pseudo_label(logits,
   from_logits=True, size=pseudo size)``; ``released`` = what the released code does: softmax of
   the logits upsampled to the pseudo size in torch, then its NumPy per-class percentile loop
@@ -146,7 +146,7 @@ def test_pseudo_label_pass(benchmark, run, note, impl):
 
 def test_fused_and_released_pass_agree():
     """The two pseudo-label paths the benchmark times give the same labels (a meaningful race),
-    up to pixels whose top-2 probabilities or threshold margin are within 1e-6 (SPEC 0)."""
+    up to pixels whose top-2 probabilities or threshold margin are within 1e-6 (docs/ops.md §0)."""
     model = _model().eval()
     images = _images(PSEUDO_BATCH, PSEUDO, 2)
     with torch.no_grad(), _autocast():

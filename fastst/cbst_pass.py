@@ -1,4 +1,4 @@
-"""The class-balanced pseudo-label pass of CBST / CRST and TPLD (SPEC 5, 6), resumable.
+"""The class-balanced pseudo-label pass of CBST / CRST and TPLD (docs/recipes.md §5, §6), resumable.
 
 ``cbst_pass(model, dataset, out_dir, ctx, portion=...)`` writes
 out_dir/labels/<image stem>_pseudo_label.png for every image of ``dataset`` and
@@ -394,7 +394,7 @@ def _kept_values(accumulator: ClassBalancedThresholds, device: torch.device):
 
 def thresholds_over_ranks(values: torch.Tensor, classes: torch.Tensor, num_classes: int,
                           portion: float, dctx) -> torch.Tensor:
-    """The class-balanced thresholds (SPEC 5) of the kept values of every rank together:
+    """The class-balanced thresholds (docs/ops.md §5) of the kept values of every rank together:
     lambda_k = (class k's values sorted descending)[floor(len_k * portion) - 1], 1 where that
     count is 0, exactly what one ``ClassBalancedThresholds`` fed every batch gives.
 

@@ -152,7 +152,7 @@ STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
              "lambda_ent": 3.0, "source_weight": 0.0, "selector": "ias", "threshold": 0.9,
              "portion": 0.2, "subsample": 4},
 }
-# The class-balanced rounds (SPEC 5-6): SGD with a constant lr, BN in eval mode, pseudo labels
+# The class-balanced rounds (docs/recipes.md §5-§6): SGD with a constant lr, BN in eval mode, pseudo labels
 # from the 0.9-scale input and its flip at pseudo_size with class-balanced thresholds at
 # `portion`. CBST/CRST and TPLD phase 1 train on a mixed list of every target image and
 # floor(source_portion * |source|) source images (drawn with source_seed); TPLD phase 2 on easy

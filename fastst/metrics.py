@@ -1,4 +1,4 @@
-"""Confusion matrix and IoU for semantic segmentation (SPEC section 3).
+"""Confusion matrix and IoU for semantic segmentation (docs/formats.md §3).
 
 Rows are ground-truth classes, columns predicted classes. mIoU-16 and mIoU-13 (SYNTHIA) are read
 off the matrix of a class set (`fastst.data.ids.ClassSet.miou_subsets`): subsets of the 19

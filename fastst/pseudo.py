@@ -1,4 +1,4 @@
-"""The IAS pseudo-label pass: label a target set with a model, resumably (SPEC 1, 4).
+"""The IAS pseudo-label pass: label a target set with a model, resumably (docs/ops.md §1, docs/recipes.md §4).
 
     python -m fastst.pseudo --checkpoint PATH --preset NAME --out DIR [--stage round1] [key=value ...]
 

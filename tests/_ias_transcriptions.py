@@ -1,5 +1,5 @@
-"""Independent loop transcriptions of SPEC 1.1 (paper) and 1.2 (the released IAST NumPy code),
-used only by the tests. Written from the SPEC and the released code, not from reference.py."""
+"""Independent loop transcriptions of docs/ops.md §1.1 (paper) and §1.2 (the released IAST NumPy code),
+used only by the tests. Written from docs/ops.md and the released code, not from reference.py."""
 import numpy as np
 
 
@@ -38,7 +38,7 @@ def released_official(probs, alpha, beta=0.9, gamma=8.0, group=2):
 
 
 def paper_loop(probs, alpha, beta=0.9, gamma=8.0):
-    """SPEC 1.1 pixel by pixel list: one image an instance, psi = r-th largest value."""
+    """docs/ops.md §1.1 pixel by pixel list: one image an instance, psi = r-th largest value."""
     B, C = probs.shape[:2]
     theta = np.full(C, 0.9)
     labels, per_image = [], []

@@ -1,5 +1,5 @@
-"""Independent loop transcriptions of SPEC 5 (CBST thresholds and labels) and SPEC 6 (TPLD vote,
-image confidence, soft targets), used only by the tests. Written from the SPEC with NumPy and
+"""Independent loop transcriptions of docs/ops.md §5 (CBST thresholds and labels) and docs/ops.md §6 (TPLD vote,
+image confidence, soft targets), used only by the tests. Written from docs/ops.md with NumPy and
 Python floats (float64, no FMA), one pixel at a time; tiny maps only."""
 import math
 

@@ -1,4 +1,4 @@
-"""bootstrap_loss with teacher_logits (SPEC 6, TPLD phase 2's easy crops): the soft targets made
+"""bootstrap_loss with teacher_logits (docs/ops.md §6, TPLD phase 2's easy crops): the soft targets made
 inside the fused pass from the teacher's low-resolution logits, against the reference (which
 materialises p = softmax(F.interpolate(teacher)), the confident map and tpld_soft_targets), and
 against the materialised path of the op itself; cpp and triton (interpreted without a GPU)."""

@@ -1,4 +1,4 @@
-"""CBST / CRST (SPEC 5): ClassBalancedThresholds against the released code's Python-list sort
+"""CBST / CRST (docs/ops.md §5): ClassBalancedThresholds against the released code's Python-list sort
 (every subsample, portions 0.2 / 0.5 / edge values, empty classes, several batches), the
 backends against each other, cbst_pseudo_label against a loop, mrkld_loss against its formula
 and between backends (cpp; triton, in its interpreter without a GPU: with and without the fused
@@ -150,7 +150,7 @@ def _loss_inputs(B, C, h, w, H, W, seed, ignore=0.3):
 
 
 def _mrkld_formula(logits, target, is_target, w, align_corners=True):
-    """SPEC 5 in float64, written out: per-pixel -log p_y and -(1/C) sum_c log p_c."""
+    """docs/ops.md §5 in float64, written out: per-pixel -log p_y and -(1/C) sum_c log p_c."""
     x = logits.double()
     H, W = target.shape[1:]
     if x.shape[2:] != (H, W):

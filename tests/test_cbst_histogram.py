@@ -1,4 +1,4 @@
-"""The bounded-memory histogram store of ClassBalancedThresholds (SPEC 5; fastst.ops.radix_select)
+"""The bounded-memory histogram store of ClassBalancedThresholds (docs/ops.md §5; fastst.ops.radix_select)
 against a NumPy sort and the values store, its refinement protocol, merging over processes, and the
 class-balanced pass run with it (same labels, resumable inside pass 1)."""
 import math
@@ -20,7 +20,7 @@ BACKENDS = ["cpp", "torch"]
 
 
 def numpy_thresholds(batches, num_classes, subsample, portion):
-    """SPEC 5 written out: per image and class the values at positions 0, s, 2s, ... in row-major
+    """docs/ops.md §5 written out: per image and class the values at positions 0, s, 2s, ... in row-major
     order, per class sorted descending, lambda = sorted[floor(len * portion) - 1] or 1."""
     kept = [[] for _ in range(num_classes)]
     for probs in batches:

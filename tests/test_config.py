@@ -1,5 +1,5 @@
 """Presets, key=value overrides and validation (fastst.config), and the released numbers of the
-iast_* presets (SPEC section 4)."""
+iast_* presets (docs/recipes.md §4)."""
 import pytest
 import yaml
 
@@ -49,7 +49,7 @@ def test_iast_presets_hold_the_released_recipe():
 
 
 def test_iteration_counts_follow_source_epochs():
-    # SPEC 4: GTA5's 24,941 images give 8 x 3117, 4 x 6235 and 2 x 3117 iterations.
+    # docs/recipes.md §4: GTA5's 24,941 images give 8 x 3117, 4 x 6235 and 2 x 3117 iterations.
     gta = load_config("iast_gta5")["stages"]
     assert stage_iterations(gta["source_only"], 24941) == \
         {"per_epoch": 3117, "total": 24936, "period": 24936}

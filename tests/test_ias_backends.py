@@ -49,7 +49,7 @@ def test_backend_equals_reference_large_image(backend, mode, dtype):
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @pytest.mark.parametrize("size", [None, (41, 57)])
 def test_backend_from_logits_within_spec_tolerance(backend, mode, size):
-    """SPEC 0: labels may differ only where the top-2 probabilities are within 1e-6 or
+    """docs/ops.md §0: labels may differ only where the top-2 probabilities are within 1e-6 or
     |m - theta[a]| < 1e-6; thresholds agree to 1e-6."""
     logits = (torch.randn(4, 19, 11, 15, generator=gen(22)) * 3).to(_device(backend))
     kw = dict(alpha=0.2, mode=mode, from_logits=True, size=size, align_corners=False)

@@ -1,4 +1,4 @@
-"""reference.ias_pseudo_label against loop transcriptions of SPEC 1.1 and of the released code."""
+"""reference.ias_pseudo_label against loop transcriptions of docs/ops.md §1.1 and of the released code."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +10,7 @@ from helpers import gen, mismatch, probs
 
 
 def _cases():
-    """(name, probabilities (B, C, H, W) float32) covering the SPEC's edge cases."""
+    """(name, probabilities (B, C, H, W) float32) covering the edge cases of docs/ops.md §1."""
     flat = torch.full((2, 5, 6, 7), 1.0 / 5)  # every pixel ties: class 0 wins, 1..4 never win
     quantised = torch.softmax(torch.randint(0, 3, (3, 4, 9, 11), generator=gen(1)).float(), 1)
     one_hot = F.one_hot(torch.randint(0, 3, (2, 1, 1), generator=gen(2)), 6).permute(0, 3, 1, 2).float()

@@ -62,7 +62,7 @@ def test_non_contiguous_input(device):
 
 
 def _assert_logit_stats_close(x, m, a, size, align_corners):
-    """SPEC 0: with from_logits the softmax may round differently; m agrees to 1e-6 and the
+    """docs/ops.md §0: with from_logits the softmax may round differently; m agrees to 1e-6 and the
     argmax may differ only where the top-2 probabilities are within 1e-6."""
     xf = x.float()
     if size is not None:

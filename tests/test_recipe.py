@@ -75,7 +75,7 @@ def test_iast_presets_train_the_released_recipe(preset, source):
         if name in IAST_ALPHA:
             assert stage["loss"] == {"selector": "ias", "alpha": IAST_ALPHA[name],
                                      "lambda_kld": 0.1, "lambda_ent": 3.0, "source_weight": 0.0}
-    # The numbers SPEC-level users quote: round 1's backbone starts at 3e-6, not 3e-5.
+    # The numbers docs/recipes.md §4 gives: round 1's backbone starts at 3e-6, not 3e-5.
     assert stages["round1"]["lr"]["backbone"][0] == pytest.approx(3e-6)
     if source == "gta5":
         assert [stages[n]["iterations"] for n in IAST_STAGES] == [24936, 24940, 6234, 6234, 6234]

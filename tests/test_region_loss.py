@@ -1,8 +1,8 @@
-"""Tests of region_loss (SPEC section 2): the public op and its pure-PyTorch reference.
+"""Tests of region_loss (docs/ops.md §2): the public op and its pure-PyTorch reference.
 
 The expected values come from an independent float64 formulation: a hand-written bilinear
 upsampling (explicit source-index formula, not F.interpolate) and per-pixel loops with
-torch.softmax. Gradients are checked against the closed-form per-pixel formulas of SPEC 2.
+torch.softmax. Gradients are checked against the closed-form per-pixel formulas of docs/ops.md §2.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def expected_parts(logits, target, *, lambda_kld=0.1, lambda_ent=3.0, align_corn
 
 
 def closed_form_grad_full(z_full, target, *, lambda_kld, lambda_ent, ignore_index=IGNORE):
-    """d loss / d z at full resolution from SPEC 2's per-pixel formulas (float64)."""
+    """d loss / d z at full resolution from docs/ops.md §2's per-pixel formulas (float64)."""
     z = z_full.double()
     C = z.shape[1]
     p = torch.softmax(z, dim=1)
@@ -198,7 +198,7 @@ def test_values_low_precision(dtype, shape):
     for name, a, e in zip(("loss", "ce", "kld", "ent"), out, exp):
         assert a.dtype == torch.float32 and a.dim() == 0
         assert_close(a, e, rtol=1e-2, what=f"{name} ({dtype})")
-        # internally float32: much tighter than the SPEC's 1e-2 in practice
+        # internally float32: much tighter than 1e-2 in practice (docs/ops.md §0.5)
         assert_close(a, e, rtol=1e-4, atol=1e-7, what=f"{name} ({dtype}, float32 internals)")
 
 

@@ -1,5 +1,5 @@
 """The mixed-batch losses of the class-balanced rounds (fastst.methods.st_losses) against plain
-torch formulas of SPEC 5-6 and the released CRST code, gradients included."""
+torch formulas of docs/ops.md §5-§6 and the released CRST code, gradients included."""
 import pytest
 import torch
 import torch.nn.functional as F

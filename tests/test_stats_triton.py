@@ -123,7 +123,7 @@ def test_zero_maximum_is_positive_zero():
 
 
 def _assert_logit_stats_close(x, m, a, size, align_corners):
-    """SPEC 0: with from_logits the softmax may round differently; m agrees to 1e-6 with the
+    """docs/ops.md §0: with from_logits the softmax may round differently; m agrees to 1e-6 with the
     float64 softmax and the argmax may differ only where the top-2 probabilities are within 1e-6."""
     xf = x.float().cpu()
     if size is not None:

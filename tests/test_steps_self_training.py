@@ -161,7 +161,7 @@ def target_prob_and_ce(net, images, labels):
 
 
 @pytest.mark.parametrize("source_weight, lambda_kld, lambda_ent, log_every", [
-    (0.0, 0.1, 3.0, 1),    # the released recipe (SPEC 4), a logging step
+    (0.0, 0.1, 3.0, 1),    # the released recipe (docs/recipes.md §4), a logging step
     (0.6, 0.7, 0.4, 2),    # source CE added; other weights; a step without the parts
 ])
 def test_iast_round_step_is_the_region_loss_of_the_pseudo_labelled_batch(
@@ -241,7 +241,7 @@ def index_pairs(order, size=2):
 
 
 def class_balanced(probs, portion, subsample):
-    """Class-balanced thresholds (SPEC 5; yzou2/CRST crst_seg.py:488-493 keeps every
+    """Class-balanced thresholds (docs/ops.md §5; yzou2/CRST crst_seg.py:488-493 keeps every
     ``subsample``-th (ds_rate) pixel of each class per image in row-major order, :620-629
     kc_parameters): lambda_k = the floor(n_k * portion)-th largest max p of class k, 1 when
     that is 0. float32 (C,)."""
@@ -262,9 +262,9 @@ def class_balanced(probs, portion, subsample):
 @pytest.mark.parametrize("selector", ["ias", "constant", "cbst"])
 def test_iast_round_label_pass_of_each_selector(fixture_root, model, tmp_path, selector):
     """The round's pass labels the target set at pseudo_size with the model in eval mode, by
-    its selector's rule on the model's float32 softmax: IAS (SPEC 1, the reference op in the
+    its selector's rule on the model's float32 softmax: IAS (docs/ops.md §1, the reference op in the
     pass order, with this round's alpha and the pseudo beta / gamma), a constant threshold
-    (max p >= threshold) or class-balanced thresholds (SPEC 5, this round's portion and
+    (max p >= threshold) or class-balanced thresholds (docs/ops.md §5, this round's portion and
     subsample, argmax p / lambda where max >= 1). The PNG labels and the manifest say so."""
     probe = make_stage(IASTRound, "iast_gta5", fixture_root, tmp_path / "probe")
     images = pass_images(probe)
@@ -290,7 +290,7 @@ def test_iast_round_label_pass_of_each_selector(fixture_root, model, tmp_path, s
     if selector == "ias":
         # Raykoooo/IAST code/sseg/workflow/sl_trainer.py:106-107 (a DistributedSampler, whose
         # order is torch.randperm(N) from seed 0, in PSEUDO_BATCH_SIZE pairs), :128 (eval mode),
-        # :143 (theta from 0.9); the reference op in official mode is the IAS rule (SPEC 1).
+        # :143 (theta from 0.9); the reference op in official mode is the IAS rule (docs/ops.md §1).
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
         pairs = index_pairs(order)
         pair_logits = eval_logits(model, images, pairs)
@@ -381,7 +381,7 @@ def cbst_expected_loss(logp, batch, loss, *, weight, alpha, teacher, stage):
     over every valid pixel of the batch / their number. mrkld: + w * sum over the valid pixels of
     the target crops of -(1/C) sum_c log p_c / their number (:855-861, the per-sample
     reg_weights being mr_weight_kld on target crops, :344-347, and 0 on source crops, MRSRC = 0
-    at :83; SPEC 5's w_eff). lrent: :867-907 reg_loss_calc_expand with mr_weight_kld = 0:
+    at :83; docs/ops.md §5's w_eff). lrent: :867-907 reg_loss_calc_expand with mr_weight_kld = 0:
     sum -y log p / number of pixels with a target, y the one-hot source label on source crops
     and the soft label on the kept pixels of target crops (deeplab/datasets.py:948-953 zeroes
     the others)."""

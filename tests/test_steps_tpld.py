@@ -316,7 +316,7 @@ def phase2_stage(root, init, run_dir, lr, d_lr, **settings):
     easy = next(stage.easy.batches(start=0))
     hard = next(stage.hard.batches(start=0))
     # The easy crops come from the easy_portion of the target images of highest conf_t, the
-    # hard ones from the others (SPEC 6, split_easy_hard).
+    # hard ones from the others (docs/ops.md §6, split_easy_hard).
     division = stage.division
     confidence = {image["name"]: image["confidence"] for image in stage.manifest["images"]}
     assert len(division["easy"]) == int(PHASE2["easy_portion"] * len(confidence))
@@ -335,7 +335,7 @@ def phase2_stage(root, init, run_dir, lr, d_lr, **settings):
 
 def easy_targets(init, config, easy, lambdas):
     """TPLD Eq. 3 on the teacher's probabilities of the easy crops: one-hot of argmax q where
-    max q >= 1 (SPEC 6's rule, the round's labels), q ** GAMMA elsewhere; q = p / lambda in
+    max q >= 1 (docs/ops.md §6's rule, the round's labels), q ** GAMMA elsewhere; q = p / lambda in
     float32. p: soft_targets "crop", the teacher (the starting model) on the crop itself, its
     logits upsampled bilinearly to the crop; "pass", the pass's probabilities mapped onto the
     crop. (B, C, H, W) float64, and the confident mask."""

@@ -1,4 +1,4 @@
-"""TPLD operators (SPEC 6): the reference against loop transcriptions of the SPEC, every backend
+"""TPLD operators (docs/ops.md §6): the reference against loop transcriptions of docs/ops.md, every backend
 against the reference (labels exactly, floats to 1e-5), hand-built cases for the rules that
 random data rarely hits (k1/k2 ties, equal scores, no labelled neighbours, the border), the
 bootstrapping loss against its closed-form value and gradient, bad input, opcheck and

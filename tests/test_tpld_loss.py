@@ -1,4 +1,4 @@
-"""bootstrap_loss (SPEC 6): the reference against the closed form (value and the per-pixel
+"""bootstrap_loss (docs/ops.md §6): the reference against the closed form (value and the per-pixel
 gradient p * sum(c) - c with q stop-gradient), gradcheck of the reference in float64, and the
 fused backends (cpp; triton, in its interpreter without a GPU) against the reference for hard
 and soft targets, with and without the fused upsample, both align_corners, C = 2 and 19,
@@ -43,7 +43,7 @@ def _inputs(B, C, h, w, H, W, seed, ignore=0.3, dtype=torch.float32):
 
 
 def _closed_form(logits, target, lambdas, beta, soft, align_corners=True):
-    """Value and d loss / d logits in float64 from SPEC 6 written out: c = beta y + (1 - beta) q,
+    """Value and d loss / d logits in float64 from docs/ops.md §6 written out: c = beta y + (1 - beta) q,
     loss = mean over pixels with a target of -sum c log q, d/dv = p * sum(c) - c (q constant)."""
     x = logits.double().requires_grad_(True)
     H, W = target.shape[1:]
@@ -192,7 +192,7 @@ def test_deterministic_and_opcheck_and_compile(backend, op):
 
 
 def test_default_backend_on_cuda_is_triton():
-    """SPEC 0: CUDA tensors go to the fused triton loss when Triton can run (no nvcc loss kernel
+    """docs/ops.md §0: CUDA tensors go to the fused triton loss when Triton can run (no nvcc loss kernel
     exists), not to the torch reference; on CPU tensors the default stays cpp."""
     from fastst.ops.tpld import LOSS_BACKENDS
     want = "triton" if TRITON else "torch"

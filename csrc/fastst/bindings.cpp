@@ -165,7 +165,7 @@ PYBIND11_MODULE(_C, mod) {
         fastst::region_loss_cpu(args);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Fused region loss (SPEC 2) with on-the-fly bilinear upsample: parts (loss, ce, kld, ent) "
+      "Fused region loss (docs/ops.md §2) with on-the-fly bilinear upsample: parts (loss, ce, kld, ent) "
       "and, when grad != 0, d loss / d logits in the low-resolution layout, on the CPU. A term whose "
       "need_kld / need_ent is false (its lambda must be 0) is skipped and its part set to NaN.");
 

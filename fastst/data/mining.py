@@ -1,4 +1,4 @@
-"""Rare-class mining crops of the released CRST code (SPEC 5): with probability `mine_p`, a crop
+"""Rare-class mining crops of the released CRST code (docs/recipes.md §5): with probability `mine_p`, a crop
 centred on a pixel of a rare class that the (pseudo) label holds, instead of a uniformly random
 crop.
 

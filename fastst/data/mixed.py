@@ -1,4 +1,4 @@
-"""The mixed source + target list of the CBST/CRST rounds (SPEC 5): a sampled portion of the
+"""The mixed source + target list of the CBST/CRST rounds (docs/recipes.md §5): a sampled portion of the
 labelled source images followed by every pseudo-labelled target image, each item flagged with
 the domain it comes from."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pseudo labels on disk (SPEC 3): `<label_dir>/<image stem>_pseudo_label.png`, 8-bit, class id
+"""Pseudo labels on disk (docs/formats.md §3): `<label_dir>/<image stem>_pseudo_label.png`, 8-bit, class id
 or 255 per pixel, stored at the pseudo-label size; optionally `<stem>_pseudo_color.png` with the
 Cityscapes palette for viewing. `PseudoLabelDataset` pairs a data set's images with them."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Joint image/label augmentations of the released IAST recipe (SPEC 4), in torch ops.
+"""Joint image/label augmentations of the released IAST recipe (docs/recipes.md §4), in torch ops.
 
 Every transform is a callable `(image uint8 (3,H,W), label uint8 (H,W), generator) -> (image,
 label)` that draws all its randomness from the passed `torch.Generator` (a CPU one) and keeps
@@ -195,7 +195,7 @@ class BrightnessContrast:
 def train_transform(crop_height_range: Sequence[int] = (341, 950), crop_size: Sequence[int] = (512, 1024),
                     aspect: float = 2.0, flip_p: float = 0.5, brightness: float = 0.2,
                     contrast: float = 0.2, brightness_contrast_p: float = 0.3) -> Compose:
-    """The released training augmentation (SPEC 4): random sized crop resized to `crop_size`,
+    """The released training augmentation (docs/recipes.md §4): random sized crop resized to `crop_size`,
     horizontal flip, brightness/contrast. Height ranges: GTA5 (341, 950), Cityscapes at
     2048x1024 (341, 1000), SYNTHIA (341, 640)."""
     return Compose([

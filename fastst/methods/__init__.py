@@ -1,5 +1,5 @@
-"""Training stages and their shared loop: source-only, adversarial warm-up, IAST rounds (SPEC 4),
-CBST/CRST rounds (SPEC 5) and the two TPLD phases (SPEC 6).
+"""Training stages and their shared loop: source-only, adversarial warm-up, IAST rounds (docs/recipes.md §4),
+CBST/CRST rounds (docs/recipes.md §5) and the two TPLD phases (docs/recipes.md §6).
 
 ``stage_class(method)`` gives the ``Stage`` subclass of a stage's ``method`` key
 (fastst/presets/*.yaml); a new method (CBST, TPLD, ...) is a new module here and a new entry in

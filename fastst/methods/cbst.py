@@ -1,4 +1,4 @@
-"""A CBST / CRST self-training round (SPEC 5; Zou et al., released code), the base of TPLD.
+"""A CBST / CRST self-training round (docs/recipes.md §5; Zou et al., released code), the base of TPLD.
 
 Before its first iteration the round labels the whole target train set with the model it starts
 from (its teacher: the previous stage's last checkpoint), in eval mode, through

@@ -27,7 +27,7 @@ def crop_arguments(config: Mapping[str, Any], role: str) -> Dict[str, Any]:
 
 
 def crop_transform(config: Mapping[str, Any], role: str):
-    """The training augmentation of ``role`` ("source" or "target", SPEC 4): random sized crop
+    """The training augmentation of ``role`` ("source" or "target", docs/recipes.md §4): random sized crop
     with the role's height range, resized to ``data.crop_size``, flip, brightness/contrast."""
     return train_transform(**crop_arguments(config, role))
 

@@ -1,4 +1,4 @@
-"""An IAST self-training round (SPEC 1 and 4): a pseudo-label pass, then training on the pseudo
+"""An IAST self-training round (docs/ops.md §1 and docs/recipes.md §4): a pseudo-label pass, then training on the pseudo
 labels with the region losses.
 
 Before its first iteration the round labels the whole target train set, resized to its

@@ -1,4 +1,4 @@
-"""Source-only training (SPEC 4, first stage): cross-entropy on labelled source crops.
+"""Source-only training (docs/recipes.md §4, first stage): cross-entropy on labelled source crops.
 
 The loss is ``fastst.ops.region_loss`` with lambda_kld = lambda_ent = 0, i.e. the mean
 cross-entropy over pixels whose label is not 255, computed from the 1/8-resolution logits with

@@ -1,4 +1,4 @@
-"""Losses of the class-balanced self-training rounds (SPEC 5-6) on mixed source + target batches,
+"""Losses of the class-balanced self-training rounds (docs/ops.md §5-§6) on mixed source + target batches,
 composed from the fused ops of ``fastst.ops`` (the upsample to the label size is fused in; no
 full-resolution logits are made) without any host synchronisation.
 
@@ -28,14 +28,14 @@ def domain_labels(labels: torch.Tensor, is_target: torch.Tensor, target: bool) -
 def cbst_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor, *,
               mrkld_weight: float) -> torch.Tensor:
     """CBST (``mrkld_weight = 0``: CE over the valid pixels of all crops) and CRST-MRKLD
-    (SPEC 5): ``ce_sum / n_valid + w * kld_sum / n_valid_tgt``, one fused pass."""
+    (docs/ops.md §5): ``ce_sum / n_valid + w * kld_sum / n_valid_tgt``, one fused pass."""
     return mrkld_loss(logits, labels, is_target, mrkld_weight=mrkld_weight,
                       size=tuple(labels.shape[-2:]))
 
 
 def tpld_phase1_loss(logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor,
                      lambdas: torch.Tensor, *, beta: float, mrkld_weight: float) -> torch.Tensor:
-    """TPLD phase 1 (SPEC 6): the MRKLD loss with the target crops' CE replaced by the
+    """TPLD phase 1 (docs/ops.md §6): the MRKLD loss with the target crops' CE replaced by the
     bootstrapping term, over the same ``n_valid`` (valid pixels of all crops)::
 
         (ce_sum(source) + boot_sum(target)) / n_valid + w * kld_sum(target) / n_valid_tgt

@@ -1,4 +1,4 @@
-"""TPLD (Shin et al., ECCV 2020): two-phase pseudo-label densification on top of CRST (SPEC 6).
+"""TPLD (Shin et al., ECCV 2020): two-phase pseudo-label densification on top of CRST (docs/recipes.md §6).
 
 Phase 1 (``tpld_phase1``) is a class-balanced round (fastst.methods.cbst) whose pseudo labels are
 densified by sliding-window voting (``vote_window``, ``vote_weight``, ``vote_iterations``) and

@@ -1,4 +1,4 @@
-"""Adversarial warm-up (SPEC 4, second stage; IAST's phase (a), Table 9): a non-self-training
+"""Adversarial warm-up (docs/recipes.md §4, second stage; IAST's phase (a), Table 9): a non-self-training
 domain-adaptation method that gives the first pseudo-label generator.
 
 The stage key ``variant`` picks the method:

@@ -1,7 +1,7 @@
 """DeepLab-v2: an output-stride-8 ResNet and an ASPP classifier of four summed dilated convs.
 
 ``deeplabv2(num_classes=19, backbone="resnet101", pretrained=None)`` builds the model used by
-IAST, AdaptSegNet and CBST/CRST/TPLD (SPEC section 4). Its forward returns logits at 1/8 of the
+IAST, AdaptSegNet and CBST/CRST/TPLD (docs/recipes.md §4). Its forward returns logits at 1/8 of the
 input resolution (321 -> 41); callers upsample (the fastst ops fuse that into the loss or the
 pseudo-labelling). With ResNet-101 and 19 classes it has 43,901,068 parameters.
 

@@ -1,4 +1,4 @@
-"""The fully-convolutional discriminator of AdaptSegNet / IAST warm-up / ADVENT (SPEC 4 and 6).
+"""The fully-convolutional discriminator of AdaptSegNet / IAST warm-up / ADVENT (docs/recipes.md §4 and §6).
 
 Five convs, all stride 2 and padding 1: conv1 (``first_kernel`` x ``first_kernel``, 3 in IAST's
 code, 4 in AdaptSegNet's) to ``ndf`` channels, then 4x4 convs to 2, 4 and 8 times ``ndf`` and a

@@ -1,5 +1,5 @@
-"""fastst operators (SPEC section 7). Every op takes `backend=` ("cuda", "triton", "cpp",
-"torch"); see `available_backends()` and SPEC section 0 for the default choice."""
+"""fastst operators (docs/ops.md §7). Every op takes `backend=` ("cuda", "triton", "cpp",
+"torch"); see `available_backends()` and docs/ops.md §0 for the default choice."""
 from ._backend import available_backends
 from .cbst import ClassBalancedThresholds, cbst_pseudo_label, mrkld_loss
 from .ias import ias_pseudo_label

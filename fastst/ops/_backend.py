@@ -1,4 +1,4 @@
-"""Backend registry and choice (SPEC section 0).
+"""Backend registry and choice (docs/ops.md §0).
 
 Backends: "cuda" (nvcc kernels in fastst._C), "triton", "cpp" (C++/OpenMP kernels in fastst._C),
 "torch" (fastst/ops/reference.py, the definition of truth). Default: CUDA tensors -> cuda if built,

@@ -1,4 +1,4 @@
-"""Argument validation shared by every op (SPEC section 0).
+"""Argument validation shared by every op (docs/ops.md §0).
 
 Shape and dtype checks always run. Value checks (NaN/Inf, label range) cost one host sync on
 CUDA; they are on unless FASTST_CHECK=0, and skipped under torch.compile and CUDA graph capture.

@@ -65,14 +65,14 @@ pixel_stats.register_fake(stats_fake)
 def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: torch.Tensor,
                alpha: float, beta: float, gamma: float, official: bool,
                group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IAS thresholds and labels from the statistics pass (SPEC 1), both modes, on the CPU or a
+    """IAS thresholds and labels from the statistics pass (docs/ops.md §1), both modes, on the CPU or a
     CUDA device (no host sync there: official = histograms + one block per class, paper = one
     radix sort of packed keys + one thread per class).
 
     Args:
         m: (B, H, W) float32, a: (B, H, W) uint8, counts: (B, C) int64 (from pixel_stats).
         theta: (C,) float64 threshold before the first instance.
-        official: SPEC 1.2 (float16 values, numpy percentile, clip) instead of 1.1.
+        official: docs/ops.md §1.2 (float16 values, numpy percentile, clip) instead of 1.1.
         group: images per instance.
     Returns:
         labels (B, H, W) uint8, theta_out (C,) float64, theta_per_instance (G, C) float64.

@@ -1,4 +1,4 @@
-"""torch.library custom ops of the fused region loss (SPEC 2) and their autograd.
+"""torch.library custom ops of the fused region loss (docs/ops.md §2) and their autograd.
 
 Each fused backend is one op with the signature of `region_loss_cpp` below. It returns the four
 parts and, when `compute_grad`, d loss / d logits in float32 in the low-resolution layout: the

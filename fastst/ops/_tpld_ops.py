@@ -1,4 +1,4 @@
-"""torch.library custom ops around the CBST/TPLD launchers of fastst._C (SPEC 5, 6).
+"""torch.library custom ops around the CBST/TPLD launchers of fastst._C (docs/ops.md §5, §6).
 
 Outputs are allocated with torch; raw pointers, sizes and dtype codes go down to C++. Every op has
 a fake (meta) kernel so it traces under torch.compile; the fused losses have an autograd formula
@@ -37,7 +37,7 @@ def _pixels(probs: torch.Tensor, lambdas: torch.Tensor, *, vote: bool, confidenc
 
 @torch.library.custom_op("fastst::cbst_label_cpp", mutates_args=())
 def cbst_label_cpp(probs: torch.Tensor, lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CBST labels / TPLD confident map (SPEC 5, 6) on the CPU.
+    """CBST labels / TPLD confident map (docs/ops.md §5, §6) on the CPU.
 
     Args:
         probs: (B, C, H, W) float32/float16/bfloat16, any strides. lambdas: (C,) float32 contiguous.
@@ -56,7 +56,7 @@ def _cbst_label_fake(probs, lambdas):
 
 @torch.library.custom_op("fastst::image_confidence_cpp", mutates_args=())
 def image_confidence_cpp(probs: torch.Tensor, lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """conf_t per image fused with the confident-label pass (SPEC 6) on the CPU.
+    """conf_t per image fused with the confident-label pass (docs/ops.md §6) on the CPU.
 
     Returns:
         labels (B, H, W) uint8, conf (B,) float64, flags (1,) int32.
@@ -75,7 +75,7 @@ def _image_confidence_fake(probs, lambdas):
 @torch.library.custom_op("fastst::tpld_vote_cpp", mutates_args=())
 def tpld_vote_cpp(probs: torch.Tensor, lambdas: torch.Tensor, window: int, weight: float,
                   iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """TPLD voting (SPEC 6) on the CPU: one pass for q, top-2 and the confident map, then one
+    """TPLD voting (docs/ops.md §6) on the CPU: one pass for q, top-2 and the confident map, then one
     window pass per iteration over the two candidate classes.
 
     Returns:
@@ -97,7 +97,7 @@ def _tpld_vote_fake(probs, lambdas, window, weight, iterations):
 @torch.library.custom_op("fastst::cbst_collect_cpp", mutates_args=())
 def cbst_collect_cpp(m: torch.Tensor, a: torch.Tensor, num_classes: int, subsample: int,
                      total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The values a class-balanced threshold keeps (SPEC 5), on the CPU.
+    """The values a class-balanced threshold keeps (docs/ops.md §5), on the CPU.
 
     Args:
         m: (B, H, W) float32 max probability; a: (B, H, W) uint8 argmax (< num_classes).
@@ -122,7 +122,7 @@ def _cbst_collect_fake(m, a, num_classes, subsample, total):
 @torch.library.custom_op("fastst::cbst_thresholds_cpp", mutates_args=())
 def cbst_thresholds_cpp(values: torch.Tensor, classes: torch.Tensor, num_classes: int,
                         portion: float) -> torch.Tensor:
-    """Exact class-balanced thresholds (C,) float32 from the kept values (SPEC 5), on the CPU."""
+    """Exact class-balanced thresholds (C,) float32 from the kept values (docs/ops.md §5), on the CPU."""
     values, classes = values.contiguous(), classes.contiguous()
     lambdas = torch.empty((num_classes,), dtype=torch.float32, device=values.device)
     extension().cbst_thresholds_cpu(values.data_ptr(), classes.data_ptr(), values.numel(), num_classes,
@@ -160,8 +160,8 @@ def st_loss_cpp(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Tenso
                 beta: float, mrkld_weight: float, gamma: float, sum_reduction: bool, ignore_index: int,
                 out_h: int, out_w: int, align_corners: bool,
                 compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused bootstrapping (mode 0 hard / 1 soft / 3 soft from a teacher, SPEC 6) or CRST-MRKLD
-    (mode 2, SPEC 5) loss on the CPU, deterministic for any thread count.
+    """Fused bootstrapping (mode 0 hard / 1 soft / 3 soft from a teacher, docs/ops.md §6) or CRST-MRKLD
+    (mode 2, docs/ops.md §5) loss on the CPU, deterministic for any thread count.
 
     Args:
         logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled on the fly to

@@ -1,4 +1,4 @@
-"""Public CBST / CRST operators (SPEC 5): `ClassBalancedThresholds`, `cbst_pseudo_label`,
+"""Public CBST / CRST operators (docs/ops.md §5): `ClassBalancedThresholds`, `cbst_pseudo_label`,
 `mrkld_loss`; validation, backend choice and dispatch.
 
 Backends: "cpp" (C++/OpenMP in fastst._C, the CPU default) and "torch" (reference.py; also what
@@ -58,13 +58,13 @@ def raise_on_flags(name: str, flags: torch.Tensor) -> None:
 
 
 def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """CBST pseudo labels (SPEC 5): w = p / lambda (float32 IEEE division); the label is
+    """CBST pseudo labels (docs/ops.md §5): w = p / lambda (float32 IEEE division); the label is
     argmax w (lowest index on ties) where max w >= 1, else 255.
 
     Args:
         probs: (B, C, H, W) float32/float16/bfloat16 probabilities, any strides.
         lambdas: (C,) class thresholds (ClassBalancedThresholds.thresholds), same device.
-        backend: "triton" (the CUDA default), "cpp" or "torch" (default: SPEC section 0).
+        backend: "triton" (the CUDA default), "cpp" or "torch" (default: docs/ops.md §0).
     Returns:
         (B, H, W) uint8.
     """
@@ -86,7 +86,7 @@ STORES = ("values", "histogram")
 
 
 class ClassBalancedThresholds:
-    """Class-balanced confidence thresholds over a whole target set (CBST, SPEC 5), streamed.
+    """Class-balanced confidence thresholds over a whole target set (CBST, docs/ops.md §5), streamed.
 
     For each class k: the max probabilities of the pixels whose argmax is k (lowest index on
     ties), subsampled per image and class to positions 0, s, 2s, ... in row-major order, sorted
@@ -109,7 +109,7 @@ class ClassBalancedThresholds:
     Args:
         num_classes: C, 2..254.
         subsample: s >= 1.
-        backend: "cpp" or "torch" for every call (default: SPEC section 0, from the first batch).
+        backend: "cpp" or "torch" for every call (default: docs/ops.md §0, from the first batch).
         store: "values" or "histogram" (keyword only).
     """
 
@@ -346,7 +346,7 @@ class ClassBalancedThresholds:
 def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tensor, *,
                mrkld_weight: float = 0.01, ignore_index: int = 255, size: Optional[Sequence[int]] = None,
                align_corners: bool = True, backend: Optional[str] = None) -> torch.Tensor:
-    """CRST-MRKLD loss (SPEC 5): ce_sum / n_valid + mrkld_weight * kld_sum / n_valid_tgt, with
+    """CRST-MRKLD loss (docs/ops.md §5): ce_sum / n_valid + mrkld_weight * kld_sum / n_valid_tgt, with
     kld_sum = sum over the valid pixels of target crops of -(1/C) sum_c log p_c. The KLD term is
     dropped when no target crop has a valid pixel; the loss is 0 when no pixel is valid.
 
@@ -357,7 +357,7 @@ def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tens
         is_target: (B,) bool, which crops come from the target domain.
         mrkld_weight: w_eff >= 0 (the released run's effective 0.01).
         size: None or the target's (H, W) (checked).
-        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
+        backend: "triton", "cpp" or "torch" (default: docs/ops.md §0).
     Returns:
         float32 0-dim loss (differentiable w.r.t. logits).
     """

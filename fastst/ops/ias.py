@@ -1,4 +1,4 @@
-"""Public `ias_pseudo_label` (SPEC section 1): validation, backend choice, dispatch.
+"""Public `ias_pseudo_label` (docs/ops.md §1): validation, backend choice, dispatch.
 
 Backends: "torch" runs reference.py end to end. "cpp" runs the fused statistics pass of fastst._C
 (softmax, upsample, max, argmax, counts in one read of x) and the C++ selection (order
@@ -50,13 +50,13 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
             for 0.9 per class (start of a round).
         alpha: portion parameter, 0 < alpha <= 1. beta: EMA momentum, 0 <= beta <= 1.
         gamma: threshold exponent, >= 0.
-        mode: "paper" (SPEC 1.1: instance = image, label where m > theta) or "official"
-            (SPEC 1.2: bit-exact with the released NumPy code; instance = `group` images).
+        mode: "paper" (docs/ops.md §1.1: instance = image, label where m > theta) or "official"
+            (docs/ops.md §1.2: bit-exact with the released NumPy code; instance = `group` images).
         from_logits: p = softmax(x) in float32 (after the upsample) instead of p = x.
         size: (H, W) to bilinearly upsample logits to before the softmax (logits only).
         align_corners: as in F.interpolate.
         group: images per instance: "official" default 2, "paper" must be None or 1.
-        backend: "cuda", "triton", "cpp" or "torch" (default: SPEC section 0).
+        backend: "cuda", "triton", "cpp" or "torch" (default: docs/ops.md §0).
     Returns:
         labels: (B, H, W) uint8, class id or 255.
         theta_out: (C,) float64, pass it to the next batch.

@@ -1,5 +1,5 @@
 """Exact per-class order statistics of non-negative float32 values by a two-round radix select
-over their bits, with memory bounded by the histograms (CBST thresholds, SPEC 5).
+over their bits, with memory bounded by the histograms (CBST thresholds, docs/ops.md §5).
 
 Non-negative floats order like their bit patterns. Round 1 counts, per class, the high 16 bits
 of every value: a (C, 65536) int64 histogram locates the bin holding each class's sought element

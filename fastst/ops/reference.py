@@ -1,7 +1,7 @@
 """Pure-PyTorch reference operators: the definition of truth every backend is tested against.
 
 Readable and vectorised (no Python loop per pixel; loops only over instances, where the EMA is
-sequential by definition). See SPEC sections 1 and 2.
+sequential by definition). See docs/ops.md §1 and §2.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _SPLITTER = 134217729.0  # 2**27 + 1: Veltkamp splitting of a float64 into two 2
 
 
 # ---------------------------------------------------------------------------------------------
-# theta ** gamma, shared by every backend (SPEC 1): binary powering in double-double arithmetic,
+# theta ** gamma, shared by every backend (docs/ops.md §1): binary powering in double-double arithmetic,
 # rounded once to float64. Every line is one IEEE operation in a fixed order with no FMA, so the
 # C++ and CUDA twins (csrc/fastst/kernels/ias.h) give the same bits.
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def theta_pow(theta: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# IAS pseudo labels (SPEC 1)
+# IAS pseudo labels (docs/ops.md §1)
 # ---------------------------------------------------------------------------------------------
 def pixel_stats(x: torch.Tensor, *, from_logits: bool, size: Optional[Sequence[int]],
                 align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ def ias_from_stats(m: torch.Tensor, a: torch.Tensor, theta: torch.Tensor, *, num
     Args:
         m: (B, H, W) float32 max probability (>= +0). a: (B, H, W) integer argmax.
         theta: (C,) float64 threshold before the first instance.
-        mode: "paper" (SPEC 1.1, one image an instance) or "official" (SPEC 1.2).
+        mode: "paper" (docs/ops.md §1.1, one image an instance) or "official" (docs/ops.md §1.2).
         group: images per instance (1 in paper mode).
     Returns:
         labels (B, H, W) uint8, theta_out (C,) float64, theta_per_instance (G, C) float64.
@@ -161,7 +161,7 @@ def ias_from_stats(m: torch.Tensor, a: torch.Tensor, theta: torch.Tensor, *, num
 
 def _official_percentile(sorted_values, start, n, n_below, theta, k, last):
     """numpy.percentile(arr, 100 * (1 - k)), default "linear" method, per class at once, where
-    arr = [theta_c] + the instance's float16 values of class c (SPEC 1.2): n values of class c
+    arr = [theta_c] + the instance's float16 values of class c (docs/ops.md §1.2): n values of class c
     start at sorted_values[start], n_below of them are smaller than theta_c."""
     q = 100.0 * (1.0 - k)
     quantile = q / 100.0
@@ -187,7 +187,7 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
                      beta: float = 0.9, gamma: float = 8.0, mode: str = "paper",
                      from_logits: bool = False, size: Optional[Sequence[int]] = None,
                      align_corners: bool = True, group: Optional[int] = None):
-    """Instance-adaptive pseudo labels (IAST Algorithm 1; SPEC section 1), reference version.
+    """Instance-adaptive pseudo labels (IAST Algorithm 1; docs/ops.md §1), reference version.
 
     Args:
         x: (B, C, h, w) float32/float16/bfloat16 probabilities, or logits if `from_logits`.
@@ -210,7 +210,7 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
 
 
 # ---------------------------------------------------------------------------------------------
-# Region losses (SPEC 2): IAST Eq. 3, 8, 9 with the released normalisation
+# Region losses (docs/ops.md §2): IAST Eq. 3, 8, 9 with the released normalisation
 # ---------------------------------------------------------------------------------------------
 def region_loss_terms(x: torch.Tensor, target: torch.Tensor, *, lambda_kld: float, lambda_ent: float,
                       ignore_index: int, align_corners: bool
@@ -283,7 +283,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
 
 
 # ---------------------------------------------------------------------------------------------
-# CBST / CRST (SPEC 5) and TPLD (SPEC 6)
+# CBST / CRST (docs/ops.md §5) and TPLD (docs/ops.md §6)
 # ---------------------------------------------------------------------------------------------
 def tpld_q(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
     """q_k = float32(p_k) / float32(lambda_k) (IEEE division), (B, C, H, W) float32."""
@@ -299,7 +299,7 @@ def _confident(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-    """CBST labels (SPEC 5): w = p / lambda; argmax w where max w >= 1, else 255.
+    """CBST labels (docs/ops.md §5): w = p / lambda; argmax w where max w >= 1, else 255.
 
     Args:
         probs: (B, C, H, W) float32/float16/bfloat16. lambdas: (C,) thresholds.
@@ -310,7 +310,7 @@ def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tenso
 
 
 def cbst_keep_mask(a: torch.Tensor, num_classes: int, subsample: int) -> torch.Tensor:
-    """Which pixels a class-balanced threshold keeps (SPEC 5): per image and per class, the
+    """Which pixels a class-balanced threshold keeps (docs/ops.md §5): per image and per class, the
     pixels of that class at positions 0, s, 2s, ... in row-major order.
 
     Args:
@@ -335,7 +335,7 @@ def cbst_keep_mask(a: torch.Tensor, num_classes: int, subsample: int) -> torch.T
 def class_balanced_thresholds(values: torch.Tensor, classes: torch.Tensor, num_classes: int,
                               portion: float) -> torch.Tensor:
     """lambda_k = (values of class k sorted descending)[floor(len_k * portion) - 1], or 1 where
-    that count is 0 (SPEC 5).
+    that count is 0 (docs/ops.md §5).
 
     Args:
         values: (n,) float32 max probabilities kept by `cbst_keep_mask`. classes: (n,) their argmax.
@@ -353,7 +353,7 @@ def class_balanced_thresholds(values: torch.Tensor, classes: torch.Tensor, num_c
 
 def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, weight: float = 0.7,
               iterations: int = 3) -> torch.Tensor:
-    """Sliding-window top-2 voting (SPEC 6), reference version.
+    """Sliding-window top-2 voting (docs/ops.md §6), reference version.
 
     Each iteration decides every pixel from the previous map: for an unlabelled pixel, with k1, k2
     its two largest q (lower index first on ties), pool_k = mean of q_k(y) over the labelled
@@ -406,7 +406,7 @@ def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, we
 
 def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
     """conf_t = (sum over classes k ascending with N_k > 0 of (N*_k / N_k) / lambda_k) / |K'|
-    in float64 (SPEC 6); N_k = pixels whose argmax p is k, N*_k = those with q_k >= 1.
+    in float64 (docs/ops.md §6); N_k = pixels whose argmax p is k, N*_k = those with q_k >= 1.
 
     Returns:
         (B,) float64, 0 for an image with no class (impossible for H, W >= 1).
@@ -421,7 +421,7 @@ def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor
 
 
 def confidence_from_counts(n: torch.Tensor, n_sure: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-    """conf_t from the per-image counts n, n_sure (B, C) integer (N_k and N*_k of SPEC 6):
+    """conf_t from the per-image counts n, n_sure (B, C) integer (N_k and N*_k of docs/ops.md §6):
     float64, the classes added in ascending order (the C++ twin's order, so equal bits)."""
     B, C = n.shape
     lam = lambdas.to(device=n.device, dtype=torch.float32).double()
@@ -436,7 +436,7 @@ def confidence_from_counts(n: torch.Tensor, n_sure: torch.Tensor, lambdas: torch
 
 def split_easy_hard(conf: torch.Tensor, easy_portion: float = 0.3) -> torch.Tensor:
     """Easy (True) = the first floor(easy_portion * N) images by conf descending, ties by
-    ascending index (SPEC 6). conf: (N,). Returns (N,) bool."""
+    ascending index (docs/ops.md §6). conf: (N,). Returns (N,) bool."""
     N = conf.numel()
     order = torch.sort(conf, descending=True, stable=True).indices
     easy = torch.zeros(N, dtype=torch.bool, device=conf.device)
@@ -445,7 +445,7 @@ def split_easy_hard(conf: torch.Tensor, easy_portion: float = 0.3) -> torch.Tens
 
 
 def tpld_soft_targets(probs: torch.Tensor, lambdas: torch.Tensor, *, gamma: float = 2.0) -> torch.Tensor:
-    """Full soft targets of easy images (SPEC 6): the one-hot vector of the confident class at
+    """Full soft targets of easy images (docs/ops.md §6): the one-hot vector of the confident class at
     confident pixels, y_k = q_k ** gamma (float32, not normalised) elsewhere.
 
     Returns:
@@ -521,7 +521,7 @@ def bootstrap_loss(logits: torch.Tensor, target: Optional[torch.Tensor], lambdas
                    teacher_logits: Optional[torch.Tensor] = None, gamma: float = 2.0,
                    ignore_index: int = 255, size: Optional[Sequence[int]] = None,
                    align_corners: bool = True, reduction: str = "mean") -> torch.Tensor:
-    """TPLD's bootstrapping loss (SPEC 6), reference: `bootstrap_loss_terms` on float32 logits
+    """TPLD's bootstrapping loss (docs/ops.md §6), reference: `bootstrap_loss_terms` on float32 logits
     (upsampled with F.interpolate to the target's (H, W)). With ``teacher_logits`` (target None,
     ``size`` given) the targets are `teacher_targets`'. Returns a float32 0-dim tensor."""
     if teacher_logits is not None:
@@ -535,7 +535,7 @@ def bootstrap_loss(logits: torch.Tensor, target: Optional[torch.Tensor], lambdas
 
 def mrkld_loss_terms(x: torch.Tensor, target: torch.Tensor, is_target: torch.Tensor, *,
                      mrkld_weight: float, ignore_index: int, align_corners: bool) -> torch.Tensor:
-    """CRST-MRKLD (SPEC 5) in the dtype of `x`: ce_sum / n_valid + w * kld_sum / n_valid_tgt,
+    """CRST-MRKLD (docs/ops.md §5) in the dtype of `x`: ce_sum / n_valid + w * kld_sum / n_valid_tgt,
     kld_sum = sum over valid pixels of target crops of -(1/C) sum_c log p_c; the KLD term is
     dropped when n_valid_tgt = 0 and the loss is 0 when n_valid = 0.
 

@@ -1,4 +1,4 @@
-"""Public `region_loss` (SPEC section 2): validation, backend choice and dispatch.
+"""Public `region_loss` (docs/ops.md §2): validation, backend choice and dispatch.
 
 Backends: "cpp" (C++/OpenMP, the CPU default) and "triton" (the CUDA default) are fused: one pass
 reads the low-resolution logits and the labels, upsamples on the fly, and yields the parts and
@@ -62,7 +62,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
                 return_parts: bool = False, deterministic: bool = False,
                 backend: Optional[str] = None):
     """IAST's self-training loss: CE + lambda_kld * KLD-to-uniform on labelled pixels, plus
-    lambda_ent * entropy on ignored pixels, with the released normalisation (SPEC 2).
+    lambda_ent * entropy on ignored pixels, with the released normalisation (docs/ops.md §2).
 
     Args:
         logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled bilinearly (as
@@ -78,7 +78,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
         deterministic: ask for bit-identical gradients from run to run. Every fused backend
             already is (no atomics: each low-resolution gradient cell is summed by one owner in
             a fixed order), so this is a promise kept, not a slower path.
-        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
+        backend: "triton", "cpp" or "torch" (default: docs/ops.md §0).
     Returns:
         a float32 0-dim tensor, or (loss, ce, kld, ent). A part with no pixels is 0.
     """

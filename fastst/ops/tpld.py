@@ -1,4 +1,4 @@
-"""Public TPLD operators (SPEC 6): `tpld_vote`, `image_confidence`, `split_easy_hard`,
+"""Public TPLD operators (docs/ops.md §6): `tpld_vote`, `image_confidence`, `split_easy_hard`,
 `tpld_soft_targets`, `bootstrap_loss`, `self_information`; validation, backend choice, dispatch.
 
 Backends: "cpp" (C++/OpenMP, the CPU default) for the vote, the confidence and the fused loss;
@@ -34,7 +34,7 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, weight: float = 0.7,
               iterations: int = 3, backend: Optional[str] = None) -> torch.Tensor:
-    """TPLD's sliding-window two-phase voting (SPEC 6): densify the confident map.
+    """TPLD's sliding-window two-phase voting (docs/ops.md §6): densify the confident map.
 
     q = p / lambda; the confident map labels argmax q where max q >= 1. Each iteration gives
     every unlabelled pixel x, with candidates k1, k2 (its two largest q, lower index first on
@@ -47,7 +47,7 @@ def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, we
         probs: (B, C, H, W) float32/float16/bfloat16 probabilities, any strides.
         lambdas: (C,) class thresholds, > 0.
         window: odd window side >= 1. weight: in [0, 1]. iterations: >= 0 (0: the confident map).
-        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
+        backend: "triton", "cpp" or "torch" (default: docs/ops.md §0).
     Returns:
         (B, H, W) uint8, 255 = unlabelled.
     """
@@ -72,7 +72,7 @@ def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, we
 
 
 def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """TPLD's image confidence conf_t (SPEC 6), fused with the confident-label pass in "cpp" and
+    """TPLD's image confidence conf_t (docs/ops.md §6), fused with the confident-label pass in "cpp" and
     "triton" (the CUDA default):
     the mean over the classes k present as argmax p of (N*_k / N_k) / lambda_k, float64, with
     N_k the pixels whose argmax p is k and N*_k those of them with q_k >= 1.
@@ -97,7 +97,7 @@ def image_confidence(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Opt
 
 
 def split_easy_hard(conf: torch.Tensor, easy_portion: float = 0.3, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Easy/hard split (SPEC 6): sort by conf descending (ties: ascending index); the first
+    """Easy/hard split (docs/ops.md §6): sort by conf descending (ties: ascending index); the first
     floor(easy_portion * N) images are easy.
 
     Args:
@@ -118,7 +118,7 @@ def split_easy_hard(conf: torch.Tensor, easy_portion: float = 0.3, *, backend: O
 
 def tpld_soft_targets(probs: torch.Tensor, lambdas: torch.Tensor, *, gamma: float = 2.0,
                       backend: Optional[str] = None) -> torch.Tensor:
-    """Full soft targets of an easy image (SPEC 6): the one-hot vector of the confident class at
+    """Full soft targets of an easy image (docs/ops.md §6): the one-hot vector of the confident class at
     confident pixels, y_k = q_k ** gamma (not normalised) elsewhere.
 
     Args:
@@ -135,7 +135,7 @@ def tpld_soft_targets(probs: torch.Tensor, lambdas: torch.Tensor, *, gamma: floa
 
 
 def self_information(probs: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Weighted self-information I = -p * log2(p + 1e-30) / log2(C) (SPEC 6, ADVENT), the input
+    """Weighted self-information I = -p * log2(p + 1e-30) / log2(C) (docs/ops.md §6, ADVENT), the input
     of the intra-domain discriminator; differentiable, in the dtype of probs (float64 too),
     (B, C, H, W)."""
     probs = _checks.check_tensor("probs", probs, ndim=4, dtypes=_checks.FLOAT_DTYPES + (torch.float64,),
@@ -150,7 +150,7 @@ def bootstrap_loss(logits: torch.Tensor, target: Optional[torch.Tensor], lambdas
                    ignore_index: int = 255, size: Optional[Sequence[int]] = None,
                    align_corners: bool = True, reduction: str = "mean",
                    backend: Optional[str] = None) -> torch.Tensor:
-    """TPLD's bootstrapping loss (SPEC 6), fused forward and backward in "cpp" and "triton".
+    """TPLD's bootstrapping loss (docs/ops.md §6), fused forward and backward in "cpp" and "triton".
 
     With p = softmax(upsample(logits)) and q = p / lambda, each pixel with a target adds
     -sum_k (beta * y_k + (1 - beta) * stopgrad(q_k)) * log q_k.
@@ -173,7 +173,7 @@ def bootstrap_loss(logits: torch.Tensor, target: Optional[torch.Tensor], lambdas
         size: None or the target's (H, W) (checked); required with teacher_logits.
         reduction: "mean" (divide by the number of pixels with a target; 0 if none) or "sum"
             (for callers with their own normaliser, e.g. phase 1's n_valid over all crops).
-        backend: "triton", "cpp" or "torch" (default: SPEC section 0).
+        backend: "triton", "cpp" or "torch" (default: docs/ops.md §0).
     Returns:
         float32 0-dim loss, differentiable w.r.t. logits.
     """

@@ -113,7 +113,7 @@ inline float power(float q, float gamma) {
 
 // kBootstrapTeacher: s.target = the soft targets of a tile from the teacher's upsampled logits
 // (channel-major, row stride kTile): one-hot of argmax q (lowest index on ties) where max q >= 1,
-// else q ** gamma, with q = fdiv(softmax, lambda) (SPEC 6, tpld_soft_targets).
+// else q ** gamma, with q = fdiv(softmax, lambda) (docs/ops.md §6, tpld_soft_targets).
 FASTST_CPU_CLONES void teacher_targets(TileScratch& s, int64_t n, const Constants& k, const float* teacher) {
   const int64_t C = k.C;
   float* q = s.teacher.data();

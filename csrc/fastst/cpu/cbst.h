@@ -1,4 +1,4 @@
-// CBST class-balanced thresholds (SPEC 5) on the CPU: the subsampled value store and the exact
+// CBST class-balanced thresholds (docs/ops.md §5) on the CPU: the subsampled value store and the exact
 // per-class order statistics.
 #pragma once
 #include <cstdint>

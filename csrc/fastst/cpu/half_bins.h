@@ -1,4 +1,4 @@
-// Histogram slots of official-mode IAS (SPEC 1.2): the float16 bit pattern of each m, per class.
+// Histogram slots of official-mode IAS (docs/ops.md §1.2): the float16 bit pattern of each m, per class.
 #pragma once
 #include <cstdint>
 

@@ -1,4 +1,4 @@
-// Fused region loss (SPEC 2) on the CPU: forward parts and, when asked, d loss / d logits.
+// Fused region loss (docs/ops.md §2) on the CPU: forward parts and, when asked, d loss / d logits.
 #pragma once
 #include "../kernels/region_loss.h"
 

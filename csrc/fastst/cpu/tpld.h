@@ -1,4 +1,4 @@
-// TPLD (SPEC 6) and CBST labels (SPEC 5) on the CPU: the per-pixel pass (confident labels,
+// TPLD (docs/ops.md §6) and CBST labels (docs/ops.md §5) on the CPU: the per-pixel pass (confident labels,
 // voting candidates, image confidence) and the sliding-window vote. The fused losses are in
 // bootstrap_loss.h.
 #pragma once
@@ -23,7 +23,7 @@ struct TpldPixelArgs {
 
 void tpld_pixels_cpu(const TpldPixelArgs& args);
 
-// Voting (SPEC 6) in place on `labels` (B, H, W), which holds the confident map on entry.
+// Voting (docs/ops.md §6) in place on `labels` (B, H, W), which holds the confident map on entry.
 void tpld_vote_cpu(uint8_t* labels, const uint8_t* k1, const uint8_t* k2, const float* q1, const float* q2,
                    int64_t B, int64_t H, int64_t W, int64_t window, double weight, int64_t iterations);
 

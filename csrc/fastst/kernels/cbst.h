@@ -1,5 +1,5 @@
-// Per-pixel arithmetic of CBST's class-balanced labels (SPEC 5) and of TPLD's confident map
-// (SPEC 6), shared by the CPU and any device twin:
+// Per-pixel arithmetic of CBST's class-balanced labels (docs/ops.md §5) and of TPLD's confident map
+// (docs/ops.md §6), shared by the CPU and any device twin:
 //   q_k = float32(p_k) / float32(lambda_k)   (IEEE round-to-nearest division)
 //   label = argmax_k q_k (lowest index on ties) where max_k q_k >= 1, else 255.
 // The same pass yields the two largest q (the voting candidates) and argmax_k p (for the image

@@ -1,4 +1,4 @@
-// Per-class arithmetic of the IAS selector (SPEC section 1), shared by cpu/ias.cpp and
+// Per-class arithmetic of the IAS selector (docs/ops.md §1), shared by cpu/ias.cpp and
 // cuda/ias.cu and transcribed operation by operation from fastst/ops/reference.py, so every
 // backend rounds identically. Every floating-point operation goes through dmul/dadd/dsub: on the
 // device these are the _rn intrinsics, which nvcc never contracts into an FMA; on the host the
@@ -21,7 +21,7 @@ struct IasArgs {
   double* theta_per_instance;// (G, C), G = ceil(B / group)
   uint8_t* labels;           // (B, HW)
   double alpha, beta, gamma;
-  bool official;             // SPEC 1.2 when true, else 1.1 ("paper")
+  bool official;             // docs/ops.md §1.2 when true, else 1.1 ("paper")
   int64_t group;             // images per instance (1 in paper mode)
   int32_t* hist;             // CUDA official mode: (G, C, kOfficialBins) workspace, zeroed
 };
@@ -65,7 +65,7 @@ FASTST_HD double theta_pow(double theta, double gamma) {
   return dadd(r.hi, r.lo);
 }
 
-// ---- mode "paper" (SPEC 1.1) ----
+// ---- mode "paper" (docs/ops.md §1.1) ----
 // Rank r (0-based, in descending order) of psi among the n values of a class; n >= 1.
 FASTST_HD int64_t paper_rank(double k, int64_t n) {
   double r = floor(dmul(k, (double)n));
@@ -78,7 +78,7 @@ FASTST_HD double paper_ema(double theta, double psi, double beta) {
   return dadd(dmul(beta, theta), dmul(dsub(1.0, beta), psi));
 }
 
-// ---- mode "official" (SPEC 1.2): numpy.percentile(arr, q), "linear", arr = [theta] + values ----
+// ---- mode "official" (docs/ops.md §1.2): numpy.percentile(arr, q), "linear", arr = [theta] + values ----
 // Where the two order statistics lo = sorted(arr)[j_lo], hi = sorted(arr)[j_hi] come from and how
 // they are mixed; n = number of values (arr has n + 1 elements).
 struct PercentilePlan {

@@ -1,4 +1,4 @@
-// Per-pixel arithmetic of the fused region loss (SPEC 2), for the CPU kernel and any device twin.
+// Per-pixel arithmetic of the fused region loss (docs/ops.md §2), for the CPU kernel and any device twin.
 //
 // For one full-resolution pixel with (upsampled) logits v_c, u_c = v_c - max_c v_c,
 // e_c = exp(u_c), s = sum_c e_c, p_c = e_c / s and E = sum_c p_c u_c (all relative to the max, so

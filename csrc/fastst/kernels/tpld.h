@@ -1,6 +1,6 @@
-// Per-pixel arithmetic of TPLD (SPEC 6) shared by the CPU kernels and their device twins:
+// Per-pixel arithmetic of TPLD (docs/ops.md §6) shared by the CPU kernels and their device twins:
 // the voting score and decision, the image confidence, and the per-pixel coefficients of the
-// fused self-training losses (bootstrapping, SPEC 6; CRST-MRKLD, SPEC 5).
+// fused self-training losses (bootstrapping, docs/ops.md §6; CRST-MRKLD, docs/ops.md §5).
 #pragma once
 #include "../common.h"
 #include "cbst.h"
@@ -46,7 +46,7 @@ FASTST_HD double image_confidence_of(const int64_t* n, const int64_t* n_sure, co
 //   kBootstrapTeacher: kBootstrapSoft with the targets made in the pass from a teacher's logits
 //                   (LossInputs::aux, upsampled like the student's): p_t = softmax, q_t = p_t /
 //                   lambda, y = onehot(argmax q_t) where max q_t >= 1, else q_t ** gamma
-//                   (SPEC 6, tpld_soft_targets); every pixel, no label map.
+//                   (docs/ops.md §6, tpld_soft_targets); every pixel, no label map.
 enum StLossMode : int { kBootstrapHard = 0, kBootstrapSoft = 1, kMrkld = 2, kBootstrapTeacher = 3 };
 
 struct StLossArgs : LossInputs {

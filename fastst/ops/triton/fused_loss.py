@@ -1,6 +1,6 @@
 """The Triton skeleton of the fused per-pixel losses (the twin of csrc/fastst/cpu/fused_loss.h):
-one kernel serves the region loss (SPEC 2) and the self-training losses (bootstrapping, SPEC 6;
-CRST-MRKLD, SPEC 5). Only the per-pixel loss and gradient differ; the constexpr MODE picks it
+one kernel serves the region loss (docs/ops.md §2) and the self-training losses (bootstrapping, docs/ops.md §6;
+CRST-MRKLD, docs/ops.md §5). Only the per-pixel loss and gradient differ; the constexpr MODE picks it
 at compile time, so each mode compiles to its own kernel with no runtime branch.
 
 Skeleton. Logits (B, C, h, w) are upsampled on the fly to the target's (H, W) and no
@@ -22,7 +22,7 @@ Per-pixel parts (p = softmax(v), u = v - max v, s = sum exp u, "labelled" = a cl
                   (u - E) gradient term (ent sum 0), and a row of only ignored pixels is not
                   visited at all (its gradient is 0). Loss and gradient are unchanged.
   BOOTSTRAP_HARD  c = (beta onehot(y) + (1 - beta) q) at labelled pixels, 0 elsewhere, with
-                  q = div_rn(p, lambda) (IEEE division, SPEC 6); sum 0 gets
+                  q = div_rn(p, lambda) (IEEE division, docs/ops.md §6); sum 0 gets
                   -sum_k c_k log q_k = S log s - sum c u + sum c log lambda (S = sum_k c_k),
                   the gradient is grad_scale * (p S - c) (q is a constant: stop-gradient).
   BOOTSTRAP_SOFT  the same with y = soft target (B, C, H, W) float32 at unlabelled pixels; every
@@ -30,7 +30,7 @@ Per-pixel parts (p = softmax(v), u = v - max v, s = sum exp u, "labelled" = a cl
   BOOTSTRAP_TEACHER  BOOTSTRAP_SOFT with no label map and the targets made in the pass from a
                   teacher's logits (B, C, h, w) float32, upsampled with the student's taps:
                   q_t = div_rn(softmax, lambda), onehot(argmax q_t) where max q_t >= 1, else
-                  q_t ** gamma (coef[3]) (SPEC 6, tpld_soft_targets).
+                  q_t ** gamma (coef[3]) (docs/ops.md §6, tpld_soft_targets).
   MRKLD           sums (ce, kld over target crops), gradient
                   p (a + b) - b / C - a onehot(y), a = 1/n_valid, b = w/n_valid_tgt on target crops.
 
@@ -102,7 +102,7 @@ def _softmax_stats(v, cls_ok):
 @triton.jit
 def _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, coef_ptr, C: tl.constexpr,
                   NEED_KLD: tl.constexpr, NEED_ENT: tl.constexpr):
-    """Region loss (SPEC 2). coef: [1/n_v, 1/(C n_i), lambda_kld, lambda_ent]. Returns the
+    """Region loss (docs/ops.md §2). coef: [1/n_v, 1/(C n_i), lambda_kld, lambda_ent]. Returns the
     per-pixel (ce, kld, ent) and the gradient tile; a term not NEEDed (its lambda is 0) gives
     0 and is not computed. Without NEED_ENT the gradient p scale_p + shift is the full one's
     exactly: scale_pv is then a signed zero everywhere (kernels/region_loss.h,
@@ -137,7 +137,7 @@ def _region_pixel(u, e, log_s, inv_s, is_label, labelled, unlabelled, cls_ok, co
 
 @triton.jit
 def _mrkld_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, target_crop, coef_ptr, C: tl.constexpr):
-    """CRST-MRKLD (SPEC 5). coef: [1/n_valid, w/n_valid_tgt] (0 for an empty set);
+    """CRST-MRKLD (docs/ops.md §5). coef: [1/n_valid, w/n_valid_tgt] (0 for an empty set);
     target_crop: whether this image is a target-domain crop. Returns (ce, kld, 0) per pixel and
     the gradient tile."""
     inv_nv = tl.load(coef_ptr)
@@ -158,7 +158,7 @@ def _mrkld_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, target_crop, co
 @triton.jit
 def _bootstrap_pixel(u, e, log_s, inv_s, is_label, labelled, cls_ok, y_soft, lam, log_lam, coef_ptr,
                      SOFT: tl.constexpr):
-    """Bootstrapping loss (SPEC 6). coef: [grad_scale, beta, 1 - beta]; lam, log_lam: (C_PAD,)
+    """Bootstrapping loss (docs/ops.md §6). coef: [grad_scale, beta, 1 - beta]; lam, log_lam: (C_PAD,)
     (1 and 0 on padded classes); y_soft: the soft-target tile (SOFT). Returns
     (-sum_k c_k log q_k, 0, 0) per pixel and the gradient tile grad_scale * (p S - c)."""
     grad_scale = tl.load(coef_ptr)

@@ -1,4 +1,4 @@
-"""Triton twin of the fused region loss `fastst::region_loss_cpp` (SPEC 2): parts and d loss /
+"""Triton twin of the fused region loss `fastst::region_loss_cpp` (docs/ops.md §2): parts and d loss /
 d logits from the low-resolution logits and the labels, upsampling on the fly, with no
 (B, C, H, W) tensor and no atomics.
 

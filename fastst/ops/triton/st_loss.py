@@ -1,5 +1,5 @@
 """Triton twin of the fused self-training losses `fastst::st_loss_cpp`: TPLD's bootstrapping
-loss with hard or soft targets (SPEC 6) and CRST-MRKLD (SPEC 5), forward and d loss / d logits in
+loss with hard or soft targets (docs/ops.md §6) and CRST-MRKLD (docs/ops.md §5), forward and d loss / d logits in
 one pass, upsampling on the fly, no (B, C, H, W) tensor, no atomics (deterministic gradients).
 
 The kernel is the shared fused-loss skeleton of `fused_loss.py`, in the mode given by the op's
@@ -33,8 +33,8 @@ def st_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
                    beta: float, mrkld_weight: float, gamma: float, sum_reduction: bool, ignore_index: int,
                    out_h: int, out_w: int, align_corners: bool,
                    compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused bootstrapping (mode 0 hard / 1 soft / 3 soft from a teacher, SPEC 6) or CRST-MRKLD
-    (mode 2, SPEC 5) loss in Triton; arguments and outputs exactly those of `fastst::st_loss_cpp`.
+    """Fused bootstrapping (mode 0 hard / 1 soft / 3 soft from a teacher, docs/ops.md §6) or CRST-MRKLD
+    (mode 2, docs/ops.md §5) loss in Triton; arguments and outputs exactly those of `fastst::st_loss_cpp`.
 
     Args:
         logits: (B, C, h, w) float32/float16/bfloat16, any strides; upsampled on the fly to

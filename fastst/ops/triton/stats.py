@@ -1,4 +1,4 @@
-"""Triton twin of the fused statistics pass `fastst::pixel_stats` (SPEC 1.3): one read of the
+"""Triton twin of the fused statistics pass `fastst::pixel_stats` (docs/ops.md §1.3): one read of the
 scores gives, per output pixel, m = max_c p, a = argmax_c p (lowest index on ties), the per-(image,
 class) counts of a and the value-check flags, where p = x (probabilities) or p = softmax(x) in
 float32 (logits), after an optional on-the-fly bilinear upsample. The (B, C, H, W) upsampled

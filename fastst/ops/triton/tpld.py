@@ -1,4 +1,4 @@
-"""Triton twin of the TPLD vote `fastst::tpld_vote_cpp` (SPEC 6).
+"""Triton twin of the TPLD vote `fastst::tpld_vote_cpp` (docs/ops.md §6).
 
 Two kernels. The pixel pass reads the probabilities once: q = div_rn(p, lambda) per class in
 class order, q's top-2 (k1, k2, q1, q2; strict '>' so the lower index wins ties), the confident
@@ -42,7 +42,7 @@ def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_p
     """Program (block, b): BLOCK pixels of image b. p: (B, C, H, W) any float dtype and strides;
     lam: (C,) float32; outputs (B, H, W) contiguous. COUNT: also add each pixel to counts
     (B, C, 2) int32 [N_k, N*_k] at k = argmax p (lowest index on ties), N* where q_k >= 1
-    (image_confidence, SPEC 6). TOP2: also store k1, k2, q1, q2 (the vote's inputs)."""
+    (image_confidence, docs/ops.md §6). TOP2: also store k1, k2, q1, q2 (the vote's inputs)."""
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < H * W
@@ -202,7 +202,7 @@ def _tpld_vote_triton_fake(probs, lambdas, window, weight, iterations):
 @torch.library.custom_op("fastst::image_confidence_triton", mutates_args=())
 def image_confidence_triton(probs: torch.Tensor,
                             lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """conf_t per image fused with the confident-label pass (SPEC 6), Triton: arguments and
+    """conf_t per image fused with the confident-label pass (docs/ops.md §6), Triton: arguments and
     outputs as `fastst::image_confidence_cpp` (labels (B, H, W) uint8, conf (B,) float64, flags
     (1,) int32). One pass over probs counts N_k and N*_k per image (atomics on integers, so the
     counts do not depend on the order); conf then follows in float64 with the classes added in
@@ -224,7 +224,7 @@ def _image_confidence_triton_fake(probs, lambdas):
 
 @torch.library.custom_op("fastst::cbst_label_triton", mutates_args=())
 def cbst_label_triton(probs: torch.Tensor, lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CBST labels / TPLD confident map (SPEC 5, 6) in Triton: arguments and outputs as
+    """CBST labels / TPLD confident map (docs/ops.md §5, §6) in Triton: arguments and outputs as
     `fastst::cbst_label_cpp` (labels (B, H, W) uint8, flags (1,) int32); one pass over probs."""
     labels, *_, flags = _pixel_pass("fastst::cbst_label_triton", probs, lambdas, top2=False)
     return labels, flags
