@@ -2,8 +2,9 @@
 
 A configuration is a nested dict. ``load_config(preset, overrides)`` reads
 ``fastst/presets/<preset>.yaml``, lays it over ``BASE_DEFAULTS`` (so every key exists and the
-resolved file ``DIR/config.yaml`` shows them all), fills each stage from ``STAGE_DEFAULTS`` of its
-method, applies the overrides and validates the result::
+resolved file ``DIR/config.yaml`` shows them all), fills each stage from the DEFAULTS of its
+method's Stage class (fastst/methods/, found through the registry ``fastst.methods``; together
+``STAGE_DEFAULTS``), applies the overrides and validates the result::
 
     cfg = load_config("iast_gta5", ["stages.round1.alpha=0.25", "data.source.root=/data/GTA5"])
 
@@ -25,10 +26,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from .atomic import atomic_write
+from .methods import METHOD_NAMES, stage_class
 
-__all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "STAGE_DEFAULTS", "available_presets",
-           "load_preset", "load_config", "apply_overrides", "validate_config", "flat_keys",
-           "dump_config", "recipe_differences", "get_key"]
+__all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "COMMON_STAGE_DEFAULTS", "STAGE_DEFAULTS",
+           "stage_defaults", "available_presets", "load_preset", "load_config", "apply_overrides",
+           "validate_config", "flat_keys", "dump_config", "recipe_differences", "get_key", "fail",
+           "check_int", "check_real", "check_choice", "check_size", "check_str", "check_bool",
+           "check_betas", "check_scales"]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -121,74 +125,45 @@ BASE_DEFAULTS: Dict[str, Any] = {
     },
 }
 
-# Keys of a stage, by method. Every stage names its method; the rest comes from here unless the
-# preset sets it. epochs and t_max count epochs of floor(|source| / batch_size) iterations
-# (README "Training"); iterations / iterations_per_epoch, when set, replace the computed numbers.
-# lr is the recipe's LR: the backbone trains at backbone_lr_mult * lr and the head (ASPP and
-# classifier) at head_lr_mult * lr. IAST's released build_optimizer gives 0.1 * LR and LR (the
-# defaults of source_only, warmup and iast stages); CBST/CRST/TPLD give LR and 10 * LR (the
-# class-balanced stages' defaults). The cosine schedule's floor is eta_min_ratio * lr for every
-# group and the discriminator. select_every: under chain=released, the stage evaluates on the
-# val split and keeps model snapshots every select_every iterations (the released ITER_VAL).
-# eval_protocol: null (the run's eval settings) or a released evaluation by name
-# (fastst.evaluate.PROTOCOLS, e.g. iast_round: IAST's 768x1536 validation of the rounds), used
-# for the stage's result and for chain=released's selection.
-_COMMON_STAGE = {"epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4,
-                 "backbone_lr_mult": 0.1, "head_lr_mult": 1.0, "freeze_bn_affine": True,
-                 "iterations": None, "iterations_per_epoch": None, "select_every": 400,
-                 "eval_protocol": None}
-STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "source_only": {**_COMMON_STAGE, "freeze_bn_affine": False},
-    # variant: "output" (IAST's output-space GAN), "multilevel" (AdaptSegNet: + an auxiliary
-    # classifier on layer3 and its own discriminator, weights lambda_seg_aux / lambda_adv_aux)
-    # or "advent" (GAN on self-information maps); gan: "lsgan", "bce" or "auto" (the variant's
-    # own: lsgan for output, bce otherwise). See fastst/methods/warmup.py.
-    "warmup": {**_COMMON_STAGE, "d_lr": 2.0e-5, "lambda_adv": 0.05, "d_ndf": 64,
-               "d_first_kernel": 3, "variant": "output", "gan": "auto",
-               "lambda_adv_aux": 0.0002, "lambda_seg_aux": 0.1},
-    # selector: "ias" (instance-adaptive, pseudo.mode), "constant" (max p >= threshold) or
-    # "cbst" (class-balanced thresholds at portion, with subsample). See fastst/methods/iast.py.
-    "iast": {**_COMMON_STAGE, "alpha": 0.2, "pseudo_size": [640, 1280], "lambda_kld": 0.1,
-             "lambda_ent": 3.0, "source_weight": 0.0, "selector": "ias", "threshold": 0.9,
-             "portion": 0.2, "subsample": 4},
-}
-# The class-balanced rounds (docs/recipes.md §5-§6): SGD with a constant lr, BN in eval mode, pseudo labels
-# from the 0.9-scale input and its flip at pseudo_size with class-balanced thresholds at
-# `portion`. CBST/CRST and TPLD phase 1 train on a mixed list of every target image and
-# floor(source_portion * |source|) source images (drawn with source_seed); TPLD phase 2 on easy
-# and hard target crops.
-_CLASS_BALANCED = {**_COMMON_STAGE, "epochs": 2, "t_max": 2, "batch_size": 2, "lr": 5.0e-5,
-                   "backbone_lr_mult": 1.0, "head_lr_mult": 10.0,
-                   "optimizer": "sgd", "momentum": 0.9, "lr_schedule": "constant",
-                   "bn_eval": True, "portion": 0.2, "pseudo_size": [1024, 2048],
-                   "pseudo_scales": [0.9], "pseudo_flip": True, "subsample": 4}
-_MIXED = {"source_portion": 0.03, "source_seed": 4, "mine_p": 0.8, "mine_portion": 1.0e-3,
-          "mrkld_weight": 0.01}
-_VOTE = {"vote_window": 7, "vote_weight": 0.7, "vote_iterations": 3, "beta": 0.95}
-STAGE_DEFAULTS.update({
-    # loss: "ce" (CBST), "mrkld" (CRST-MRKLD), "lrent" (CRST-LRENT, soft labels of temperature
-    # lrent_alpha from the round's teacher); in tpld_phase1 the base method TPLD is built on.
-    "cbst": {**_CLASS_BALANCED, **_MIXED, "loss": "mrkld", "lrent_alpha": 0.25},
-    "tpld_phase1": {**_CLASS_BALANCED, **_MIXED, **_VOTE, "loss": "mrkld", "lrent_alpha": 0.25},
-    "tpld_phase2": {**_CLASS_BALANCED, "beta": 0.95, "easy_portion": 0.3, "gamma": 2.0,
-                    "lambda_adv": 0.001, "d_lr": 1.0e-4, "d_betas": [0.9, 0.99], "d_ndf": 64,
-                    "d_first_kernel": 4, "soft_targets": "crop"},
-})
-# tpld_phase2 soft_targets: where the easy crops' calibrated targets come from: "pass" (the
-# pass's probabilities, which lambda came from, mapped onto each crop) or "crop" (the teacher
-# on the augmented crop). See fastst/methods/tpld.py.
-TPLD_SOFT_TARGETS = ("pass", "crop")
+# Keys every stage has, whatever its method; each method's Stage class (fastst/methods/) owns
+# the rest: its DEFAULTS (these plus its own keys) and its validate(config, prefix). The preset
+# fills each stage from its method's DEFAULTS unless it sets a key. epochs and t_max count epochs
+# of floor(|source| / batch_size) iterations (README "Training"); iterations /
+# iterations_per_epoch, when set, replace the computed numbers. lr is the recipe's LR: the
+# backbone trains at backbone_lr_mult * lr and the head (ASPP and classifier) at head_lr_mult *
+# lr. IAST's released build_optimizer gives 0.1 * LR and LR (these defaults); CBST/CRST/TPLD
+# give LR and 10 * LR (the class-balanced stages' defaults). The cosine schedule's floor is
+# eta_min_ratio * lr for every group and the discriminator. select_every: under chain=released,
+# the stage evaluates on the val split and keeps model snapshots every select_every iterations
+# (the released ITER_VAL). eval_protocol: null (the run's eval settings) or a released
+# evaluation by name (fastst.evaluate.PROTOCOLS, e.g. iast_round: IAST's 768x1536 validation of
+# the rounds), used for the stage's result and for chain=released's selection.
+COMMON_STAGE_DEFAULTS: Dict[str, Any] = {
+    "epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4, "backbone_lr_mult": 0.1,
+    "head_lr_mult": 1.0, "freeze_bn_affine": True, "iterations": None,
+    "iterations_per_epoch": None, "select_every": 400, "eval_protocol": None}
+
+
+def stage_defaults(method: str) -> Dict[str, Any]:
+    """A copy of the keys and default values of a stage of ``method`` (its Stage class's
+    DEFAULTS, fastst/methods/); ConfigError listing the methods if there is none."""
+    if method not in METHOD_NAMES:
+        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHOD_NAMES)}")
+    return copy.deepcopy(stage_class(method).DEFAULTS)
+
+
+def __getattr__(name: str) -> Any:
+    # STAGE_DEFAULTS (method -> its stage keys and defaults) is read from the method registry
+    # when first asked for: the method modules import this one for its checks.
+    if name == "STAGE_DEFAULTS":
+        return {method: stage_defaults(method) for method in METHOD_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _DEVICES = ("auto", "cpu", "cuda")
 _AMP = ("bfloat16", "float16", "none")
 _CHAINS = ("last", "released")
 _IAS_MODES = ("official", "paper")
-_OPTIMIZERS = ("adam", "sgd")
-_LR_SCHEDULES = ("cosine", "constant")
-_CBST_LOSSES = ("ce", "mrkld", "lrent")
-WARMUP_VARIANTS = ("output", "multilevel", "advent")
-WARMUP_GANS = ("auto", "lsgan", "bce")
-IAST_SELECTORS = ("ias", "constant", "cbst")
 
 
 def available_presets() -> List[str]:
@@ -223,7 +198,7 @@ def load_config(preset: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
 
 def resolve(raw: Mapping[str, Any], *, source: str) -> Dict[str, Any]:
     """``raw`` (a preset's dict) merged over BASE_DEFAULTS, each stage over its method's
-    STAGE_DEFAULTS. Keys that exist in neither raise ConfigError."""
+    defaults (``stage_defaults``). Keys that exist in neither raise ConfigError."""
     config = copy.deepcopy(BASE_DEFAULTS)
     stages = raw.get("stages", {})
     if not isinstance(stages, Mapping):
@@ -232,12 +207,12 @@ def resolve(raw: Mapping[str, Any], *, source: str) -> Dict[str, Any]:
     for name, settings in stages.items():
         if not isinstance(settings, Mapping) or "method" not in settings:
             raise ConfigError(f"{source}: stage {name!r} must be a mapping with a 'method' (one "
-                              f"of {', '.join(STAGE_DEFAULTS)})")
+                              f"of {', '.join(METHOD_NAMES)})")
         method = settings["method"]
-        if method not in STAGE_DEFAULTS:
+        if method not in METHOD_NAMES:
             raise ConfigError(f"{source}: stage {name!r} has unknown method {method!r}; valid "
-                              f"methods: {', '.join(STAGE_DEFAULTS)}")
-        stage = {"method": method, **copy.deepcopy(STAGE_DEFAULTS[method])}
+                              f"methods: {', '.join(METHOD_NAMES)}")
+        stage = {"method": method, **stage_defaults(method)}
         _merge(stage, {k: v for k, v in settings.items() if k != "method"}, source=source,
                prefix=f"stages.{name}.")
         config["stages"][name] = stage
@@ -343,19 +318,19 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
 
 # --- validation -------------------------------------------------------------------------------
 
-def _fail(key: str, expected: str, value: Any) -> None:
+def fail(key: str, expected: str, value: Any) -> None:
     raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
-def _int(config, key, low=None, *, optional=False):
+def check_int(config, key, low=None, *, optional=False):
     value = get_key(config, key)
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        _fail(key, f"an integer >= {low}" if low is not None else "an integer", value)
+        fail(key, f"an integer >= {low}" if low is not None else "an integer", value)
 
 
-def _real(config, key, low=None, high=None, *, low_open=False, optional=False):
+def check_real(config, key, low=None, high=None, *, low_open=False, optional=False):
     value = get_key(config, key)
     if optional and value is None:
         return
@@ -367,29 +342,53 @@ def _real(config, key, low=None, high=None, *, low_open=False, optional=False):
     if not ok:
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
-        _fail(key, "a finite number " + " and ".join(p for p in (lo, hi) if p), value)
+        fail(key, "a finite number " + " and ".join(p for p in (lo, hi) if p), value)
 
 
-def _choice(config, key, choices):
+def check_choice(config, key, choices):
     value = get_key(config, key)
     if value not in choices:
-        _fail(key, f"one of {', '.join(map(str, choices))}", value)
+        fail(key, f"one of {', '.join(map(str, choices))}", value)
 
 
-def _size(config, key, *, optional=False):
+def check_size(config, key, *, optional=False):
     value = get_key(config, key)
     if optional and value is None:
         return
     if (not isinstance(value, list) or len(value) != 2
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-        _fail(key, "[height, width], two positive integers" + (" or null" if optional else ""),
+        fail(key, "[height, width], two positive integers" + (" or null" if optional else ""),
               value)
 
 
-def _str(config, key, *, optional=False):
+def check_str(config, key, *, optional=False):
     value = get_key(config, key)
     if not (isinstance(value, str) and value) and not (optional and value is None):
-        _fail(key, "a non-empty string" + (" or null" if optional else ""), value)
+        fail(key, "a non-empty string" + (" or null" if optional else ""), value)
+
+
+def check_bool(config, key):
+    value = get_key(config, key)
+    if not isinstance(value, bool):
+        fail(key, "true or false", value)
+
+
+def check_betas(config, key):
+    """[beta1, beta2] of an Adam optimizer, each in [0, 1)."""
+    betas = get_key(config, key)
+    if (not isinstance(betas, list) or len(betas) != 2
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+                   for b in betas)):
+        fail(key, "[beta1, beta2], each in [0, 1)", betas)
+
+
+def check_scales(config, key):
+    """A non-empty list of positive numbers (input scales)."""
+    scales = get_key(config, key)
+    if (not isinstance(scales, list) or not scales
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
+                   for s in scales)):
+        fail(key, "a non-empty list of positive numbers", scales)
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
@@ -397,69 +396,59 @@ def validate_config(config: Mapping[str, Any]) -> None:
     from fastst.data import DATASET_NAMES
     from fastst.models.resnet import RESNET_SPECS
 
-    _int(config, "seed", 0)
-    _int(config, "seeds", 1)
-    _int(config, "num_classes", 2)
+    check_int(config, "seed", 0)
+    check_int(config, "seeds", 1)
+    check_int(config, "num_classes", 2)
     if config["num_classes"] > 254:
-        _fail("num_classes", "at most 254 (labels are uint8 with 255 = ignore)",
+        fail("num_classes", "at most 254 (labels are uint8 with 255 = ignore)",
               config["num_classes"])
     _validate_class_set(config)
-    _choice(config, "chain", _CHAINS)
-    _choice(config, "model.backbone", sorted(RESNET_SPECS))
-    _str(config, "model.pretrained", optional=True)
+    check_choice(config, "chain", _CHAINS)
+    check_choice(config, "model.backbone", sorted(RESNET_SPECS))
+    check_str(config, "model.pretrained", optional=True)
     for part in ("source", "target", "val"):
-        _choice(config, f"data.{part}.dataset", DATASET_NAMES)
-        _str(config, f"data.{part}.root")
-        _str(config, f"data.{part}.split")
-        _str(config, f"data.{part}.list_file", optional=True)
+        check_choice(config, f"data.{part}.dataset", DATASET_NAMES)
+        check_str(config, f"data.{part}.root")
+        check_str(config, f"data.{part}.split")
+        check_str(config, f"data.{part}.list_file", optional=True)
     for part in ("source", "target"):
         _validate_subset(config, f"data.{part}.subset")
         if config["data"][part]["domain"] not in (None, "source", "target"):
-            _fail(f"data.{part}.domain", "null, source or target", config["data"][part]["domain"])
-        _size(config, f"data.{part}.resize", optional=True)
-        _size(config, f"data.{part}.crop_height_range")
+            fail(f"data.{part}.domain", "null, source or target", config["data"][part]["domain"])
+        check_size(config, f"data.{part}.resize", optional=True)
+        check_size(config, f"data.{part}.crop_height_range")
         low, high = config["data"][part]["crop_height_range"]
         if low > high:
-            _fail(f"data.{part}.crop_height_range", "[min, max] with min <= max", [low, high])
-    _size(config, "data.val.input_size", optional=True)
+            fail(f"data.{part}.crop_height_range", "[min, max] with min <= max", [low, high])
+    check_size(config, "data.val.input_size", optional=True)
     synthetic = config["data"]["synthetic"]
     if synthetic is not None and not isinstance(synthetic, dict):
-        _fail("data.synthetic", "null or a mapping of ensure_synthetic arguments", synthetic)
-    _size(config, "data.crop_size")
-    _real(config, "data.aspect", 0, low_open=True)
+        fail("data.synthetic", "null or a mapping of ensure_synthetic arguments", synthetic)
+    check_size(config, "data.crop_size")
+    check_real(config, "data.aspect", 0, low_open=True)
     for key in ("flip_p", "brightness_contrast_p"):
-        _real(config, f"data.{key}", 0, 1)
+        check_real(config, f"data.{key}", 0, 1)
     for key in ("brightness", "contrast"):
-        _real(config, f"data.{key}", 0)
-    betas = config["optim"]["betas"]
-    if (not isinstance(betas, list) or len(betas) != 2
-            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
-                   for b in betas)):
-        _fail("optim.betas", "[beta1, beta2], each in [0, 1)", betas)
-    _real(config, "optim.weight_decay", 0)
-    _real(config, "optim.eta_min_ratio", 0, 1)
-    _choice(config, "pseudo.mode", _IAS_MODES)
-    _int(config, "pseudo.group", 1)
+        check_real(config, f"data.{key}", 0)
+    check_betas(config, "optim.betas")
+    check_real(config, "optim.weight_decay", 0)
+    check_real(config, "optim.eta_min_ratio", 0, 1)
+    check_choice(config, "pseudo.mode", _IAS_MODES)
+    check_int(config, "pseudo.group", 1)
     if config["pseudo"]["mode"] == "paper" and config["pseudo"]["group"] != 1:
-        _fail("pseudo.group", "1 with pseudo.mode=paper (instance = one image)",
+        fail("pseudo.group", "1 with pseudo.mode=paper (instance = one image)",
               config["pseudo"]["group"])
-    _real(config, "pseudo.beta", 0, 1)
-    _real(config, "pseudo.gamma", 0)
-    _int(config, "pseudo.batch_size", 1)
+    check_real(config, "pseudo.beta", 0, 1)
+    check_real(config, "pseudo.gamma", 0)
+    check_int(config, "pseudo.batch_size", 1)
     if config["pseudo"]["batch_size"] % config["pseudo"]["group"]:
-        _fail("pseudo.batch_size", f"a multiple of pseudo.group = {config['pseudo']['group']} "
+        fail("pseudo.batch_size", f"a multiple of pseudo.group = {config['pseudo']['group']} "
               "(instances must not straddle batches)", config["pseudo"]["batch_size"])
-    _int(config, "pseudo.order_seed", 0)
-    if not isinstance(config["pseudo"]["colour"], bool):
-        _fail("pseudo.colour", "true or false", config["pseudo"]["colour"])
-    scales = config["eval"]["scales"]
-    if (not isinstance(scales, list) or not scales
-            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
-                   for s in scales)):
-        _fail("eval.scales", "a non-empty list of positive numbers", scales)
-    if not isinstance(config["eval"]["flip"], bool):
-        _fail("eval.flip", "true or false", config["eval"]["flip"])
-    _int(config, "eval.batch_size", 1)
+    check_int(config, "pseudo.order_seed", 0)
+    check_bool(config, "pseudo.colour")
+    check_scales(config, "eval.scales")
+    check_bool(config, "eval.flip")
+    check_int(config, "eval.batch_size", 1)
     _validate_stages(config)
     _validate_runtime(config)
 
@@ -467,7 +456,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
 def _validate_class_set(config: Mapping[str, Any]) -> None:
     from fastst.data.ids import CLASS_SETS
 
-    _choice(config, "data.class_set", tuple(CLASS_SETS))
+    check_choice(config, "data.class_set", tuple(CLASS_SETS))
     class_set = CLASS_SETS[config["data"]["class_set"]]
     if config["num_classes"] != class_set.num_classes:
         others = ", ".join(f"data.class_set={s.name} with num_classes={s.num_classes}"
@@ -483,115 +472,41 @@ def _validate_subset(config: Mapping[str, Any], key: str) -> None:
         return
     expected = "null or {fraction: (0, 1], seed: int >= 0, part: labelled or unlabelled}"
     if not isinstance(subset, dict) or set(subset) != {"fraction", "seed", "part"}:
-        _fail(key, expected, subset)
-    _real(config, f"{key}.fraction", 0, 1, low_open=True)
-    _int(config, f"{key}.seed", 0)
-    _choice(config, f"{key}.part", ("labelled", "unlabelled"))
+        fail(key, expected, subset)
+    check_real(config, f"{key}.fraction", 0, 1, low_open=True)
+    check_int(config, f"{key}.seed", 0)
+    check_choice(config, f"{key}.part", ("labelled", "unlabelled"))
 
 
 def _validate_stages(config: Mapping[str, Any]) -> None:
     stages, pipeline = config["stages"], config["pipeline"]
     if not isinstance(pipeline, list) or not pipeline or not all(isinstance(s, str)
                                                                   for s in pipeline):
-        _fail("pipeline", "a non-empty list of stage names", pipeline)
+        fail("pipeline", "a non-empty list of stage names", pipeline)
     unknown = [s for s in pipeline if s not in stages]
     if unknown:
         raise ConfigError(f"pipeline names stages {unknown} that are not under 'stages' "
                           f"(defined: {', '.join(stages) or 'none'})")
     if len(set(pipeline)) != len(pipeline):
-        _fail("pipeline", "a list without repeated stages", pipeline)
+        fail("pipeline", "a list without repeated stages", pipeline)
     for name in pipeline:
         prefix = f"stages.{name}"
-        _int(config, f"{prefix}.epochs", 1)
-        _real(config, f"{prefix}.t_max", 0, low_open=True)
-        _int(config, f"{prefix}.batch_size", 1)
-        _real(config, f"{prefix}.lr", 0, low_open=True)
-        _real(config, f"{prefix}.backbone_lr_mult", 0, low_open=True)
-        _real(config, f"{prefix}.head_lr_mult", 0, low_open=True)
-        _int(config, f"{prefix}.select_every", 1)
+        check_int(config, f"{prefix}.epochs", 1)
+        check_real(config, f"{prefix}.t_max", 0, low_open=True)
+        check_int(config, f"{prefix}.batch_size", 1)
+        check_real(config, f"{prefix}.lr", 0, low_open=True)
+        check_real(config, f"{prefix}.backbone_lr_mult", 0, low_open=True)
+        check_real(config, f"{prefix}.head_lr_mult", 0, low_open=True)
+        check_int(config, f"{prefix}.select_every", 1)
         protocol = stages[name]["eval_protocol"]
         if protocol is not None:
             from fastst.evaluate import PROTOCOLS
 
-            _choice(config, f"{prefix}.eval_protocol", (None, *PROTOCOLS))
-        _int(config, f"{prefix}.iterations", 1, optional=True)
-        _int(config, f"{prefix}.iterations_per_epoch", 1, optional=True)
-        if not isinstance(stages[name]["freeze_bn_affine"], bool):
-            _fail(f"{prefix}.freeze_bn_affine", "true or false", stages[name]["freeze_bn_affine"])
-        method = stages[name]["method"]
-        if method == "warmup":
-            _real(config, f"{prefix}.d_lr", 0, low_open=True)
-            _real(config, f"{prefix}.lambda_adv", 0)
-            _int(config, f"{prefix}.d_ndf", 1)
-            _int(config, f"{prefix}.d_first_kernel", 1)
-            _choice(config, f"{prefix}.variant", WARMUP_VARIANTS)
-            _choice(config, f"{prefix}.gan", WARMUP_GANS)
-            _real(config, f"{prefix}.lambda_adv_aux", 0)
-            _real(config, f"{prefix}.lambda_seg_aux", 0)
-        elif method == "iast":
-            _real(config, f"{prefix}.alpha", 0, 1, low_open=True)
-            _size(config, f"{prefix}.pseudo_size")
-            _real(config, f"{prefix}.lambda_kld", 0)
-            _real(config, f"{prefix}.lambda_ent", 0)
-            _real(config, f"{prefix}.source_weight", 0)
-            _choice(config, f"{prefix}.selector", IAST_SELECTORS)
-            _real(config, f"{prefix}.threshold", 0, 1, low_open=True)
-            _real(config, f"{prefix}.portion", 0, 1)
-            _int(config, f"{prefix}.subsample", 1)
-        elif method in ("cbst", "tpld_phase1", "tpld_phase2"):
-            _validate_class_balanced(config, prefix, method)
-
-
-def _validate_class_balanced(config: Mapping[str, Any], prefix: str, method: str) -> None:
-    stage = get_key(config, prefix)
-    _choice(config, f"{prefix}.optimizer", _OPTIMIZERS)
-    _real(config, f"{prefix}.momentum", 0, 1)
-    _choice(config, f"{prefix}.lr_schedule", _LR_SCHEDULES)
-    if not isinstance(stage["bn_eval"], bool):
-        _fail(f"{prefix}.bn_eval", "true or false", stage["bn_eval"])
-    _real(config, f"{prefix}.portion", 0, 1)
-    _size(config, f"{prefix}.pseudo_size")
-    scales = stage["pseudo_scales"]
-    if (not isinstance(scales, list) or not scales
-            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
-                   for s in scales)):
-        _fail(f"{prefix}.pseudo_scales", "a non-empty list of positive numbers", scales)
-    if not isinstance(stage["pseudo_flip"], bool):
-        _fail(f"{prefix}.pseudo_flip", "true or false", stage["pseudo_flip"])
-    _int(config, f"{prefix}.subsample", 1)
-    if method in ("cbst", "tpld_phase1"):
-        _real(config, f"{prefix}.source_portion", 0, 1)
-        _int(config, f"{prefix}.source_seed", 0)
-        _real(config, f"{prefix}.mine_p", 0, 1)
-        _real(config, f"{prefix}.mine_portion", 0, 1)
-        _real(config, f"{prefix}.mrkld_weight", 0)
-        _choice(config, f"{prefix}.loss", _CBST_LOSSES)
-        _real(config, f"{prefix}.lrent_alpha", 0, low_open=True)
-    if method == "tpld_phase1":
-        _int(config, f"{prefix}.vote_window", 1)
-        if stage["vote_window"] % 2 == 0:
-            _fail(f"{prefix}.vote_window", "an odd integer (the window is centred on the pixel)",
-                  stage["vote_window"])
-        _real(config, f"{prefix}.vote_weight", 0, 1)
-        _int(config, f"{prefix}.vote_iterations", 0)
-    if method in ("tpld_phase1", "tpld_phase2"):
-        _real(config, f"{prefix}.beta", 0, 1)
-    if method == "tpld_phase2":
-        _real(config, f"{prefix}.easy_portion", 0, 1, low_open=True)
-        if stage["easy_portion"] >= 1:
-            _fail(f"{prefix}.easy_portion", "in (0, 1) (some images must be hard)",
-                  stage["easy_portion"])
-        _real(config, f"{prefix}.gamma", 0)
-        _real(config, f"{prefix}.lambda_adv", 0)
-        _real(config, f"{prefix}.d_lr", 0, low_open=True)
-        betas = stage["d_betas"]
-        if (not isinstance(betas, list) or len(betas) != 2
-                or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
-                       for b in betas)):
-            _fail(f"{prefix}.d_betas", "[beta1, beta2], each in [0, 1)", betas)
-        _int(config, f"{prefix}.d_ndf", 1)
-        _int(config, f"{prefix}.d_first_kernel", 1)
-        _choice(config, f"{prefix}.soft_targets", TPLD_SOFT_TARGETS)
+            check_choice(config, f"{prefix}.eval_protocol", (None, *PROTOCOLS))
+        check_int(config, f"{prefix}.iterations", 1, optional=True)
+        check_int(config, f"{prefix}.iterations_per_epoch", 1, optional=True)
+        check_bool(config, f"{prefix}.freeze_bn_affine")
+        stage_class(stages[name]["method"]).validate(config, prefix)
 
 
 CBST_THRESHOLD_STORES = ("auto", "values", "histogram")
@@ -599,26 +514,26 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 
 
 def _validate_runtime(config: Mapping[str, Any]) -> None:
-    _choice(config, "runtime.device", _DEVICES)
-    _choice(config, "runtime.amp", _AMP)
-    _choice(config, "runtime.cbst_thresholds", CBST_THRESHOLD_STORES)
-    _choice(config, "runtime.compile", COMPILE_MODES)
+    check_choice(config, "runtime.device", _DEVICES)
+    check_choice(config, "runtime.amp", _AMP)
+    check_choice(config, "runtime.cbst_thresholds", CBST_THRESHOLD_STORES)
+    check_choice(config, "runtime.compile", COMPILE_MODES)
     for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data",
                 "pseudo_quality", "sync_bn", "amp_pseudo"):
         if not isinstance(config["runtime"][key], bool):
-            _fail(f"runtime.{key}", "true or false", config["runtime"][key])
-    _int(config, "runtime.workers", 0)
-    _int(config, "runtime.threads", 1, optional=True)
+            fail(f"runtime.{key}", "true or false", config["runtime"][key])
+    check_int(config, "runtime.workers", 0)
+    check_int(config, "runtime.threads", 1, optional=True)
     for key in ("log_every", "image_every", "checkpoint_every", "pseudo_state_every",
                 "write_threads"):
-        _int(config, f"runtime.{key}", 1)
-    _int(config, "runtime.stop_after_iterations", 0, optional=True)
-    _int(config, "runtime.stop_after_pseudo_batches", 0, optional=True)
+        check_int(config, f"runtime.{key}", 1)
+    check_int(config, "runtime.stop_after_iterations", 0, optional=True)
+    check_int(config, "runtime.stop_after_pseudo_batches", 0, optional=True)
     reuse = config["runtime"]["reuse_from"]
     if reuse is not None and not (isinstance(reuse, str) and reuse) and not (
             isinstance(reuse, list) and all(isinstance(r, str) and r for r in reuse)):
-        _fail("runtime.reuse_from", "null, a run directory or a list of them", reuse)
-    _int(config, "runtime.max_nonfinite_steps", 1)
+        fail("runtime.reuse_from", "null, a run directory or a list of them", reuse)
+    check_int(config, "runtime.max_nonfinite_steps", 1)
 
 
 # --- files -------------------------------------------------------------------------------------

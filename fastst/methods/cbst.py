@@ -2,7 +2,7 @@
 
 Before its first iteration the round labels the whole target train set with the model it starts
 from (its teacher: the previous stage's last checkpoint), in eval mode, through
-``fastst.cbst_pass.cbst_pass``: probabilities of the ``pseudo_scales`` inputs and their flips at
+``fastst.methods.labelling.cbst_pass``: probabilities of the ``pseudo_scales`` inputs and their flips at
 ``pseudo_size``, class-balanced thresholds at this round's ``portion`` (streamed, with
 ``subsample``), labels ``argmax p / lambda`` where ``max >= 1``. Labels land in
 DIR/<round>/pseudo/labels/, thresholds, densities and per-image confidences in
@@ -49,15 +49,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastst.cbst_pass import cbst_pass, pass_probabilities, read_cbst_manifest
+from fastst.config import (COMMON_STAGE_DEFAULTS, check_bool, check_choice, check_int,
+                           check_real, check_scales, check_size)
 from fastst.data.mining import MiningSizedCrop, mining_train_transform
 from fastst.data.mixed import ITEM_KEYS, MixedDomainDataset, sample_source_indices
 from fastst.data.pseudo_label import PseudoLabelDataset
 from fastst.data.transforms import BrightnessContrast, Compose, HorizontalFlip, RandomSizedCrop
 from fastst.methods.datasets import build_role, crop_arguments, crop_transform
+from fastst.methods.labelling import (LABEL_DIR, cbst_pass, pass_probabilities, read_cbst_manifest,
+                                      require_finished_pass)
 from fastst.methods.st_losses import cbst_loss, lrent_loss, lrent_soft_labels
 from fastst.methods.trainer import Stage
-from fastst.pseudo import LABEL_DIR, require_finished_pass
 
 __all__ = ["ClassBalancedRound", "CBSTRound", "PSEUDO_DIR", "CropRecorder", "CropGeometry",
            "GEOMETRY_KEYS", "pass_map_on_crop"]
@@ -173,9 +175,53 @@ def pass_map_on_crop(probs: torch.Tensor, box: Sequence[int], image_size: Sequen
     return probs.index_select(-2, rows).index_select(-1, cols)
 
 
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+LOSSES = ("ce", "mrkld", "lrent")
+# The keys of the rounds that train on the mixed source + target list (CBST/CRST, TPLD phase 1):
+# floor(source_portion * |source|) source images drawn with source_seed, rare-class mining.
+MIXED_DEFAULTS = {"source_portion": 0.03, "source_seed": 4, "mine_p": 0.8,
+                  "mine_portion": 1.0e-3, "mrkld_weight": 0.01}
+# loss: "ce" (CBST), "mrkld" (CRST-MRKLD), "lrent" (CRST-LRENT, soft labels of temperature
+# lrent_alpha from the round's teacher); in tpld_phase1 the base method TPLD is built on.
+LOSS_DEFAULTS = {"loss": "mrkld", "lrent_alpha": 0.25}
+
+
+def validate_mixed(config, prefix: str) -> None:
+    """ConfigError naming the first invalid key of MIXED_DEFAULTS or LOSS_DEFAULTS."""
+    check_real(config, f"{prefix}.source_portion", 0, 1)
+    check_int(config, f"{prefix}.source_seed", 0)
+    check_real(config, f"{prefix}.mine_p", 0, 1)
+    check_real(config, f"{prefix}.mine_portion", 0, 1)
+    check_real(config, f"{prefix}.mrkld_weight", 0)
+    check_choice(config, f"{prefix}.loss", LOSSES)
+    check_real(config, f"{prefix}.lrent_alpha", 0, low_open=True)
+
+
 class ClassBalancedRound(Stage):
     """What the CBST/CRST rounds and both TPLD phases share: the class-balanced pseudo-label
     pass before training, the class thresholds on the device, and the teacher model."""
+
+    # docs/recipes.md §5-§6: SGD with a constant lr, BN in eval mode, pseudo labels from the
+    # 0.9-scale input and its flip at pseudo_size with class-balanced thresholds at `portion`.
+    DEFAULTS = {**COMMON_STAGE_DEFAULTS, "epochs": 2, "t_max": 2, "batch_size": 2,
+                "lr": 5.0e-5, "backbone_lr_mult": 1.0, "head_lr_mult": 10.0,
+                "optimizer": "sgd", "momentum": 0.9, "lr_schedule": "constant",
+                "bn_eval": True, "portion": 0.2, "pseudo_size": [1024, 2048],
+                "pseudo_scales": [0.9], "pseudo_flip": True, "subsample": 4}
+
+    @classmethod
+    def validate(cls, config, prefix: str) -> None:
+        """ConfigError naming the first invalid class-balanced key of stage ``prefix``."""
+        check_choice(config, f"{prefix}.optimizer", OPTIMIZERS)
+        check_real(config, f"{prefix}.momentum", 0, 1)
+        check_choice(config, f"{prefix}.lr_schedule", LR_SCHEDULES)
+        check_bool(config, f"{prefix}.bn_eval")
+        check_real(config, f"{prefix}.portion", 0, 1)
+        check_size(config, f"{prefix}.pseudo_size")
+        check_scales(config, f"{prefix}.pseudo_scales")
+        check_bool(config, f"{prefix}.pseudo_flip")
+        check_int(config, f"{prefix}.subsample", 1)
 
     manifest: Optional[Dict[str, Any]] = None
     teacher_model: Optional[nn.Module] = None
@@ -267,6 +313,12 @@ class ClassBalancedRound(Stage):
 
 class CBSTRound(ClassBalancedRound):
     method = "cbst"
+    DEFAULTS = {**ClassBalancedRound.DEFAULTS, **MIXED_DEFAULTS, **LOSS_DEFAULTS}
+
+    @classmethod
+    def validate(cls, config, prefix: str) -> None:
+        super().validate(config, prefix)
+        validate_mixed(config, prefix)
 
     @property
     def uses_teacher(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from fastst.config import COMMON_STAGE_DEFAULTS
 from fastst.methods.trainer import Stage
 from fastst.ops import region_loss
 
@@ -24,6 +25,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class SourceOnly(Stage):
     method = "source_only"
+    # The stage keys (fastst.config.COMMON_STAGE_DEFAULTS; BN affine parameters train).
+    DEFAULTS = {**COMMON_STAGE_DEFAULTS, "freeze_bn_affine": False}
+
+    @classmethod
+    def validate(cls, config, prefix: str) -> None:
+        """Nothing beyond the keys every stage has (checked by fastst.config)."""
 
     def setup(self, model: nn.Module) -> None:
         self.source = self.stream("source", self.settings["batch_size"])

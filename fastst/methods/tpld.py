@@ -44,7 +44,10 @@ import torch
 from torch import nn
 
 from fastst.atomic import read_json, write_json_atomic
-from fastst.methods.cbst import CBSTRound, ClassBalancedRound, CropGeometry, CropRecorder
+from fastst.config import (check_betas, check_choice, check_int, check_real, fail,
+                           get_key)
+from fastst.methods.cbst import (LOSS_DEFAULTS, MIXED_DEFAULTS, CBSTRound, ClassBalancedRound,
+                                 CropGeometry, CropRecorder)
 from fastst.methods.datasets import IndexedSubset, build_role, crop_transform
 from fastst.methods.st_losses import (lrent_soft_labels, tpld_phase1_loss,
                                       tpld_phase1_lrent_loss)
@@ -59,8 +62,28 @@ HARD_LABEL = 0.0
 SPLIT_NAME = "split.json"
 
 
+# tpld_phase2 soft_targets: where the easy crops' calibrated targets come from: "pass" (the
+# pass's probabilities, which lambda came from, mapped onto each crop) or "crop" (the teacher on
+# the augmented crop).
+SOFT_TARGETS = ("pass", "crop")
+
+
 class TPLDPhase1(CBSTRound):
     method = "tpld_phase1"
+    # The sliding-window vote densifying the pass's labels, and the bootstrapping loss's beta.
+    DEFAULTS = {**ClassBalancedRound.DEFAULTS, **MIXED_DEFAULTS, "vote_window": 7,
+                "vote_weight": 0.7, "vote_iterations": 3, "beta": 0.95, **LOSS_DEFAULTS}
+
+    @classmethod
+    def validate(cls, config, prefix: str) -> None:
+        super().validate(config, prefix)
+        check_int(config, f"{prefix}.vote_window", 1)
+        if get_key(config, f"{prefix}.vote_window") % 2 == 0:
+            fail(f"{prefix}.vote_window", "an odd integer (the window is centred on the pixel)",
+                 get_key(config, f"{prefix}.vote_window"))
+        check_real(config, f"{prefix}.vote_weight", 0, 1)
+        check_int(config, f"{prefix}.vote_iterations", 0)
+        check_real(config, f"{prefix}.beta", 0, 1)
 
     def vote(self) -> Dict[str, Any]:
         settings = self.settings
@@ -81,6 +104,27 @@ class TPLDPhase1(CBSTRound):
 
 class TPLDPhase2(ClassBalancedRound):
     method = "tpld_phase2"
+    # Easy/hard split at easy_portion, calibrated targets of exponent gamma, and the
+    # intra-domain discriminator of the hard crops.
+    DEFAULTS = {**ClassBalancedRound.DEFAULTS, "beta": 0.95, "easy_portion": 0.3, "gamma": 2.0,
+                "lambda_adv": 0.001, "d_lr": 1.0e-4, "d_betas": [0.9, 0.99], "d_ndf": 64,
+                "d_first_kernel": 4, "soft_targets": "crop"}
+
+    @classmethod
+    def validate(cls, config, prefix: str) -> None:
+        super().validate(config, prefix)
+        check_real(config, f"{prefix}.beta", 0, 1)
+        check_real(config, f"{prefix}.easy_portion", 0, 1, low_open=True)
+        if get_key(config, f"{prefix}.easy_portion") >= 1:
+            fail(f"{prefix}.easy_portion", "in (0, 1) (some images must be hard)",
+                 get_key(config, f"{prefix}.easy_portion"))
+        check_real(config, f"{prefix}.gamma", 0)
+        check_real(config, f"{prefix}.lambda_adv", 0)
+        check_real(config, f"{prefix}.d_lr", 0, low_open=True)
+        check_betas(config, f"{prefix}.d_betas")
+        check_int(config, f"{prefix}.d_ndf", 1)
+        check_int(config, f"{prefix}.d_first_kernel", 1)
+        check_choice(config, f"{prefix}.soft_targets", SOFT_TARGETS)
 
     def split(self) -> Dict[str, Any]:
         """The easy/hard split of the target set by conf_t (written to DIR/<stage>/split.json)."""

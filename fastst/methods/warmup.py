@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastst.config import WARMUP_VARIANTS
+from fastst.config import COMMON_STAGE_DEFAULTS, check_choice, check_int, check_real
 from fastst.methods.source_only import cross_entropy
 from fastst.methods.trainer import Stage
 from fastst.models import FCDiscriminator
@@ -52,7 +52,7 @@ __all__ = ["Warmup", "SOURCE_LABEL", "TARGET_LABEL", "VARIANTS", "GAN_LOSSES", "
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0
-VARIANTS = WARMUP_VARIANTS
+VARIANTS = ("output", "multilevel", "advent")
 GAN_LOSSES = ("lsgan", "bce")
 # The GAN loss each method was published with, taken when the stage says ``gan: auto``.
 _VARIANT_GAN = {"output": "lsgan", "multilevel": "bce", "advent": "bce"}
@@ -108,6 +108,25 @@ def adversarial_loss(discriminator: nn.Module, target_maps: torch.Tensor,
 
 class Warmup(Stage):
     method = "warmup"
+    # variant: "output" (IAST's output-space GAN), "multilevel" (AdaptSegNet: + an auxiliary
+    # classifier on layer3 and its own discriminator, weights lambda_seg_aux / lambda_adv_aux)
+    # or "advent" (GAN on self-information maps); gan: "lsgan", "bce" or "auto" (the variant's
+    # own: lsgan for output, bce otherwise).
+    DEFAULTS = {**COMMON_STAGE_DEFAULTS, "d_lr": 2.0e-5, "lambda_adv": 0.05, "d_ndf": 64,
+                "d_first_kernel": 3, "variant": "output", "gan": "auto",
+                "lambda_adv_aux": 0.0002, "lambda_seg_aux": 0.1}
+
+    @classmethod
+    def validate(cls, config, prefix: str) -> None:
+        """ConfigError naming the first warm-up key of stage ``prefix`` that is invalid."""
+        check_real(config, f"{prefix}.d_lr", 0, low_open=True)
+        check_real(config, f"{prefix}.lambda_adv", 0)
+        check_int(config, f"{prefix}.d_ndf", 1)
+        check_int(config, f"{prefix}.d_first_kernel", 1)
+        check_choice(config, f"{prefix}.variant", VARIANTS)
+        check_choice(config, f"{prefix}.gan", ("auto", *GAN_LOSSES))
+        check_real(config, f"{prefix}.lambda_adv_aux", 0)
+        check_real(config, f"{prefix}.lambda_seg_aux", 0)
 
     def setup(self, model: nn.Module) -> None:
         settings, ctx = self.settings, self.ctx
