@@ -72,8 +72,10 @@ def _role_size(config: Mapping[str, Any], role: str) -> int:
         count = STANDARD_SIZES[key]
     subset = spec.get("subset")
     if subset is not None:
-        labelled = math.floor(count * subset["fraction"])
-        count = labelled if subset["part"] == "labelled" else count - labelled
+        from fastst.methods.datasets import split_indices
+
+        labelled, unlabelled = split_indices(count, subset["fraction"], subset["seed"])
+        count = len(labelled if subset["part"] == "labelled" else unlabelled)
     return count
 
 
