@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastst.checkpoint import load_model
+from fastst.models import load_model
 from fastst.data import build_dataset
 from fastst.evaluate import evaluate
 

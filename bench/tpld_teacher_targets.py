@@ -24,8 +24,8 @@ import sys
 
 import torch
 
-from fastst.cbst_pass import pass_probabilities
-from fastst.checkpoint import load_model
+from fastst.methods.labelling import pass_probabilities
+from fastst.models import load_model
 from fastst.config import load_config
 from fastst.inference import predict_probs
 from fastst.methods.cbst import CropGeometry, CropRecorder, pass_map_on_crop

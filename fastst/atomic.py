@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, IO
 
+import torch
+
 
 @contextlib.contextmanager
 def atomic_write(path: "os.PathLike[str] | str", mode: str = "wb", *, durable: bool = True) -> Iterator[IO]:
@@ -49,4 +51,11 @@ def write_json_atomic(data: Any, path: "os.PathLike[str] | str", *, indent: int 
     with atomic_write(path, "w") as handle:
         json.dump(data, handle, indent=indent, sort_keys=sort_keys)
         handle.write("\n")
+    return Path(path)
+
+
+def save_torch_atomic(data: Any, path: "os.PathLike[str] | str") -> Path:
+    """``torch.save(data)`` at ``path``, atomically and durably (``atomic_write``)."""
+    with atomic_write(path) as handle:
+        torch.save(data, handle)
     return Path(path)

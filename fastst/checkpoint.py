@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic saving, loading with clear errors, and rebuilding the model.
+"""Checkpoint files: atomic saving, loading with clear errors and checking their contents (the
+model is rebuilt from a checkpoint by ``fastst.models.load_model``).
 
 A checkpoint is a dict saved with ``torch.save`` holding at least::
 
@@ -24,8 +25,8 @@ from torch import nn
 from .atomic import atomic_write
 from .faults import naming_file
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model",
-           "checkpoint_state", "read_torch_file", "load_state_dict_checked",
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "check_checkpoint",
+           "check_model_config", "checkpoint_state", "read_torch_file", "load_state_dict_checked",
            "ClassCountMismatch", "checkpoint_num_classes", "check_num_classes"]
 
 CHECKPOINT_FORMAT = "fastst-checkpoint-v1"
@@ -63,7 +64,7 @@ def save_checkpoint(path: PathLike, state: Mapping) -> Path:
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}; build it with "
                          "fastst.checkpoint.checkpoint_state(model, **extra)")
-    _check_model_config(state["model_config"], source="checkpoint state")
+    check_model_config(state["model_config"], source="checkpoint state")
     payload = {"format": CHECKPOINT_FORMAT, **{k: v for k, v in state.items() if k != "format"}}
 
     path = Path(path)
@@ -126,32 +127,8 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu",
     ValueError (a readable file that is not a fastst checkpoint), each naming the file.
     """
     state = read_torch_file(path, map_location, weights_only)
-    _check_checkpoint(state, source=str(path))
+    check_checkpoint(state, source=str(path))
     return state
-
-
-def load_model(path_or_state: Union[PathLike, Mapping],
-               map_location: MapLocation = "cpu") -> nn.Module:
-    """Rebuild the DeepLabV2 of a checkpoint (a path or an already loaded dict).
-
-    The model is built from ``state["model_config"]`` and ``state["model"]`` is loaded strictly
-    (every key present, none extra, equal shapes). When ``map_location`` is a device (string or
-    ``torch.device``) the model is moved there; it is returned in training mode like any new
-    module, so call ``.eval()`` for inference.
-    """
-    from fastst.models import deeplabv2  # imported here: fastst.models reads files through us
-
-    if isinstance(path_or_state, Mapping):
-        state, source = path_or_state, "checkpoint dict"
-        _check_checkpoint(state, source=source)
-    else:
-        state, source = load_checkpoint(path_or_state, map_location), str(path_or_state)
-    config = _check_model_config(state["model_config"], source=source)
-    model = deeplabv2(**config)
-    load_state_dict_checked(model, state["model"], source=source)
-    if isinstance(map_location, (str, torch.device)):
-        model.to(torch.device(map_location))
-    return model
 
 
 def checkpoint_num_classes(state: Mapping) -> Optional[int]:
@@ -238,7 +215,9 @@ def _corrupt(path: Path, error: BaseException, what: str) -> RuntimeError:
         "or re-create it")
 
 
-def _check_checkpoint(state: Any, *, source: str) -> None:
+def check_checkpoint(state: Any, *, source: str) -> None:
+    """ValueError naming ``source`` unless ``state`` is a fastst checkpoint dict (format, model,
+    model_config)."""
     if not isinstance(state, Mapping):
         raise ValueError(f"{source} is not a fastst checkpoint: it holds a "
                          f"{type(state).__name__}, not a dict")
@@ -253,7 +232,9 @@ def _check_checkpoint(state: Any, *, source: str) -> None:
             raise ValueError(f"{source}: fastst checkpoint lacks the {key!r} entry")
 
 
-def _check_model_config(config: Any, *, source: str) -> Dict[str, Any]:
+def check_model_config(config: Any, *, source: str) -> Dict[str, Any]:
+    """``config`` as a dict {"num_classes": int, "backbone": str}; ValueError naming ``source``
+    otherwise."""
     if (not isinstance(config, Mapping) or set(config) != {"num_classes", "backbone"}
             or not isinstance(config["backbone"], str)
             or isinstance(config["num_classes"], bool)

@@ -310,7 +310,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available; use --device cpu")
 
-    from .checkpoint import load_model
+    from .models import load_model
     from .data import build_dataset
 
     model = None

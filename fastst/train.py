@@ -259,7 +259,7 @@ def _pseudo_quality(ctx: RunContext, stage) -> Optional[Dict[str, Any]]:
     """Labelled proportion and P-mIoU of the stage's pseudo labels against the target's own
     labels (fastst.quality), logged to TensorBoard; None when the target has no labels."""
     from fastst.data.ids import CLASS_NAMES
-    from fastst.pseudo import LABEL_DIR
+    from fastst.methods.labelling import LABEL_DIR
     from fastst.quality import pseudo_label_quality
 
     config = ctx.config

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastst import cbst_pass as cbst_pass_module
-from fastst.cbst_pass import VALUES_STORE_LIMIT, threshold_store
+from fastst.methods.labelling import VALUES_STORE_LIMIT, threshold_store
+from fastst.methods.labelling import class_balanced as cbst_pass_module
 from fastst.config import ConfigError, load_config
 from fastst.methods.context import StopRequested
 from fastst.ops import ClassBalancedThresholds, radix_select

@@ -1,4 +1,4 @@
-"""The class-balanced pseudo-label pass (fastst.cbst_pass): thresholds, labels, voting and
+"""The class-balanced pseudo-label pass (fastst.methods.labelling.class_balanced): thresholds, labels, voting and
 confidences equal to the ops applied by hand, the manifest, TensorBoard logging, resumption after
 a stop in either pass, reuse of a finished pass, and argument checks."""
 import json
@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastst import cbst_pass as cbst_pass_module
-from fastst.cbst_pass import cbst_pass, mine_classes, read_cbst_manifest
+from fastst.methods.labelling import cbst_pass, mine_classes, read_cbst_manifest
+from fastst.methods.labelling import class_balanced as cbst_pass_module
 from fastst.config import load_config
 from fastst.data.pseudo_label import pseudo_label_path
 from fastst.inference import predict_probs
@@ -205,7 +205,7 @@ def test_a_fixed_threshold_labels_every_class_alike_without_pass_one(model, data
     def no_pass_one(*args, **kwargs):
         raise AssertionError("pass 1 must not run with a fixed threshold")
 
-    monkeypatch.setattr(cbst_pass_module, "_thresholds", no_pass_one)
+    monkeypatch.setattr(cbst_pass_module.ClassBalancedPass, "thresholds", no_pass_one)
     manifest = run(model, dataset, tmp_path / "out", context(tmp_path), threshold=0.5)
     batches, _, _ = by_hand(model, dataset, **OPTIONS)
     lambdas = torch.full((C,), 0.5)

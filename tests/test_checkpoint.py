@@ -6,9 +6,8 @@ import warnings
 import pytest
 import torch
 
-from fastst.checkpoint import (CHECKPOINT_FORMAT, checkpoint_state, load_checkpoint, load_model,
-                               save_checkpoint)
-from fastst.models import deeplabv2
+from fastst.checkpoint import CHECKPOINT_FORMAT, checkpoint_state, load_checkpoint, save_checkpoint
+from fastst.models import deeplabv2, load_model
 from helpers import mismatch
 
 

@@ -24,17 +24,16 @@ import torch
 from PIL import Image
 
 from fastst import distributed
-from fastst.cbst_pass import _kept_values, cbst_pass, thresholds_over_ranks
-from fastst.checkpoint import load_checkpoint, load_model
+from fastst.checkpoint import load_checkpoint
 from fastst.config import ConfigError, load_config
 from fastst.data import build_dataset
 from fastst.data.pseudo_label import pseudo_label_path
 from fastst.evaluate import evaluate
 from fastst.methods.context import RunContext, StopRequested
 from fastst.methods.streams import BatchStream
-from fastst.models import deeplabv2
+from fastst.models import deeplabv2, load_model
 from fastst.ops import ClassBalancedThresholds
-from fastst.pseudo import ias_pass
+from fastst.methods.labelling import cbst_pass, ias_pass, kept_values, thresholds_over_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import make_fixtures, tiny_overrides  # noqa: E402
@@ -418,7 +417,7 @@ def test_merged_thresholds_equal_the_accumulator(subsample):
         logits = torch.randn(2, 7, 20, 30, generator=generator) * sharpness
         logits[:, 6] -= 20  # class 6 nearly absent: few or no values
         accumulator.update(torch.softmax(logits, 1))
-    values, classes = _kept_values(accumulator, torch.device("cpu"))
+    values, classes = kept_values(accumulator, torch.device("cpu"))
     assert values.numel() > 0
     for portion in (0.0, 0.001, 0.2, 0.5, 0.97, 1.0):
         merged = thresholds_over_ranks(values, classes, 7, portion, distributed.SINGLE)

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Subset
 
-from fastst.checkpoint import checkpoint_state, load_model, save_checkpoint
+from fastst.checkpoint import checkpoint_state, save_checkpoint
 from fastst.data import build_dataset
 from fastst.data.ids import (CITYSCAPES_ID_TO_TRAIN_ID, CLASS_NAMES, CLASSES_16, PALETTE,
                              lookup_table)
@@ -19,7 +19,7 @@ from fastst.data.io import read_label, write_png_atomic
 from fastst.data.synthetic import ensure_synthetic
 from fastst.evaluate import PROTOCOLS, evaluate, main
 from fastst.inference import predict_probs, predict_scores
-from fastst.models import deeplabv2
+from fastst.models import deeplabv2, load_model
 from fastst.predictions import label_id_table, score_predictions, train_id_table
 
 from helpers import mismatch

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastst import train
-from fastst.checkpoint import checkpoint_state, load_checkpoint, load_model
+from fastst.checkpoint import checkpoint_state, load_checkpoint
 from fastst.config import ConfigError, load_config
 from fastst.data.pseudo_label import pseudo_label_path
 from fastst.methods import iast, warmup
@@ -19,7 +19,7 @@ from fastst.methods.context import StopRequested
 from fastst.methods.datasets import build_role
 from fastst.methods.warmup import (adversarial_loss, class_probabilities, discriminator_input,
                                    discriminator_loss, resolve_gan)
-from fastst.models import FCDiscriminator, deeplabv2
+from fastst.models import FCDiscriminator, deeplabv2, load_model
 from fastst.models.deeplabv2 import MultiLevelDeepLabV2
 from fastst.ops import ClassBalancedThresholds, cbst_pseudo_label, self_information
 from test_train import fixture_root, restore_threads, tiny_overrides  # noqa: F401

@@ -1,5 +1,6 @@
-"""The IAS pseudo-label pass (fastst.pseudo): seeded order, labels and thresholds equal to the op
-applied batch by batch, the manifest, resumption in the middle of the pass, and the CLI."""
+"""The IAS pseudo-label pass (fastst.methods.labelling.ias) and its command line (fastst.pseudo):
+seeded order, labels and thresholds equal to the op applied batch by batch, the manifest,
+resumption in the middle of the pass, and the CLI."""
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from fastst.config import load_config
 from fastst.data import build_dataset
 from fastst.data.pseudo_label import pseudo_label_path
 from fastst.methods.context import RunContext, StopRequested
+from fastst.methods.labelling import ias_pass
 from fastst.models import deeplabv2
 from fastst.ops import ias_pseudo_label
 
@@ -71,7 +73,7 @@ def context(tmp_path, **runtime):
 def run_pass(model, dataset, out, ctx, **kwargs):
     options = dict(alpha=0.2, size=SIZE, mode="official", group=2, batch_size=2)
     options.update(kwargs)
-    return pseudo.ias_pass(model, dataset, out, ctx, **options)
+    return ias_pass(model, dataset, out, ctx, **options)
 
 
 def read_labels(out, names):
@@ -262,7 +264,7 @@ def test_labels_of_a_checkpoint_are_the_op_on_its_float32_logits(model, target, 
     """python -m fastst.pseudo under a training autocast: the labels and thresholds are what
     the op gives on the float32 logits of the checkpoint's model (the op is exact given its
     input, so nothing else stands between them and the released code)."""
-    from fastst.checkpoint import load_model
+    from fastst.models import load_model
 
     amp_on_the_cpu(monkeypatch)
     checkpoint = tmp_path / "model.pt"

@@ -232,7 +232,8 @@ def test_dry_run_prints_json_and_table_without_data(capsys, tmp_path, monkeypatc
 # --- chain: released in a run ----------------------------------------------------------------
 
 def test_released_chain_trains_and_labels_from_the_selected_snapshots(tmp_path, monkeypatch):
-    from fastst.checkpoint import load_checkpoint, load_model
+    from fastst.checkpoint import load_checkpoint
+    from fastst.models import load_model
     from fastst.methods.context import RunContext
     from fastst.methods.iast import IASTRound
     from test_train import make_fixtures, tiny_overrides

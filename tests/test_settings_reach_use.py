@@ -82,7 +82,7 @@ CANDIDATES = {
 PSEUDO_CANDIDATES = {"mode": ("paper",), "group": (1,), "beta": (0.8, 0.85), "gamma": (5.0, 6.0),
                      "batch_size": (3,), "order_seed": (3, 4), "colour": (True, False)}
 # pseudo keys only the IAS pass reads (IAST rounds); the class-balanced passes take batch_size
-# and colour alone (fastst.cbst_pass.cbst_pass has no EMA, order or instance).
+# and colour alone (fastst.methods.labelling.cbst_pass has no EMA, order or instance).
 IAS_ONLY = ("mode", "group", "beta", "gamma", "order_seed")
 # pseudo.group of a second IAS pass in the official mode (3 images a batch: one group).
 OFFICIAL_GROUP = 3

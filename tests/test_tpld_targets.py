@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from fastst.cbst_pass import pass_probabilities
+from fastst.methods.labelling import pass_probabilities
 from fastst.config import load_config
 from fastst.data.pseudo_label import PseudoLabelDataset, pseudo_label_path
 from fastst.methods import tpld as tpld_module

@@ -2,8 +2,8 @@
 
 Before its first iteration the round labels the whole target train set with the model it starts
 from (its teacher: the previous stage's last checkpoint), in eval mode, through
-``fastst.cbst_pass.cbst_pass``: probabilities of the ``pseudo_scales`` inputs and their flips at
-``pseudo_size``, class-balanced thresholds at this round's ``portion`` (streamed, with
+``fastst.methods.labelling.cbst_pass``: probabilities of the ``pseudo_scales`` inputs and their
+flips at ``pseudo_size``, class-balanced thresholds at this round's ``portion`` (streamed, with
 ``subsample``), labels ``argmax p / lambda`` where ``max >= 1``. Labels land in
 DIR/<round>/pseudo/labels/, thresholds, densities and per-image confidences in
 DIR/<round>/pseudo/manifest.json.
@@ -49,7 +49,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastst.cbst_pass import cbst_pass, pass_probabilities, read_cbst_manifest
 from fastst.config import (COMMON_STAGE_DEFAULTS, check_bool, check_choice, check_int,
                            check_real, check_scales, check_size)
 from fastst.data.mining import MiningSizedCrop, mining_train_transform
@@ -57,9 +56,10 @@ from fastst.data.mixed import ITEM_KEYS, MixedDomainDataset, sample_source_indic
 from fastst.data.pseudo_label import PseudoLabelDataset
 from fastst.data.transforms import BrightnessContrast, Compose, HorizontalFlip, RandomSizedCrop
 from fastst.methods.datasets import build_role, crop_arguments, crop_transform
+from fastst.methods.labelling import (LABEL_DIR, cbst_pass, pass_probabilities, read_cbst_manifest,
+                                      require_finished_pass)
 from fastst.methods.st_losses import cbst_loss, lrent_loss, lrent_soft_labels
 from fastst.methods.trainer import Stage
-from fastst.pseudo import LABEL_DIR, require_finished_pass
 
 __all__ = ["ClassBalancedRound", "CBSTRound", "PSEUDO_DIR", "CropRecorder", "CropGeometry",
            "GEOMETRY_KEYS", "pass_map_on_crop"]

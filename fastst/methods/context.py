@@ -12,11 +12,11 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from fastst.atomic import atomic_write, write_json_atomic
+from fastst.atomic import write_json_atomic
 from fastst.data.ids import IGNORE_INDEX, palette_for
 from fastst.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["RunContext", "StopRequested", "resolve_device", "write_json_atomic", "save_torch_atomic",
+__all__ = ["RunContext", "StopRequested", "resolve_device", "write_json_atomic",
            "colorize", "denormalize", "rng_state", "set_rng_state"]
 
 
@@ -102,13 +102,6 @@ class RunContext:
         if limit is not None and self.counters[what] >= limit:
             raise StopRequested(f"stopped after {limit} {what.replace('_', ' ')} "
                                 f"(runtime.stop_after_{what}); rerun the same command to resume")
-
-
-def save_torch_atomic(data: Any, path: Path) -> Path:
-    """``torch.save(data)`` at ``path`` via a temporary file and os.replace."""
-    with atomic_write(path) as handle:
-        torch.save(data, handle)
-    return Path(path)
 
 
 def colorize(labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:

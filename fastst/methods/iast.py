@@ -7,14 +7,15 @@ or source-only directly), in eval mode; under ``chain: released`` with the snaps
 ``fastst.methods.chain`` names instead (``label_model``). The stage key ``selector`` picks how
 pixels are selected (IAST Fig. 4 and Table 5):
 
-* ``ias`` (default): the instance-adaptive selector, ``fastst.pseudo.ias_pass`` with this round's
-  ``alpha`` and the ``pseudo`` settings (beta, gamma, mode official/paper, group, order);
+* ``ias`` (default): the instance-adaptive selector, ``fastst.methods.labelling.ias_pass`` with
+  this round's ``alpha`` and the ``pseudo`` settings (beta, gamma, mode official/paper, group,
+  order);
 * ``constant``: a fixed threshold, ``argmax p`` where ``p / threshold >= 1`` (float32 IEEE
   division, i.e. ``max p >= threshold`` as float32), else ignored: ``cbst_pass`` with every
   class's threshold set to ``threshold`` (no EMA, no threshold pass, one model pass);
 * ``cbst``: class-balanced thresholds over the whole target set at ``portion`` (Zou et al.),
-  ``fastst.cbst_pass.cbst_pass`` on the single 1.0-scale view without flip, with ``subsample``,
-  no voting: ``argmax p / lambda`` where ``max p / lambda >= 1``.
+  ``fastst.methods.labelling.cbst_pass`` on the single 1.0-scale view without flip, with
+  ``subsample``, no voting: ``argmax p / lambda`` where ``max p / lambda >= 1``.
 
 Every selector writes the same label PNGs (DIR/<round>/pseudo/labels/<stem>_pseudo_label.png,
 at the pseudo-label size) and a manifest (DIR/<round>/pseudo/manifest.json, in the selector's
@@ -40,15 +41,15 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from fastst.cbst_pass import cbst_pass, read_cbst_manifest
 from fastst.config import (COMMON_STAGE_DEFAULTS, check_choice, check_int, check_real,
                            check_size)
 from fastst.data.pseudo_label import PseudoLabelDataset
 from fastst.methods.datasets import build_role, crop_transform
+from fastst.methods.labelling import (LABEL_DIR, cbst_pass, ias_pass, read_cbst_manifest,
+                                      read_ias_manifest, require_finished_pass)
 from fastst.methods.source_only import cross_entropy
 from fastst.methods.trainer import Stage
 from fastst.ops import region_loss
-from fastst.pseudo import LABEL_DIR, ias_pass, read_manifest, require_finished_pass
 
 __all__ = ["IASTRound"]
 
@@ -95,7 +96,7 @@ class IASTRound(Stage):
         """The manifest of this round's selector in its pseudo directory, or None."""
         if self.selector in ("cbst", "constant"):
             return read_cbst_manifest(self.pseudo_dir)
-        return read_manifest(self.pseudo_dir)
+        return read_ias_manifest(self.pseudo_dir)
 
     def before_training(self, model: nn.Module, resumed: bool) -> None:
         if resumed:

@@ -55,12 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastst import distributed
-from fastst.checkpoint import checkpoint_state, load_checkpoint, load_model, save_checkpoint
+from fastst.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
 from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min
 from fastst.methods.streams import BatchStream, derive_seed
+from fastst.models import load_model
 
 __all__ = ["Stage", "CHECKPOINT_NAME", "stage_iterations", "NonFiniteLoss", "NonFiniteLossError"]
 

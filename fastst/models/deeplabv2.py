@@ -18,10 +18,11 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastst.checkpoint import CHECKPOINT_FORMAT, load_state_dict_checked, read_torch_file
+from fastst.checkpoint import (CHECKPOINT_FORMAT, MapLocation, check_checkpoint, check_model_config,
+                               load_checkpoint, load_state_dict_checked, read_torch_file)
 from fastst.models.resnet import RESNET_SPECS, build_resnet
 
-__all__ = ["ASPPClassifier", "DeepLabV2", "MultiLevelDeepLabV2", "deeplabv2"]
+__all__ = ["ASPPClassifier", "DeepLabV2", "MultiLevelDeepLabV2", "deeplabv2", "load_model"]
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 
@@ -192,6 +193,28 @@ def deeplabv2(num_classes: int = 19, backbone: str = "resnet101",
     return model
 
 
+def load_model(path_or_state: Union[str, "os.PathLike[str]", Mapping],
+               map_location: MapLocation = "cpu") -> "DeepLabV2":
+    """Rebuild the DeepLabV2 of a fastst checkpoint (a path or an already loaded dict).
+
+    The model is built from ``state["model_config"]`` and ``state["model"]`` is loaded strictly
+    (every key present, none extra, equal shapes). When ``map_location`` is a device (string or
+    ``torch.device``) the model is moved there; it is returned in training mode like any new
+    module, so call ``.eval()`` for inference. Errors as ``fastst.checkpoint.load_checkpoint``.
+    """
+    if isinstance(path_or_state, Mapping):
+        state, source = path_or_state, "checkpoint dict"
+        check_checkpoint(state, source=source)
+    else:
+        state, source = load_checkpoint(path_or_state, map_location), str(path_or_state)
+    config = check_model_config(state["model_config"], source=source)
+    model = deeplabv2(**config)
+    load_state_dict_checked(model, state["model"], source=source)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(torch.device(map_location))
+    return model
+
+
 def _load_pretrained(model: DeepLabV2, pretrained: Union[str, "os.PathLike[str]", Mapping]) -> None:
     if isinstance(pretrained, Mapping):
         state, source = pretrained, "pretrained state dict"
@@ -212,7 +235,7 @@ def _load_pretrained(model: DeepLabV2, pretrained: Union[str, "os.PathLike[str]"
         config = state.get("model_config")
         if config != model.model_config:
             raise ValueError(f"{source} is a checkpoint of a model with {config}, not "
-                             f"{model.model_config}; use fastst.checkpoint.load_model to rebuild "
+                             f"{model.model_config}; use fastst.models.load_model to rebuild "
                              "it as saved, or build the model with that configuration")
         if "model" not in state:
             raise ValueError(f"{source}: fastst checkpoint lacks the 'model' entry")
