@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -26,6 +25,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from .atomic import atomic_write
+from .config_checks import (COMMON_STAGE_DEFAULTS, ConfigError, check_betas, check_bool,
+                            check_choice, check_int, check_real, check_scales, check_size,
+                            check_str, fail, get_key)
 from .methods import METHOD_NAMES, stage_class
 
 __all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "COMMON_STAGE_DEFAULTS", "STAGE_DEFAULTS",
@@ -35,10 +37,6 @@ __all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "COMMON_STAGE_DEFAULTS"
            "check_betas", "check_scales"]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A preset, key or value that cannot be used; the message says what is valid."""
 
 
 # Every key a configuration has, with the values used where a preset says nothing. Sizes are
@@ -125,25 +123,6 @@ BASE_DEFAULTS: Dict[str, Any] = {
     },
 }
 
-# Keys every stage has, whatever its method; each method's Stage class (fastst/methods/) owns
-# the rest: its DEFAULTS (these plus its own keys) and its validate(config, prefix). The preset
-# fills each stage from its method's DEFAULTS unless it sets a key. epochs and t_max count epochs
-# of floor(|source| / batch_size) iterations (README "Training"); iterations /
-# iterations_per_epoch, when set, replace the computed numbers. lr is the recipe's LR: the
-# backbone trains at backbone_lr_mult * lr and the head (ASPP and classifier) at head_lr_mult *
-# lr. IAST's released build_optimizer gives 0.1 * LR and LR (these defaults); CBST/CRST/TPLD
-# give LR and 10 * LR (the class-balanced stages' defaults). The cosine schedule's floor is
-# eta_min_ratio * lr for every group and the discriminator. select_every: under chain=released,
-# the stage evaluates on the val split and keeps model snapshots every select_every iterations
-# (the released ITER_VAL). eval_protocol: null (the run's eval settings) or a released
-# evaluation by name (fastst.evaluate.PROTOCOLS, e.g. iast_round: IAST's 768x1536 validation of
-# the rounds), used for the stage's result and for chain=released's selection.
-COMMON_STAGE_DEFAULTS: Dict[str, Any] = {
-    "epochs": 1, "t_max": 1, "batch_size": 8, "lr": 1.0e-4, "backbone_lr_mult": 0.1,
-    "head_lr_mult": 1.0, "freeze_bn_affine": True, "iterations": None,
-    "iterations_per_epoch": None, "select_every": 400, "eval_protocol": None}
-
-
 def stage_defaults(method: str) -> Dict[str, Any]:
     """A copy of the keys and default values of a stage of ``method`` (its Stage class's
     DEFAULTS, fastst/methods/); ConfigError listing the methods if there is none."""
@@ -154,7 +133,7 @@ def stage_defaults(method: str) -> Dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     # STAGE_DEFAULTS (method -> its stage keys and defaults) is read from the method registry
-    # when first asked for: the method modules import this one for its checks.
+    # each time it is asked for: a fresh copy that callers may change.
     if name == "STAGE_DEFAULTS":
         return {method: stage_defaults(method) for method in METHOD_NAMES}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -317,13 +296,6 @@ def flat_keys(config: Mapping[str, Any], prefix: str = "") -> List[str]:
     return keys
 
 
-def get_key(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def _parse_value(text: str, key: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else None
@@ -391,79 +363,6 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
 
 
 # --- validation -------------------------------------------------------------------------------
-
-def fail(key: str, expected: str, value: Any) -> None:
-    raise ConfigError(f"{key} must be {expected}, got {value!r}")
-
-
-def check_int(config, key, low=None, *, optional=False):
-    value = get_key(config, key)
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        fail(key, f"an integer >= {low}" if low is not None else "an integer", value)
-
-
-def check_real(config, key, low=None, high=None, *, low_open=False, optional=False):
-    value = get_key(config, key)
-    if optional and value is None:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"<= {high}"
-        fail(key, "a finite number " + " and ".join(p for p in (lo, hi) if p), value)
-
-
-def check_choice(config, key, choices):
-    value = get_key(config, key)
-    if value not in choices:
-        fail(key, f"one of {', '.join(map(str, choices))}", value)
-
-
-def check_size(config, key, *, optional=False):
-    value = get_key(config, key)
-    if optional and value is None:
-        return
-    if (not isinstance(value, list) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-        fail(key, "[height, width], two positive integers" + (" or null" if optional else ""),
-              value)
-
-
-def check_str(config, key, *, optional=False):
-    value = get_key(config, key)
-    if not (isinstance(value, str) and value) and not (optional and value is None):
-        fail(key, "a non-empty string" + (" or null" if optional else ""), value)
-
-
-def check_bool(config, key):
-    value = get_key(config, key)
-    if not isinstance(value, bool):
-        fail(key, "true or false", value)
-
-
-def check_betas(config, key):
-    """[beta1, beta2] of an Adam optimizer, each in [0, 1)."""
-    betas = get_key(config, key)
-    if (not isinstance(betas, list) or len(betas) != 2
-            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
-                   for b in betas)):
-        fail(key, "[beta1, beta2], each in [0, 1)", betas)
-
-
-def check_scales(config, key):
-    """A non-empty list of positive numbers (input scales)."""
-    scales = get_key(config, key)
-    if (not isinstance(scales, list) or not scales
-            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
-                   for s in scales)):
-        fail(key, "a non-empty list of positive numbers", scales)
-
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Check every key's type and range; ConfigError naming the first bad key."""

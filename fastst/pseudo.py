@@ -1,7 +1,8 @@
 """The command line of the pseudo-label passes: label a preset's target train set with a
 checkpoint, as a self-training stage of it does (docs/formats.md §3.1, docs/recipes.md §4-§6).
 
-    python -m fastst.pseudo --checkpoint PATH --preset NAME --out DIR [--stage round1] [key=value ...]
+    python -m fastst.pseudo --checkpoint PATH --preset NAME --out DIR [--stage round1] \
+        [key=value ...]
 
 writes DIR/labels/<image stem>_pseudo_label.png for every target train image and
 DIR/manifest.json with the stage's own pass (``label_pass`` of its Stage class: the IAS or the

@@ -14,14 +14,13 @@ val 500); a semi-supervised ``subset`` keeps its part of that count.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Mapping, Optional
 
 from fastst.data.io import list_path
-from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min
+from fastst.methods.chain import chain_plan
+from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min, stage_lengths
 
-__all__ = ["STANDARD_SIZES", "set_sizes", "epoch_items", "stage_lengths", "describe_recipe",
-           "format_recipe"]
+__all__ = ["STANDARD_SIZES", "set_sizes", "describe_recipe", "format_recipe"]
 
 # Images per (data set, split) when no list file narrows them.
 STANDARD_SIZES = {("gta5", "train"): 24966, ("gta5", "all"): 24966,
@@ -84,28 +83,6 @@ def set_sizes(config: Mapping[str, Any]) -> Dict[str, int]:
     return {role: _role_size(config, role) for role in ("source", "target", "val")}
 
 
-def epoch_items(method: str, settings: Mapping[str, Any], sizes: Mapping[str, int]) -> int:
-    """The items an epoch of a stage visits, whose floor-division by ``batch_size`` is its
-    iterations per epoch: the source set (source-only, warm-up, IAST rounds: epochs are counted
-    on the source set), the mixed list of every target image and floor(source_portion *
-    |source|) source images (CBST/CRST, TPLD phase 1), or half the target set (TPLD phase 2:
-    each step reads an easy and a hard crop)."""
-    if method in ("cbst", "tpld_phase1"):
-        return sizes["target"] + math.floor(sizes["source"] * settings["source_portion"])
-    if method == "tpld_phase2":
-        return sizes["target"] // 2
-    return sizes["source"]
-
-
-def stage_lengths(config: Mapping[str, Any], name: str,
-                  sizes: Mapping[str, int]) -> Dict[str, float]:
-    """{"per_epoch", "total", "period"} of stage ``name`` (``trainer.stage_iterations``)."""
-    from fastst.methods.trainer import stage_iterations
-
-    settings = config["stages"][name]
-    return stage_iterations(settings, epoch_items(settings["method"], settings, sizes))
-
-
 class _Group:
     """A stand-in parameter group for ``CosineSchedule`` (the dry run builds no model)."""
 
@@ -133,8 +110,6 @@ def describe_recipe(config: Mapping[str, Any],
     last], "head": [...], "discriminator": [...]}, "eval_protocol", "starts_from",
     "labels_with"}]}``.
     ``sizes`` overrides ``set_sizes(config)``."""
-    from fastst.methods.chain import chain_plan
-
     sizes = dict(set_sizes(config) if sizes is None else sizes)
     plan = chain_plan(config, sizes)
     stages = []

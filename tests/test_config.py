@@ -5,7 +5,7 @@ import yaml
 
 from fastst.config import (ConfigError, available_presets, dump_config, flat_keys, load_config,
                            read_config_file, recipe_differences)
-from fastst.methods.trainer import stage_iterations
+from fastst.methods.schedule import stage_iterations
 
 
 def test_shipped_presets_load_and_validate():

@@ -19,7 +19,7 @@ functions it calls, and each key is read back where it acts:
   as the gradient that reaches each loss, the bootstrapping beta, LRENT's alpha, the MRKLD
   weight, TPLD's gamma), the discriminators' shape, the mixed list's source sample, the
   easy/hard split, the rare-class mining probability, the evaluation protocol;
-* ``iterations`` through the dry run (``fastst.recipe.stage_lengths``, the trainer's own
+* ``iterations`` through the dry run (``fastst.methods.schedule.stage_lengths``, the trainer's own
   arithmetic; tests/test_stage_lengths.py checks that the real run agrees with it).
 
 A key that is validated but read nowhere has no observation equal to its override, and fails.
@@ -44,7 +44,8 @@ from fastst.methods import warmup as warmup_module
 from fastst.methods.context import RunContext
 from fastst.methods.datasets import build_role
 from fastst.models import deeplabv2
-from fastst.recipe import set_sizes, stage_lengths
+from fastst.methods.schedule import stage_lengths
+from fastst.recipe import set_sizes
 from test_class_sets import make_synthia_scenes
 from test_pseudo import one_thread  # noqa: F401
 from test_train import make_fixtures, restore_threads  # noqa: F401

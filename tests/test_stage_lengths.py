@@ -29,7 +29,8 @@ from fastst import train
 from fastst.checkpoint import load_checkpoint
 from fastst.config import load_config
 from fastst.models import deeplabv2
-from fastst.recipe import describe_recipe, set_sizes, stage_lengths
+from fastst.methods.schedule import stage_lengths
+from fastst.recipe import describe_recipe, set_sizes
 from test_train import make_fixtures, restore_threads, tiny_overrides  # noqa: F401
 
 N_SOURCE, N_TARGET, N_VAL = 10, 6, 2

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastst.config import (COMMON_STAGE_DEFAULTS, check_bool, check_choice, check_int,
-                           check_real, check_scales, check_size)
+from fastst.config_checks import (COMMON_STAGE_DEFAULTS, check_bool, check_choice, check_int,
+                                  check_real, check_scales, check_size)
 from fastst.data.mining import MiningSizedCrop, mining_train_transform
 from fastst.data.mixed import ITEM_KEYS, MixedDomainDataset, sample_source_indices
 from fastst.data.pseudo_label import PseudoLabelDataset

@@ -30,7 +30,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Mapping, Optional
 
-from fastst.config import ConfigError
+from fastst.config_checks import ConfigError
+from fastst.methods.schedule import stage_lengths
 
 __all__ = ["chain_plan", "snapshots_needed", "snapshot_name", "is_snapshot_name", "BEST"]
 
@@ -57,8 +58,6 @@ def chain_plan(config: Mapping[str, Any], sizes: Mapping[str, int]) -> Dict[str,
     """{stage: {"starts_from": ref, "labels_with": ref or None}} for every pipeline stage
     (``labels_with`` None for stages that make no pseudo labels). ``sizes`` are the set sizes
     (``fastst.recipe.set_sizes``); ConfigError when a requested snapshot cannot exist."""
-    from fastst.recipe import stage_lengths
-
     pipeline = list(config["pipeline"])
     released = config["chain"] == "released"
     plan = {}

@@ -41,8 +41,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from fastst.config import (COMMON_STAGE_DEFAULTS, check_choice, check_int, check_real,
-                           check_size)
+from fastst.config_checks import (COMMON_STAGE_DEFAULTS, check_choice, check_int, check_real,
+                                  check_size)
 from fastst.data.pseudo_label import PseudoLabelDataset
 from fastst.methods.datasets import build_role, crop_transform
 from fastst.methods.labelling import (LABEL_DIR, cbst_pass, ias_pass, read_cbst_manifest,

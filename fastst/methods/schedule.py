@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-__all__ = ["cosine_lr", "base_lrs", "eta_min", "CosineSchedule"]
+__all__ = ["cosine_lr", "base_lrs", "eta_min", "CosineSchedule", "stage_iterations",
+           "epoch_items", "stage_lengths"]
 
 
 def cosine_lr(iteration: float, base_lr: float, period: float, floor: float) -> float:
@@ -89,3 +90,36 @@ class CosineSchedule:
             raise ValueError(f"checkpoint schedule has period T = {state['period']}, this run "
                              f"{self.period}; the recipe changed since the checkpoint was written")
         self.iteration = int(state["iteration"])
+
+
+def stage_iterations(settings: Mapping[str, Any], source_size: int) -> Dict[str, float]:
+    """{"per_epoch", "total", "period"} of a stage: per_epoch = floor(source_size / batch_size)
+    (or ``iterations_per_epoch``), total = epochs * per_epoch (or ``iterations``),
+    period T = t_max * per_epoch."""
+    per_epoch = settings["iterations_per_epoch"] or source_size // settings["batch_size"]
+    if per_epoch < 1:
+        raise ValueError(f"the source set has {source_size} images, fewer than one batch of "
+                         f"{settings['batch_size']}")
+    total = settings["iterations"] or settings["epochs"] * per_epoch
+    return {"per_epoch": per_epoch, "total": int(total), "period": settings["t_max"] * per_epoch}
+
+
+def epoch_items(method: str, settings: Mapping[str, Any], sizes: Mapping[str, int]) -> int:
+    """The items an epoch of a stage visits, whose floor-division by ``batch_size`` is its
+    iterations per epoch: the source set (source-only, warm-up, IAST rounds: epochs are counted
+    on the source set), the mixed list of every target image and floor(source_portion *
+    |source|) source images (CBST/CRST, TPLD phase 1), or half the target set (TPLD phase 2:
+    each step reads an easy and a hard crop)."""
+    if method in ("cbst", "tpld_phase1"):
+        return sizes["target"] + math.floor(sizes["source"] * settings["source_portion"])
+    if method == "tpld_phase2":
+        return sizes["target"] // 2
+    return sizes["source"]
+
+
+def stage_lengths(config: Mapping[str, Any], name: str,
+                  sizes: Mapping[str, int]) -> Dict[str, float]:
+    """{"per_epoch", "total", "period"} of stage ``name`` of ``config`` (``stage_iterations``
+    of its ``epoch_items``); ``sizes``: {"source", "target", "val"} set sizes."""
+    settings = config["stages"][name]
+    return stage_iterations(settings, epoch_items(settings["method"], settings, sizes))

@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from fastst.config import COMMON_STAGE_DEFAULTS
+from fastst.config_checks import COMMON_STAGE_DEFAULTS
 from fastst.methods.trainer import Stage
 from fastst.ops import region_loss
 

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from fastst.atomic import read_json, write_json_atomic
-from fastst.config import (check_betas, check_choice, check_int, check_real, fail,
-                           get_key)
+from fastst.config_checks import (check_betas, check_choice, check_int, check_real, fail,
+                                  get_key)
 from fastst.methods.cbst import (LOSS_DEFAULTS, MIXED_DEFAULTS, CBSTRound, ClassBalancedRound,
                                  CropGeometry, CropRecorder)
 from fastst.methods.datasets import IndexedSubset, build_role, crop_transform

@@ -59,27 +59,16 @@ from fastst.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
-from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min
+from fastst.methods.chain import BEST, snapshot_name
+from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min, stage_iterations
 from fastst.methods.streams import BatchStream, derive_seed
 from fastst.models import load_model
 
-__all__ = ["Stage", "CHECKPOINT_NAME", "stage_iterations", "NonFiniteLoss", "NonFiniteLossError"]
+__all__ = ["Stage", "CHECKPOINT_NAME", "NonFiniteLoss", "NonFiniteLossError"]
 
 CHECKPOINT_NAME = "last.pt"
 DEFAULT_MAX_NONFINITE_STEPS = 10
 _IMAGES_LOGGED = 4
-
-
-def stage_iterations(settings: Mapping[str, Any], source_size: int) -> Dict[str, float]:
-    """{"per_epoch", "total", "period"} of a stage: per_epoch = floor(source_size / batch_size)
-    (or ``iterations_per_epoch``), total = epochs * per_epoch (or ``iterations``),
-    period T = t_max * per_epoch."""
-    per_epoch = settings["iterations_per_epoch"] or source_size // settings["batch_size"]
-    if per_epoch < 1:
-        raise ValueError(f"the source set has {source_size} images, fewer than one batch of "
-                         f"{settings['batch_size']}")
-    total = settings["iterations"] or settings["epochs"] * per_epoch
-    return {"per_epoch": per_epoch, "total": int(total), "period": settings["t_max"] * per_epoch}
 
 
 def compile_module(module: nn.Module, mode: Optional[str]) -> nn.Module:
@@ -371,8 +360,6 @@ class Stage:
         """chain=released: keep the model after ``done`` iterations as DIR/<stage>/iter_<done>.pt
         where a later stage asks for it, and as best.pt when its val mIoU is at least the best
         so far (the released trainers' ``>=``: later ties win)."""
-        from fastst.methods.chain import BEST, snapshot_name
-
         keep = [done] if done in self.snapshots else []
         if BEST in self.snapshots:
             miou = float(self.select_metric(model))

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastst.config import COMMON_STAGE_DEFAULTS, check_choice, check_int, check_real
+from fastst.config_checks import COMMON_STAGE_DEFAULTS, check_choice, check_int, check_real
 from fastst.methods.source_only import cross_entropy
 from fastst.methods.trainer import Stage
 from fastst.models import FCDiscriminator

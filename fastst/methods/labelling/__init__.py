@@ -1,4 +1,5 @@
-"""Pseudo-label passes: label a target set with a model, resumably (docs/formats.md §3.1, docs/design.md §1.7).
+"""Pseudo-label passes: label a target set with a model, resumably (docs/formats.md §3.1,
+docs/design.md §1.7).
 
 ``LabelPass`` (base.py) is the resumable skeleton every pass shares: the finished-pass check,
 the pass state, the PNG writer pool, the distributed steps and barriers, progress, the manifest

@@ -164,7 +164,8 @@ class IASPass(LabelPass):
         writer.add_scalar(f"{self.tag}/labelled_fraction", manifest["labelled_fraction"], 0)
 
 
-def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext, **options) -> Dict[str, Any]:
+def ias_pass(model: torch.nn.Module, dataset, out_dir, ctx: RunContext,
+             **options) -> Dict[str, Any]:
     """``IASPass(model, dataset, out_dir, ctx, **options).run()``: label every image of
     ``dataset`` (items {"image": float (3,H,W), "name": str}) and write labels and manifest under
     ``out_dir``; returns the manifest. A finished pass with the same settings is not redone."""
