@@ -40,7 +40,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 # Every key a configuration has, with the values used where a preset says nothing. Sizes are
-# (height, width) in pixels. See fastst/presets/iast_gta5.yaml for what each key means.
+# (height, width) in pixels. docs/recipes.md says what the keys mean.
 BASE_DEFAULTS: Dict[str, Any] = {
     "name": "custom",
     "seed": 0,

@@ -324,3 +324,11 @@ def test_stage_eval_protocol_reaches_the_evaluation(tmp_path, monkeypatch):
     train.run_pipeline(load_config("iast_gta5", overrides), tmp_path / "run")
     assert seen == [{"protocol": "iast_source_only", "scales": None, "input_size": None},
                     {"protocol": None, "scales": (1.0, 0.5), "input_size": None}]
+
+
+def test_chain_knows_every_labelling_method():
+    """chain.py's list of labelling methods is the registry's methods with a label pass."""
+    from fastst.methods import _METHODS
+    from fastst.methods.chain import LABELLING_METHODS
+
+    assert set(LABELLING_METHODS) == {m for m, cls in _METHODS.items() if hasattr(cls, "label_pass")}

@@ -36,7 +36,10 @@ from fastst.methods.schedule import stage_lengths
 __all__ = ["chain_plan", "snapshots_needed", "snapshot_name", "is_snapshot_name", "BEST"]
 
 BEST = "best"
-_LABELLING = ("iast", "cbst", "tpld_phase1", "tpld_phase2")
+# The methods whose stages make pseudo labels (their Stage classes have ``label_pass``; the
+# registry imports this module through the trainer, so the list is written out and a test checks
+# it against the registry).
+LABELLING_METHODS = ("iast", "cbst", "tpld_phase1", "tpld_phase2")
 
 
 def _ref(stage: Optional[str], checkpoint) -> Dict[str, Any]:
@@ -68,7 +71,7 @@ def chain_plan(config: Mapping[str, Any], sizes: Mapping[str, int]) -> Dict[str,
         else:
             previous = pipeline[index - 1]
             start = _ref(previous, "last")
-        label = start if method in _LABELLING else None
+        label = start if method in LABELLING_METHODS else None
         if released and index > 0:
             previous = pipeline[index - 1]
             before = config["stages"][previous]["method"]
