@@ -230,7 +230,12 @@ def _fused_loss_kernel(x_ptr, t_ptr, grad_ptr, partial_ptr, coef_ptr, lam_ptr, l
     (B, C, h, w) float32 contiguous logits (BOOTSTRAP_TEACHER, coef[3] = gamma); crop: (B,) uint8
     target-crop flags (MRKLD). Pointers a mode does not use are never read. Same size (RESIZE
     False): the program owns row i, pixels jb*BLOCK_X .. +BLOCK_X, and BLOCK_J == BLOCK_X.
-    NEED_KLD / NEED_ENT: the REGION terms to compute (both True in the other modes)."""
+    NEED_KLD / NEED_ENT: the REGION terms to compute (both True in the other modes).
+
+    Longer than ~80 lines on purpose: one fused pass (resize, softmax, loss and gradient) keeps
+    each pixel's logits in registers; the per-pixel maths already lives in ``@triton.jit``
+    helpers, and splitting the remaining program (index setup, per-row loop, reductions) into
+    more jitted calls would pass many tensors and constexprs through for no gain in clarity."""
     jb = tl.program_id(0)
     i = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
