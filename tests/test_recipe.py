@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fastst import train
+from fastst import pipeline, train
 from fastst.config import ConfigError, load_config
 from fastst.methods.chain import chain_plan, snapshots_needed
 from fastst.recipe import describe_recipe, set_sizes
@@ -251,7 +251,7 @@ def test_released_chain_trains_and_labels_from_the_selected_snapshots(tmp_path, 
     # Scripted val mIoUs: source-only ties at 2 and 3 (the later wins, as the released >=),
     # the warm-up is best after its first iteration.
     scores = iter([0.5, 0.7, 0.7, 0.9, 0.1, 0.2])
-    monkeypatch.setattr(train, "evaluate_miou", lambda ctx, model, val_set, stage: next(scores))
+    monkeypatch.setattr(pipeline, "evaluate_miou", lambda ctx, model, val_set, stage: next(scores))
     out = tmp_path / "run"
     train.run_pipeline(config, out)
     assert next(scores, None) is None, "best is scored only where a later stage needs it"
@@ -284,7 +284,7 @@ def test_released_chain_trains_and_labels_from_the_selected_snapshots(tmp_path, 
 
     plan = chain_plan(config, {"source": 6, "target": 6, "val": 2})
     assert plan["round2"]["starts_from"] == {"stage": "round1", "checkpoint": 4}
-    start = train._initial_model(config, out, list(config["pipeline"]), 3, config["seed"],
+    start = pipeline._initial_model(config, out, list(config["pipeline"]), 3, config["seed"],
                                  None, plan)()
     expected = snapshot("round1", "iter_4.pt")["model"]
     assert all(torch.equal(v, expected[k]) for k, v in start.state_dict().items())

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import fastst.evaluate
-from fastst import train
+from fastst import pipeline, train
 from fastst.checkpoint import load_checkpoint
 from fastst.config import BASE_DEFAULTS, STAGE_DEFAULTS, available_presets, load_config
 from fastst.methods import cbst as cbst_module
@@ -270,7 +270,7 @@ def common_observations(run, new):
         return Confusion()
 
     run.monkeypatch.setattr(fastst.evaluate, "evaluate", fake_evaluate)
-    train.evaluate_miou(run.ctx, run.model, None, run.name)
+    pipeline.evaluate_miou(run.ctx, run.model, None, run.name)
     dry = run.stage_with(iterations=new["iterations"])
     dry_total = stage_lengths(dry.ctx.config, run.name, set_sizes(dry.ctx.config))["total"]
     return {
