@@ -12,8 +12,6 @@ from ._backend import extension
 from ._library import DTYPE_CODES
 from ._region_loss_ops import register_fused_loss_op
 
-# Loss modes of kernels/tpld.h::StLossMode.
-BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD, BOOTSTRAP_TEACHER = 0, 1, 2, 3
 
 
 def _pixels(probs: torch.Tensor, lambdas: torch.Tensor, *, vote: bool, confidence: bool):

@@ -13,7 +13,8 @@ import torch
 
 from . import _checks, radix_select, reference
 from ._backend import choose_backend
-from ._tpld_ops import MRKLD, cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
+from ._tpld_ops import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
+from .loss_modes import MRKLD
 
 IMPLEMENTED = ("cpp", "torch")
 LABEL_BACKENDS = ("triton", "cpp", "torch")

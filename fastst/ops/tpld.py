@@ -15,9 +15,9 @@ import torch
 
 from . import _checks, reference
 from ._backend import choose_backend
-from ._tpld_ops import (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, image_confidence_cpp, st_loss_cpp,
-                        tpld_vote_cpp)
+from ._tpld_ops import image_confidence_cpp, st_loss_cpp, tpld_vote_cpp
 from .cbst import check_lambdas, check_prob_values, check_probs, raise_on_flags
+from .loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER
 
 VOTE_BACKENDS = ("triton", "cpp", "torch")
 CONFIDENCE_BACKENDS = ("triton", "cpp", "torch")

@@ -5,6 +5,7 @@
 #include "../common.h"
 #include "cbst.h"
 #include "loss_inputs.h"
+#include "loss_modes.h"
 
 namespace fastst {
 
@@ -47,7 +48,7 @@ FASTST_HD double image_confidence_of(const int64_t* n, const int64_t* n_sure, co
 //                   (LossInputs::aux, upsampled like the student's): p_t = softmax, q_t = p_t /
 //                   lambda, y = onehot(argmax q_t) where max q_t >= 1, else q_t ** gamma
 //                   (docs/ops.md §6, tpld_soft_targets); every pixel, no label map.
-enum StLossMode : int { kBootstrapHard = 0, kBootstrapSoft = 1, kMrkld = 2, kBootstrapTeacher = 3 };
+// (StLossMode: kernels/loss_modes.h.)
 
 struct StLossArgs : LossInputs {
   int mode;                   // StLossMode

@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .._tpld_ops import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD
+from ..loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD, REGION
 from .stats import INTERPRETED, _linear_tap, _resize_scale
 
 try:
@@ -54,10 +54,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fastst.ops.triton needs Triton (>= 3.2) for the 'triton' backend: "
                       "pip install triton") from exc
 
-__all__ = ["REGION", "BOOTSTRAP_HARD", "BOOTSTRAP_SOFT", "BOOTSTRAP_TEACHER", "MRKLD", "NUM_SUMS", "labelled_mask",
+__all__ = ["NUM_SUMS", "labelled_mask",
            "check_runnable", "launch_fused_loss"]
 
-REGION = 4  # after the StLossMode codes of kernels/tpld.h (0 hard, 1 soft, 2 mrkld, 3 teacher)
 NUM_SUMS = 3
 TILE_ELEMENTS = 8192  # C_PAD * BLOCK_X: the (classes x pixels) tile a program holds in registers
 

@@ -18,7 +18,8 @@ from typing import Tuple
 import torch
 
 from .._region_loss_ops import needed_terms, new_region_loss_outputs, register_region_loss_op
-from .fused_loss import REGION, check_runnable, labelled_mask, launch_fused_loss
+from ..loss_modes import REGION
+from .fused_loss import check_runnable, labelled_mask, launch_fused_loss
 
 __all__ = ["region_loss_triton"]
 

@@ -16,8 +16,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._tpld_ops import new_st_loss_outputs, register_st_loss_op
-from .fused_loss import (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD, check_runnable, labelled_mask,
-                         launch_fused_loss)
+from ..loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD
+from .fused_loss import check_runnable, labelled_mask, launch_fused_loss
 
 __all__ = ["st_loss_triton"]
 
