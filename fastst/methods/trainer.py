@@ -45,20 +45,21 @@ checkpoint, which the next stage reads.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastst import distributed
 from fastst.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
-from fastst.methods.context import RunContext, colorize, denormalize, rng_state, set_rng_state
+from fastst.methods.context import RunContext, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
+from fastst.methods.logs import log_scalars, log_train_images
+from fastst.methods.nonfinite import (DEFAULT_MAX_NONFINITE_STEPS, agree_finite,
+                                      stop_if_hopeless)
 from fastst.methods.chain import BEST, snapshot_name
 from fastst.methods.schedule import CosineSchedule, base_lrs, eta_min, stage_iterations
 from fastst.methods.streams import BatchStream, derive_seed
@@ -67,8 +68,6 @@ from fastst.models import load_model
 __all__ = ["Stage", "CHECKPOINT_NAME", "NonFiniteLoss", "NonFiniteLossError"]
 
 CHECKPOINT_NAME = "last.pt"
-DEFAULT_MAX_NONFINITE_STEPS = 10
-_IMAGES_LOGGED = 4
 
 
 def compile_module(module: nn.Module, mode: Optional[str]) -> nn.Module:
@@ -160,16 +159,7 @@ class Stage:
         others = [p.grad for optimizer in self.optimizers for group in optimizer.param_groups
                   for p in group["params"]
                   if id(p) not in self._model_param_ids and p.grad is not None]
-        dctx.all_reduce_mean_(others)
-        if not losses:
-            return
-        values = torch.stack([loss.detach().reshape(()).float() for loss in losses.values()])
-        flag = (~torch.isfinite(values)).any().to(torch.int32).reshape(1)
-        if not bool(dctx.all_reduce_(flag, "max")):
-            return
-        numbers = values.cpu().tolist()
-        bad = {name: value for name, value in zip(losses, numbers) if not math.isfinite(value)}
-        raise NonFiniteLoss(bad or {"loss on another rank": math.nan})
+        agree_finite(dctx, losses, others)
 
     def seed_of(self, *parts) -> int:
         return derive_seed(self.ctx.seed, self.name, *parts)
@@ -249,19 +239,43 @@ class Stage:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, init_model: Callable[[], nn.Module]) -> nn.Module:
-        """Train this stage (or finish it) and return the model in train mode on the device."""
-        ctx = self.ctx
-        started = time.perf_counter()
+        """Train this stage (or finish it) and return the model in train mode on the device:
+        the model and optimizer state from the stage's checkpoint or ``init_model()``
+        (``_prepare_model``, ``_restore``), the iterations (``_train``), the last checkpoint."""
+        self._started = time.perf_counter()
         state = load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
         if state is not None and state.get("complete"):
             self.seconds = float(state.get("seconds", 0.0))
             self.total = state.get("total_iterations")
             self.restore_finished(state)
-            return load_model(state).to(ctx.device, memory_format=ctx.memory_format)
+            return load_model(state).to(self.ctx.device, memory_format=self.ctx.memory_format)
         self.init_model = init_model
+        model = self._prepare_model(state, init_model)
+        self.setup(model)
+        train_model = compile_module(self.parallel_model(model), self.ctx.runtime.get("compile"))
+        schedule = CosineSchedule(self.optimizers, self.period,
+                                  eta_min(self.settings, self.ctx.config["optim"]))
+        start = self._restore(state, schedule)
+        self._train(model, train_model, schedule, start)
+        # Each rank's last forward left its own BatchNorm running statistics (DDP broadcasts
+        # rank 0's only at the start of a forward; the parameters agree, DDP having averaged
+        # the gradients): every rank now takes rank 0's, which are checkpointed, before the
+        # stage is evaluated on all ranks.
+        with torch.no_grad():
+            self.dist.broadcast_(list(model.buffers()))
+        self._save(model, schedule, self.total, complete=True)
+        # The next stage (and the evaluation's result.json) reads the checkpoint rank 0 wrote.
+        self.dist.barrier()
+        return model
+
+    def _prepare_model(self, state: Optional[Mapping[str, Any]],
+                       init_model: Callable[[], nn.Module]) -> nn.Module:
+        """The model from ``state`` (the stage's unfinished checkpoint) or ``init_model()``, on
+        the device, after ``before_training``, in train mode with the stage's BN settings."""
+        ctx = self.ctx
         model = load_model(state) if state is not None else init_model()
         model.to(ctx.device, memory_format=ctx.memory_format)
-        seconds_before = float(state["seconds"]) if state is not None else 0.0
+        self._seconds_before = float(state["seconds"]) if state is not None else 0.0
         self.before_training(model, resumed=state is not None)
         model.freeze_bn_affine(self.settings["freeze_bn_affine"])
         model.train()
@@ -271,11 +285,11 @@ class Stage:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         self._use_sync_bn(model)
-        self.setup(model)
-        train_model = compile_module(self.parallel_model(model), ctx.runtime.get("compile"))
-        dctx = self.dist
-        schedule = CosineSchedule(self.optimizers, self.period,
-                                  eta_min(self.settings, ctx.config["optim"]))
+        return model
+
+    def _restore(self, state: Optional[Mapping[str, Any]], schedule: CosineSchedule) -> int:
+        """Load the optimizers, schedule, extras and RNG of ``state`` (or seed the ranks when
+        there is none); returns the iteration to start from."""
         start = 0
         if state is not None:
             for optimizer, saved in zip(self.optimizers, state["optimizers"]):
@@ -288,23 +302,31 @@ class Stage:
             self.skipped_steps = int(state.get("skipped_steps", 0))
         else:
             self._seed_rank()
-        last_saved = start if state is not None else None
+        self._last_saved = start if state is not None else None
+        return start
 
-        def save(iteration: int, complete: bool) -> None:
-            nonlocal last_saved
-            self.seconds = seconds_before + time.perf_counter() - started
-            rng = rng_state()
-            per_rank = {"rng_ranks": dctx.all_gather_object(rng)} if dctx.is_distributed else {}
-            if dctx.is_main:
-                save_checkpoint(self.checkpoint_path, checkpoint_state(
-                    model, stage=self.name, method=self.method, iteration=iteration,
-                    complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
-                    scheduler=schedule.state_dict(), rng=rng, seconds=self.seconds,
-                    total_iterations=self.total, skipped_steps=self.skipped_steps,
-                    best=self.best, **per_rank, **self.extra_state()))
-            last_saved = iteration
+    def _save(self, model: nn.Module, schedule: CosineSchedule, iteration: int,
+              complete: bool) -> None:
+        """Write DIR/<stage>/last.pt after ``iteration`` iterations (rank 0; every rank gives
+        its RNG state)."""
+        dctx = self.dist
+        self.seconds = self._seconds_before + time.perf_counter() - self._started
+        rng = rng_state()
+        per_rank = {"rng_ranks": dctx.all_gather_object(rng)} if dctx.is_distributed else {}
+        if dctx.is_main:
+            save_checkpoint(self.checkpoint_path, checkpoint_state(
+                model, stage=self.name, method=self.method, iteration=iteration,
+                complete=complete, optimizers=[o.state_dict() for o in self.optimizers],
+                scheduler=schedule.state_dict(), rng=rng, seconds=self.seconds,
+                total_iterations=self.total, skipped_steps=self.skipped_steps,
+                best=self.best, **per_rank, **self.extra_state()))
+        self._last_saved = iteration
 
-        runtime = ctx.runtime
+    def _train(self, model: nn.Module, train_model: nn.Module, schedule: CosineSchedule,
+               start: int) -> None:
+        """Iterations ``start`` .. ``self.total``: schedule, ``step`` (skipping non-finite
+        ones), logging, snapshots and periodic checkpoints."""
+        ctx, dctx, runtime = self.ctx, self.dist, self.ctx.runtime
         max_nonfinite = int(runtime.get("max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS))
         streak = 0
         # Per loss: its sum and how many steps reported it (a stage may report some parts only
@@ -323,7 +345,8 @@ class Stage:
                     parts = self.step(train_model, iteration)
                 except NonFiniteLoss as skipped:
                     streak += 1
-                    self._skip_step(model, iteration, skipped, streak, max_nonfinite, last_saved)
+                    self._skip_step(model, iteration, skipped, streak, max_nonfinite,
+                                    self._last_saved)
                 else:
                     streak = 0
                     for key, value in parts.items():
@@ -332,29 +355,20 @@ class Stage:
                 done = iteration + 1
                 if counts and (done % runtime["log_every"] == 0 or done == self.total):
                     means = self._mean_over_ranks(sums, counts)
-                    self._log_scalars(means, lr, done)
+                    log_scalars(ctx.writer, self.name, means, lr, done)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
                     sums, counts = {}, {}
                 if self.log_images_now and self.visual is not None:
-                    self._log_visual(done)
+                    visual, self.visual = self.visual, None
+                    log_train_images(ctx.writer, self.name, visual, done)
                 bar.update(1)
                 if self.snapshots and done % self.settings["select_every"] == 0:
                     self._snapshot(model, done)
                 # No periodic save inside a run of skipped steps: a rerun after giving up then
                 # redoes those iterations from the last productive checkpoint.
                 if done % runtime["checkpoint_every"] == 0 and done < self.total and not streak:
-                    save(done, complete=False)
+                    self._save(model, schedule, done, complete=False)
                 ctx.count("iterations")
-        # Each rank's last forward left its own BatchNorm running statistics (DDP broadcasts
-        # rank 0's only at the start of a forward; the parameters agree, DDP having averaged
-        # the gradients): every rank now takes rank 0's, which are checkpointed, before the
-        # stage is evaluated on all ranks.
-        with torch.no_grad():
-            dctx.broadcast_(list(model.buffers()))
-        save(self.total, complete=True)
-        # The next stage (and the evaluation's result.json) reads the checkpoint rank 0 wrote.
-        dctx.barrier()
-        return model
 
     def _snapshot(self, model: nn.Module, done: int) -> None:
         """chain=released: keep the model after ``done`` iterations as DIR/<stage>/iter_<done>.pt
@@ -396,47 +410,10 @@ class Stage:
                  if last_saved is not None else
                  f"no checkpoint of {self.name} was written; it will start over")
         losses = ", ".join(f"{name} = {value}" for name, value in skipped.losses.items())
-        buffers_finite = not self.dist.any(not all(
-            bool(torch.isfinite(buffer).all()) for buffer in model.buffers()
-            if buffer.is_floating_point()))
-        if not buffers_finite:
-            raise NonFiniteLossError(
-                f"stage {self.name}, iteration {iteration + 1}: {losses}, and the forward pass "
-                "made the model's BatchNorm running statistics non-finite, so every later step "
-                f"would fail too; stopped. {where}. Look for a bad input batch or overflow "
-                "(runtime.amp=none rules out float16/bfloat16)")
-        if streak >= limit:
-            raise NonFiniteLossError(
-                f"stage {self.name}: the loss was non-finite in {streak} consecutive iterations "
-                f"({iteration + 2 - streak} to {iteration + 1}; last: {losses}), so training "
-                f"stopped (runtime.max_nonfinite_steps = {limit}). {where}, left as it was. "
-                "Try runtime.amp=none (rules out float16/bfloat16 overflow) or a lower "
-                f"stages.{self.name}.lr in a new --out directory, then rerun")
+        stop_if_hopeless(self.dist, self.name, model, iteration, losses, streak, limit, where)
         warnings.warn(f"stage {self.name}, iteration {iteration + 1}: {losses}; optimizer step "
                       f"skipped ({streak} in a row, stopping at {limit})", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=4)
         if self.ctx.writer is not None:
             self.ctx.writer.add_scalar(f"{self.name}/skipped_steps", self.skipped_steps,
                                        iteration + 1)
-
-    def _log_scalars(self, means: Mapping[str, float], lr: float, step: int) -> None:
-        writer = self.ctx.writer
-        if writer is None:
-            return
-        for key, value in means.items():
-            writer.add_scalar(f"{self.name}/loss/{key}", value, step)
-        writer.add_scalar(f"{self.name}/lr", lr, step)
-
-    def _log_visual(self, step: int) -> None:
-        visual, self.visual = self.visual, None
-        count = min(_IMAGES_LOGGED, visual["image"].shape[0])
-        label = visual["label"][:count]
-        logits = F.interpolate(visual["logits"][:count].detach().float(), size=label.shape[-2:],
-                               mode="bilinear", align_corners=True)
-        writer = self.ctx.writer
-        writer.add_images(f"{self.name}/train_input", denormalize(visual["image"][:count]).cpu(),
-                          step)
-        num_classes = logits.shape[1]
-        writer.add_images(f"{self.name}/train_prediction",
-                          colorize(logits.argmax(1), num_classes).cpu(), step)
-        writer.add_images(f"{self.name}/train_label", colorize(label, num_classes).cpu(), step)

@@ -1,0 +1,40 @@
+"""TensorBoard logging of the training loop (``fastst.methods.trainer.Stage``): the mean losses
+and learning rate at every logging step, and a few training images with their prediction and
+label."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from fastst.methods.context import colorize, denormalize
+
+__all__ = ["log_scalars", "log_train_images"]
+
+IMAGES_LOGGED = 4
+
+
+def log_scalars(writer, stage: str, means: Mapping[str, float], lr: float, step: int) -> None:
+    """``<stage>/loss/<name>`` for every mean loss and ``<stage>/lr`` at ``step``; nothing when
+    ``writer`` (a SummaryWriter) is None."""
+    if writer is None:
+        return
+    for key, value in means.items():
+        writer.add_scalar(f"{stage}/loss/{key}", value, step)
+    writer.add_scalar(f"{stage}/lr", lr, step)
+
+
+def log_train_images(writer, stage: str, visual: Mapping[str, torch.Tensor], step: int) -> None:
+    """The first ``IMAGES_LOGGED`` items of a training batch: ``visual`` = {"image": (B, 3, H, W)
+    normalised float, "logits": (B, C, h, w) float, "label": (B, H, W) int64}; the prediction is
+    the argmax of the logits resized bilinearly (align_corners=True) to the label's size."""
+    count = min(IMAGES_LOGGED, visual["image"].shape[0])
+    label = visual["label"][:count]
+    logits = F.interpolate(visual["logits"][:count].detach().float(), size=label.shape[-2:],
+                           mode="bilinear", align_corners=True)
+    writer.add_images(f"{stage}/train_input", denormalize(visual["image"][:count]).cpu(), step)
+    num_classes = logits.shape[1]
+    writer.add_images(f"{stage}/train_prediction",
+                      colorize(logits.argmax(1), num_classes).cpu(), step)
+    writer.add_images(f"{stage}/train_label", colorize(label, num_classes).cpu(), step)
