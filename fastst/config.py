@@ -13,6 +13,9 @@ and give a YAML value (``0.25``, ``1e-4``, ``[512, 1024]``, ``null``, ``true``);
 a value of the wrong type or an impossible value raises ``ConfigError`` naming the key and what
 is valid. Keys under ``runtime`` change how a run executes, never what it computes (on the CPU),
 so they may differ between a run and its resumption.
+
+Preset files (bases, schedules) are read by ``fastst.config_presets``, the resolved configuration
+is checked by ``fastst.config_validate``; this module re-exports their public names.
 """
 from __future__ import annotations
 
@@ -28,15 +31,15 @@ from .atomic import atomic_write
 from .config_checks import (COMMON_STAGE_DEFAULTS, ConfigError, check_betas, check_bool,
                             check_choice, check_int, check_real, check_scales, check_size,
                             check_str, fail, get_key)
+from .config_presets import PRESET_DIR, available_presets, load_preset
+from .config_validate import CBST_THRESHOLD_STORES, COMPILE_MODES, validate_config
 from .methods import METHOD_NAMES, stage_class
 
 __all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "COMMON_STAGE_DEFAULTS", "STAGE_DEFAULTS",
            "stage_defaults", "available_presets", "load_preset", "load_config", "apply_overrides",
            "validate_config", "flat_keys", "dump_config", "recipe_differences", "get_key", "fail",
            "check_int", "check_real", "check_choice", "check_size", "check_str", "check_bool",
-           "check_betas", "check_scales"]
-
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+           "check_betas", "check_scales", "CBST_THRESHOLD_STORES", "COMPILE_MODES"]
 
 
 # Every key a configuration has, with the values used where a preset says nothing. Sizes are
@@ -137,107 +140,6 @@ def __getattr__(name: str) -> Any:
     if name == "STAGE_DEFAULTS":
         return {method: stage_defaults(method) for method in METHOD_NAMES}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_DEVICES = ("auto", "cpu", "cuda")
-_AMP = ("bfloat16", "float16", "none")
-_CHAINS = ("last", "released")
-_IAS_MODES = ("official", "paper")
-
-
-def available_presets() -> List[str]:
-    """Names of the presets shipped in fastst/presets/ (file stems), sorted. Files whose name
-    starts with ``_`` are bases that presets build on, not presets."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def load_preset(name: str) -> Dict[str, Any]:
-    """The raw dict of preset ``name``: its file laid over its bases, its schedule written into
-    its stages (see ``_read_preset_file`` and ``_apply_schedule``); ConfigError listing the
-    presets if there is none."""
-    presets = available_presets()
-    if not isinstance(name, str) or name not in presets:
-        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(presets)}")
-    data = _read_preset_file(name, ())
-    return _apply_schedule(data, f"preset {name!r}")
-
-
-def _read_preset_file(name: str, chain: Tuple[str, ...]) -> Dict[str, Any]:
-    """fastst/presets/<name>.yaml deep-merged over its ``base`` (a preset file name or a list of
-    them, merged in order; bases may have bases). Mappings merge key by key; any other value
-    (lists included, e.g. ``pipeline``) replaces the base's."""
-    path = PRESET_DIR / f"{name}.yaml"
-    if name in chain:
-        raise ConfigError(f"preset file {path}: its bases loop ({' -> '.join((*chain, name))})")
-    with open(path) as handle:
-        try:
-            data = yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"preset file {path} is not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset file {path} must hold a mapping, got {type(data).__name__}")
-    bases = data.pop("base", [])
-    bases = [bases] if isinstance(bases, str) else bases
-    files = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"preset file {path}: base must be a preset file name or a list of "
-                          f"them (e.g. base: _r101), got {bases!r}")
-    merged: Dict[str, Any] = {}
-    for base in bases:
-        if base not in files:
-            raise ConfigError(f"preset file {path}: unknown base {base!r}; preset files: "
-                              f"{', '.join(files)}")
-        merged = _deep_merge(merged, _read_preset_file(base, (*chain, name)))
-    return _deep_merge(merged, data)
-
-
-def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
-    merged = copy.deepcopy(dict(base))
-    for key, value in update.items():
-        if isinstance(merged.get(key), dict) and isinstance(value, Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-_SCHEDULE_RULE = "{stages: [names], start: number, step: number, max: number (optional)}"
-
-
-def _apply_schedule(data: Dict[str, Any], source: str) -> Dict[str, Any]:
-    """Write a preset's ``schedule`` into its stages and drop it. ``schedule`` maps a stage key
-    to a rule: the first of ``stages`` gets ``start``, each next one the previous value plus
-    ``step``, at most ``max``, summed in Python floats (float64) in order, as the released
-    round loops do (docs/recipes.md §5-§6), so e.g. the fifth TPLD portion is
-    0.39999999999999997, not 0.4. A stage that also sets the key is an error."""
-    schedule = data.pop("schedule", None)
-    if schedule is None:
-        return data
-    if not isinstance(schedule, Mapping):
-        raise ConfigError(f"{source}: schedule must map stage keys to rules {_SCHEDULE_RULE}")
-    stages = data.get("stages")
-    for key, rule in schedule.items():
-        numbers = ("start", "step", "max")
-        if (not isinstance(rule, Mapping) or not {"stages", "start", "step"} <= set(rule)
-                or not set(rule) <= {"stages", *numbers}
-                or any(isinstance(rule.get(n), bool)
-                       or not isinstance(rule.get(n, 0), (int, float)) for n in numbers)):
-            raise ConfigError(f"{source}: schedule.{key} must be {_SCHEDULE_RULE}, got {rule!r}")
-        names = rule["stages"]
-        if (not isinstance(stages, Mapping) or not isinstance(names, list)
-                or any(not isinstance(stages.get(n), dict) for n in names)):
-            raise ConfigError(f"{source}: schedule.{key}.stages must list stages defined under "
-                              f"'stages', got {names!r}")
-        value = rule["start"]
-        for name in names:
-            if key in stages[name]:
-                raise ConfigError(f"{source}: stages.{name}.{key} is set both in the stage and "
-                                  f"by schedule.{key}; keep one")
-            stages[name][key] = value
-            value = value + rule["step"]
-            if rule.get("max") is not None:
-                value = min(value, rule["max"])
-    return data
 
 
 def load_config(preset: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -360,153 +262,6 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
             raise ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
         node[parts[-1]] = _coerce(_parse_value(text, key), node[parts[-1]], key)
     return config
-
-
-# --- validation -------------------------------------------------------------------------------
-
-def validate_config(config: Mapping[str, Any]) -> None:
-    """Check every key's type and range; ConfigError naming the first bad key."""
-    from fastst.data import DATASET_NAMES
-    from fastst.models.resnet import RESNET_SPECS
-
-    check_int(config, "seed", 0)
-    check_int(config, "seeds", 1)
-    check_int(config, "num_classes", 2)
-    if config["num_classes"] > 254:
-        fail("num_classes", "at most 254 (labels are uint8 with 255 = ignore)",
-              config["num_classes"])
-    _validate_class_set(config)
-    check_choice(config, "chain", _CHAINS)
-    check_choice(config, "model.backbone", sorted(RESNET_SPECS))
-    check_str(config, "model.pretrained", optional=True)
-    for part in ("source", "target", "val"):
-        check_choice(config, f"data.{part}.dataset", DATASET_NAMES)
-        check_str(config, f"data.{part}.root")
-        check_str(config, f"data.{part}.split")
-        check_str(config, f"data.{part}.list_file", optional=True)
-    for part in ("source", "target"):
-        _validate_subset(config, f"data.{part}.subset")
-        if config["data"][part]["domain"] not in (None, "source", "target"):
-            fail(f"data.{part}.domain", "null, source or target", config["data"][part]["domain"])
-        check_size(config, f"data.{part}.resize", optional=True)
-        check_size(config, f"data.{part}.crop_height_range")
-        low, high = config["data"][part]["crop_height_range"]
-        if low > high:
-            fail(f"data.{part}.crop_height_range", "[min, max] with min <= max", [low, high])
-    check_size(config, "data.val.input_size", optional=True)
-    synthetic = config["data"]["synthetic"]
-    if synthetic is not None and not isinstance(synthetic, dict):
-        fail("data.synthetic", "null or a mapping of ensure_synthetic arguments", synthetic)
-    check_size(config, "data.crop_size")
-    check_real(config, "data.aspect", 0, low_open=True)
-    for key in ("flip_p", "brightness_contrast_p"):
-        check_real(config, f"data.{key}", 0, 1)
-    for key in ("brightness", "contrast"):
-        check_real(config, f"data.{key}", 0)
-    check_betas(config, "optim.betas")
-    check_real(config, "optim.weight_decay", 0)
-    check_real(config, "optim.eta_min_ratio", 0, 1)
-    check_choice(config, "pseudo.mode", _IAS_MODES)
-    check_int(config, "pseudo.group", 1)
-    if config["pseudo"]["mode"] == "paper" and config["pseudo"]["group"] != 1:
-        fail("pseudo.group", "1 with pseudo.mode=paper (instance = one image)",
-              config["pseudo"]["group"])
-    check_real(config, "pseudo.beta", 0, 1)
-    check_real(config, "pseudo.gamma", 0)
-    check_int(config, "pseudo.batch_size", 1)
-    if config["pseudo"]["batch_size"] % config["pseudo"]["group"]:
-        fail("pseudo.batch_size", f"a multiple of pseudo.group = {config['pseudo']['group']} "
-              "(instances must not straddle batches)", config["pseudo"]["batch_size"])
-    check_int(config, "pseudo.order_seed", 0)
-    check_bool(config, "pseudo.colour")
-    check_scales(config, "eval.scales")
-    check_bool(config, "eval.flip")
-    check_int(config, "eval.batch_size", 1)
-    _validate_stages(config)
-    _validate_runtime(config)
-
-
-def _validate_class_set(config: Mapping[str, Any]) -> None:
-    from fastst.data.ids import CLASS_SETS
-
-    check_choice(config, "data.class_set", tuple(CLASS_SETS))
-    class_set = CLASS_SETS[config["data"]["class_set"]]
-    if config["num_classes"] != class_set.num_classes:
-        others = ", ".join(f"data.class_set={s.name} with num_classes={s.num_classes}"
-                           for s in CLASS_SETS.values() if s is not class_set)
-        raise ConfigError(f"num_classes = {config['num_classes']} does not match "
-                          f"data.class_set={class_set.name}, which has {class_set.num_classes} "
-                          f"classes; set num_classes={class_set.num_classes} (or {others})")
-
-
-def _validate_subset(config: Mapping[str, Any], key: str) -> None:
-    subset = get_key(config, key)
-    if subset is None:
-        return
-    expected = "null or {fraction: (0, 1], seed: int >= 0, part: labelled or unlabelled}"
-    if not isinstance(subset, dict) or set(subset) != {"fraction", "seed", "part"}:
-        fail(key, expected, subset)
-    check_real(config, f"{key}.fraction", 0, 1, low_open=True)
-    check_int(config, f"{key}.seed", 0)
-    check_choice(config, f"{key}.part", ("labelled", "unlabelled"))
-
-
-def _validate_stages(config: Mapping[str, Any]) -> None:
-    stages, pipeline = config["stages"], config["pipeline"]
-    if not isinstance(pipeline, list) or not pipeline or not all(isinstance(s, str)
-                                                                  for s in pipeline):
-        fail("pipeline", "a non-empty list of stage names", pipeline)
-    unknown = [s for s in pipeline if s not in stages]
-    if unknown:
-        raise ConfigError(f"pipeline names stages {unknown} that are not under 'stages' "
-                          f"(defined: {', '.join(stages) or 'none'})")
-    if len(set(pipeline)) != len(pipeline):
-        fail("pipeline", "a list without repeated stages", pipeline)
-    for name in pipeline:
-        prefix = f"stages.{name}"
-        check_int(config, f"{prefix}.epochs", 1)
-        check_real(config, f"{prefix}.t_max", 0, low_open=True)
-        check_int(config, f"{prefix}.batch_size", 1)
-        check_real(config, f"{prefix}.lr", 0, low_open=True)
-        check_real(config, f"{prefix}.backbone_lr_mult", 0, low_open=True)
-        check_real(config, f"{prefix}.head_lr_mult", 0, low_open=True)
-        check_int(config, f"{prefix}.select_every", 1)
-        protocol = stages[name]["eval_protocol"]
-        if protocol is not None:
-            from fastst.evaluate import PROTOCOLS
-
-            check_choice(config, f"{prefix}.eval_protocol", (None, *PROTOCOLS))
-        check_int(config, f"{prefix}.iterations", 1, optional=True)
-        check_int(config, f"{prefix}.iterations_per_epoch", 1, optional=True)
-        check_bool(config, f"{prefix}.freeze_bn_affine")
-        stage_class(stages[name]["method"]).validate(config, prefix)
-
-
-CBST_THRESHOLD_STORES = ("auto", "values", "histogram")
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _validate_runtime(config: Mapping[str, Any]) -> None:
-    check_choice(config, "runtime.device", _DEVICES)
-    check_choice(config, "runtime.amp", _AMP)
-    check_choice(config, "runtime.cbst_thresholds", CBST_THRESHOLD_STORES)
-    check_choice(config, "runtime.compile", COMPILE_MODES)
-    for key in ("channels_last", "progress", "tensorboard", "op_value_checks", "check_data",
-                "pseudo_quality", "sync_bn", "amp_pseudo"):
-        if not isinstance(config["runtime"][key], bool):
-            fail(f"runtime.{key}", "true or false", config["runtime"][key])
-    check_int(config, "runtime.workers", 0)
-    check_int(config, "runtime.threads", 1, optional=True)
-    for key in ("log_every", "image_every", "checkpoint_every", "pseudo_state_every",
-                "write_threads"):
-        check_int(config, f"runtime.{key}", 1)
-    check_int(config, "runtime.stop_after_iterations", 0, optional=True)
-    check_int(config, "runtime.stop_after_pseudo_batches", 0, optional=True)
-    reuse = config["runtime"]["reuse_from"]
-    if reuse is not None and not (isinstance(reuse, str) and reuse) and not (
-            isinstance(reuse, list) and all(isinstance(r, str) and r for r in reuse)):
-        fail("runtime.reuse_from", "null, a run directory or a list of them", reuse)
-    check_int(config, "runtime.max_nonfinite_steps", 1)
 
 
 # --- files -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import fastst.config as config_module
+import fastst.config_presets as config_presets
 from fastst.config import (COMMON_STAGE_DEFAULTS, STAGE_DEFAULTS, ConfigError, available_presets,
                            load_config)
 from fastst.methods import METHOD_NAMES, stage_class
@@ -102,7 +103,7 @@ BASES = {
 
 
 def test_presets_build_on_bases(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "PRESET_DIR", tmp_path)
+    monkeypatch.setattr(config_presets, "PRESET_DIR", tmp_path)
     _write_presets(tmp_path, BASES)
     assert available_presets() == ["child", "grandchild"]  # files starting with _ are bases
     config = load_config("child")
@@ -128,7 +129,7 @@ def test_presets_build_on_bases(tmp_path, monkeypatch):
     ({"p": "base: {a: 1}\n"}, "base must be a preset file name or a list of them"),
 ])
 def test_bad_bases_are_named(tmp_path, monkeypatch, files, message):
-    monkeypatch.setattr(config_module, "PRESET_DIR", tmp_path)
+    monkeypatch.setattr(config_presets, "PRESET_DIR", tmp_path)
     _write_presets(tmp_path, files)
     with pytest.raises(ConfigError, match=message):
         load_config("p")
@@ -154,7 +155,7 @@ def test_tpld_schedule_is_the_released_float64_sum():
 
 
 def test_schedule_writes_stage_keys(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "PRESET_DIR", tmp_path)
+    monkeypatch.setattr(config_presets, "PRESET_DIR", tmp_path)
     rounds = "\n".join(f"  r{k}: {{method: cbst}}" for k in (1, 2, 3, 4))
     _write_presets(tmp_path, {"p": (
         "pipeline: [r1, r2, r3, r4]\n"
@@ -176,7 +177,7 @@ def test_schedule_writes_stage_keys(tmp_path, monkeypatch):
     ("[portion]", "{method: cbst}", "schedule must map stage keys to rules"),
 ])
 def test_bad_schedules_are_named(tmp_path, monkeypatch, schedule, stage, message):
-    monkeypatch.setattr(config_module, "PRESET_DIR", tmp_path)
+    monkeypatch.setattr(config_presets, "PRESET_DIR", tmp_path)
     _write_presets(tmp_path, {"p": f"pipeline: [r1]\nschedule:\n  {schedule}\nstages:\n  r1: {stage}\n"})
     with pytest.raises(ConfigError, match=message):
         load_config("p")
