@@ -11,7 +11,8 @@ from .cityscapes import Cityscapes
 from .gta5 import GTA5
 from .ids import (CLASS_NAMES, CLASS_SETS, CLASSES_13, CLASSES_16, IGNORE_INDEX, NUM_CLASSES,
                   PALETTE, ClassSet, class_set_for, get_class_set)
-from .io import SegmentationDataset, read_image, read_label, write_png_atomic
+from .base import SegmentationDataset
+from .io import read_image, read_label, write_png_atomic
 from .mining import MiningSizedCrop, mining_train_transform
 from .mixed import MixedDomainDataset, sample_source_indices
 from .pseudo_label import PseudoLabelDataset, pseudo_label_path, save_pseudo_labels

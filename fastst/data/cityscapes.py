@@ -10,7 +10,8 @@ from typing import List, Tuple
 
 from .gta5 import CITYSCAPES_LABEL_IDS
 from .ids import IGNORE_INDEX, NUM_CLASSES
-from .io import FileDataset, Layout, png_files, subdirectories
+from .base import FileDataset, Layout
+from .io import png_files, subdirectories
 
 IMAGE_SUFFIX = "_leftImg8bit"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds"

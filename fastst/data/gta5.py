@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from .io import FileDataset, Layout, png_files
+from .base import FileDataset, Layout
+from .io import png_files
 
 # The Cityscapes label definition has ids 0..33; the 19 in the map are trained on, the others
 # (unlabeled, ego vehicle, ground, parking, guard rail, ...) are valid but ignored.

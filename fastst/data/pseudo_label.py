@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .ids import palette_bytes
-from .io import SegmentationDataset, Transform, read_label, write_png_atomic
+from .base import SegmentationDataset, Transform
+from .io import read_label, write_png_atomic
 from .transforms import resize_label
 
 LABEL_SUFFIX = "_pseudo_label.png"

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from .io import FileDataset, Layout, png_files
+from .base import FileDataset, Layout
+from .io import png_files
 
 # SYNTHIA's classes are 0 (void) .. 22 (lane marking); the class set maps some of them to train ids.
 SYNTHIA_LABEL_IDS = frozenset(range(23))
