@@ -275,6 +275,42 @@ def _parser():
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    device = _check_args(parser, args)
+    model, num_classes, class_set = _model_and_classes(parser, args)
+    options = {"class_set": class_set}
+    if args.dataset == "synthetic":
+        domain = args.domain or "target"
+        options.update(domain=domain, synthetic=_synthetic_options(args.root, domain))
+    dataset = _dataset(parser, args, options)
+    if args.predictions is not None:
+        return _report(args, dataset, class_set, _score_files(parser, dataset, args.predictions),
+                       domain=options.get("domain"), predictions=args.predictions)
+    autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
+    dctx = distributed.init_from_env(device)  # under torchrun: one shard of the batches a rank
+    try:
+        confusion = evaluate(model, dataset, scales=tuple(args.scales), flip=args.flip,
+                             batch_size=args.batch_size,
+                             device=dctx.device if dctx.is_distributed else device,
+                             num_classes=num_classes, progress=not args.no_progress,
+                             input_size=args.resize, autocast_dtype=autocast_dtype,
+                             num_workers=args.workers, distributed_context=dctx,
+                             protocol=args.protocol, save_predictions=args.save_predictions)
+    finally:
+        distributed.shutdown()
+    if not dctx.is_main:
+        return 0
+    spec = _protocol(args.protocol, args.scales, args.flip, args.resize)
+    if args.save_predictions:
+        print(f"wrote the predictions below {args.save_predictions}")
+    return _report(args, dataset, class_set, confusion, domain=options.get("domain"),
+                   checkpoint=str(args.checkpoint), protocol=args.protocol,
+                   scales=list(spec.scales), flip=spec.flip, resize=args.resize,
+                   save_predictions=args.save_predictions)
+
+
+def _check_args(parser, args):
+    """Exit through ``parser.error`` on options that do not fit together; fills the default
+    ``args.scales`` and returns the torch.device of ``--device``."""
     if args.domain is not None and args.dataset != "synthetic":
         parser.error("--domain applies to --dataset synthetic only")
     if args.batch_size < 1:
@@ -309,9 +345,13 @@ def main(argv=None):
         parser.error(f"--device {args.device!r} is not a device: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available; use --device cpu")
+    return device
 
+
+def _model_and_classes(parser, args):
+    """(model or None, num_classes, class set name or None): the --checkpoint's model (exit 2
+    when it cannot be loaded) and the class set its predictions (or --predictions) are in."""
     from .models import load_model
-    from .data import build_dataset
 
     model = None
     if args.checkpoint is not None:
@@ -326,39 +366,18 @@ def main(argv=None):
         parser.error(f"--class-set {class_set} has {CLASS_SETS[class_set].num_classes} classes "
                      f"but the model predicts {num_classes}; pass the class set it was trained "
                      f"on ({', '.join(CLASS_SETS)})")
-    options = {"class_set": class_set}
-    if args.dataset == "synthetic":
-        domain = args.domain or "target"
-        options.update(domain=domain, synthetic=_synthetic_options(args.root, domain))
+    return model, num_classes, class_set
+
+
+def _dataset(parser, args, options):
+    """The --dataset at --root (exit 2 when it cannot be read)."""
+    from .data import build_dataset
+
     try:
-        dataset = build_dataset(args.dataset, args.root, args.split, **options)
+        return build_dataset(args.dataset, args.root, args.split, **options)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: cannot read --dataset {args.dataset} at "
                        f"{args.root!r}: {error}\n")
-    if args.predictions is not None:
-        return _report(args, dataset, class_set, _score_files(parser, dataset, args.predictions),
-                       domain=options.get("domain"), predictions=args.predictions)
-    autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
-    dctx = distributed.init_from_env(device)  # under torchrun: one shard of the batches a rank
-    try:
-        confusion = evaluate(model, dataset, scales=tuple(args.scales), flip=args.flip,
-                             batch_size=args.batch_size,
-                             device=dctx.device if dctx.is_distributed else device,
-                             num_classes=num_classes, progress=not args.no_progress,
-                             input_size=args.resize, autocast_dtype=autocast_dtype,
-                             num_workers=args.workers, distributed_context=dctx,
-                             protocol=args.protocol, save_predictions=args.save_predictions)
-    finally:
-        distributed.shutdown()
-    if not dctx.is_main:
-        return 0
-    spec = _protocol(args.protocol, args.scales, args.flip, args.resize)
-    if args.save_predictions:
-        print(f"wrote the predictions below {args.save_predictions}")
-    return _report(args, dataset, class_set, confusion, domain=options.get("domain"),
-                   checkpoint=str(args.checkpoint), protocol=args.protocol,
-                   scales=list(spec.scales), flip=spec.flip, resize=args.resize,
-                   save_predictions=args.save_predictions)
 
 
 def _score_files(parser, dataset, predictions_dir):
