@@ -1,18 +1,30 @@
-"""TensorBoard logging of the training loop (``fastst.methods.trainer.Stage``): the mean losses
-and learning rate at every logging step, and a few training images with their prediction and
-label."""
+"""Logging of the training loop (``fastst.methods.trainer.Stage``): the mean losses over the
+ranks, and in TensorBoard the losses and learning rate at every logging step and a few training
+images with their prediction and label."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Dict, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from fastst.methods.context import colorize, denormalize
 
-__all__ = ["log_scalars", "log_train_images"]
+__all__ = ["mean_over_ranks", "log_scalars", "log_train_images"]
 
 IMAGES_LOGGED = 4
+
+
+def mean_over_ranks(dctx, sums: Mapping[str, torch.Tensor], counts: Mapping[str, int]
+                    ) -> Dict[str, float]:
+    """{name: sum / count}, averaged over the ranks in a distributed run (one collective);
+    every rank has the same names, in the same order, and the same counts."""
+    if not dctx.is_distributed:
+        return {key: float(value) / counts[key] for key, value in sums.items()}
+    values = torch.stack([value.detach().reshape(()).float() for value in sums.values()])
+    dctx.all_reduce_(values)
+    return {key: value / (counts[key] * dctx.world_size)
+            for key, value in zip(sums, values.cpu().tolist())}
 
 
 def log_scalars(writer, stage: str, means: Mapping[str, float], lr: float, step: int) -> None:

@@ -57,7 +57,7 @@ from fastst.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
-from fastst.methods.logs import log_scalars, log_train_images
+from fastst.methods.logs import log_scalars, log_train_images, mean_over_ranks
 from fastst.methods.nonfinite import (DEFAULT_MAX_NONFINITE_STEPS, agree_finite,
                                       stop_if_hopeless)
 from fastst.methods.chain import BEST, snapshot_name
@@ -354,7 +354,7 @@ class Stage:
                         counts[key] = counts.get(key, 0) + 1
                 done = iteration + 1
                 if counts and (done % runtime["log_every"] == 0 or done == self.total):
-                    means = self._mean_over_ranks(sums, counts)
+                    means = mean_over_ranks(dctx, sums, counts)
                     log_scalars(ctx.writer, self.name, means, lr, done)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
                     sums, counts = {}, {}
@@ -386,17 +386,6 @@ class Stage:
                                  snapshot=True)
         for which in keep:
             save_checkpoint(self.dir / snapshot_name(which), state)
-
-    def _mean_over_ranks(self, sums: Mapping[str, torch.Tensor],
-                         counts: Mapping[str, int]) -> Dict[str, float]:
-        """{name: sum / count}, averaged over the ranks in a distributed run (one collective);
-        every rank has the same names, in the same order, and the same counts."""
-        if not self.dist.is_distributed:
-            return {key: float(value) / counts[key] for key, value in sums.items()}
-        values = torch.stack([value.detach().reshape(()).float() for value in sums.values()])
-        self.dist.all_reduce_(values)
-        return {key: value / (counts[key] * self.dist.world_size)
-                for key, value in zip(sums, values.cpu().tolist())}
 
     def _skip_step(self, model: nn.Module, iteration: int, skipped: NonFiniteLoss, streak: int,
                    limit: int, last_saved: Optional[int]) -> None:
