@@ -473,7 +473,7 @@ def test_bad_input(case, exc, match, monkeypatch):
 
 
 def test_fastst_check_env(monkeypatch):
-    from fastst.ops.region_loss import _check_args as _check_region_loss_args
+    from fastst.ops._checks import check_loss_args as _check_region_loss_args
 
     logits = torch.zeros(2, 19, 3, 3)
     bad = torch.zeros(2, 3, 3, dtype=torch.uint8)

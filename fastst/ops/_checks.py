@@ -110,3 +110,100 @@ def raise_on_stat_flags(name: str, flags: int, from_logits: bool) -> None:
     if flags & 2 and not from_logits:
         raise ValueError(f"{name} has values outside [0, 1] but from_logits=False; pass "
                          "probabilities or set from_logits=True")
+
+
+def check_lambdas(lambdas: object, C: int, device: torch.device) -> torch.Tensor:
+    """A (C,) floating tensor on `device` with finite values > 0, as contiguous float32."""
+    if not isinstance(lambdas, torch.Tensor):
+        raise TypeError(f"lambdas must be a float tensor of shape ({C},) (from ClassBalancedThresholds."
+                        f"thresholds), got {type(lambdas).__name__}")
+    if not lambdas.is_floating_point():
+        raise TypeError(f"lambdas must be a floating-point tensor (float32), got {lambdas.dtype}")
+    if tuple(lambdas.shape) != (C,):
+        raise ValueError(f"lambdas must have shape ({C},) to match C = {C} classes, got {tuple(lambdas.shape)}")
+    if lambdas.device != device:
+        raise ValueError(f"lambdas is on {lambdas.device} but the scores are on {device}; keep them on one device")
+    lambdas = lambdas.to(torch.float32).contiguous()
+    if value_checks_enabled(device) and not bool((torch.isfinite(lambdas) & (lambdas > 0)).all()):
+        raise ValueError("lambdas must be finite and > 0 (class thresholds in (0, 1]); got "
+                         f"{lambdas.tolist()}")
+    return lambdas
+
+
+def check_probs(name: str, probs: object) -> torch.Tensor:
+    """Shape and dtype of a (B, C, H, W) probability map (the values are checked by the ops)."""
+    return check_scores(name, probs)
+
+
+def check_prob_values(name: str, probs: torch.Tensor) -> None:
+    """NaN/Inf and [0, 1] range, with torch ops (the fused backends flag them in their pass)."""
+    if not value_checks_enabled(probs.device):
+        return
+    finite = bool(torch.isfinite(probs).all())
+    in_range = bool(((probs >= 0) & (probs <= 1)).all()) if finite else True
+    raise_on_stat_flags(name, (0 if finite else 1) | (0 if in_range else 2), False)
+
+
+def raise_on_flags(name: str, flags: torch.Tensor) -> None:
+    """raise_on_stat_flags on the (1,) int32 flags of a label pass over probabilities."""
+    if value_checks_enabled(flags.device):
+        raise_on_stat_flags(name, int(flags.item()), False)
+
+
+def check_theta(theta: object, C: int, device: torch.device) -> torch.Tensor:
+    """None (0.9 for every class) or a (C,) floating tensor on `device` with finite values, as float64."""
+    if theta is None:
+        return torch.full((C,), 0.9, dtype=torch.float64, device=device)
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"theta must be None or a float64 tensor of shape ({C},), got {type(theta).__name__}")
+    if not theta.is_floating_point():
+        raise TypeError(f"theta must be a floating-point tensor (float64), got {theta.dtype}")
+    if tuple(theta.shape) != (C,):
+        raise ValueError(f"theta must have shape ({C},) to match C = {C} classes, got {tuple(theta.shape)}")
+    if theta.device != device:
+        raise ValueError(f"theta is on {theta.device} but x is on {device}; keep them on one device")
+    theta = theta.to(torch.float64)
+    if value_checks_enabled(device) and not bool(torch.isfinite(theta).all()):
+        raise ValueError("theta contains NaN or Inf values")
+    return theta
+
+
+def check_loss_args(logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts=False):
+    """Validate the arguments of region_loss (and of the losses that share its logits/target inputs);
+    returns (lambda_kld, lambda_ent, ignore_index)."""
+    logits = check_scores("logits", logits, layout="(B, C, h, w)")
+    target = check_tensor("target", target, ndim=3, dtypes=LABEL_DTYPES, layout="(B, H, W)")
+    if target.shape[1] == 0 or target.shape[2] == 0:
+        raise ValueError(f"target: images must have at least one pixel, got shape {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}; "
+                         "put both on the same device")
+    lambda_kld = check_real("lambda_kld", lambda_kld, low=0.0)
+    lambda_ent = check_real("lambda_ent", lambda_ent, low=0.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int in [0, 255], got {type(ignore_index).__name__}")
+    if not 0 <= ignore_index <= 255:
+        raise ValueError(f"ignore_index must be an int in [0, 255], got {ignore_index}")
+    size = check_size("size", size)
+    if size is not None and size != tuple(target.shape[1:]):
+        raise ValueError(f"size must equal the target's (H, W) = {tuple(target.shape[1:])}, got {size}")
+    for name, flag in (("align_corners", align_corners), ("return_parts", return_parts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_labels("target", target, num_classes=logits.shape[1], batch=logits.shape[0],
+                 ignore_index=ignore_index, scores_name="logits")
+    return lambda_kld, lambda_ent, ignore_index
+
+
+def check_int(name: str, value: object, low: int) -> int:
+    """An int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_triton_device(op_name: str, device: torch.device, interpreted: bool) -> None:
+    """A Triton op runs on CUDA tensors, or on CPU tensors under its interpreter (`interpreted`)."""
+    if device.type != "cuda" and not interpreted:
+        raise ValueError(f"{op_name} runs on CUDA tensors, or on CPU tensors only under Triton's "
+                         "interpreter (set TRITON_INTERPRET=1 before importing triton)")

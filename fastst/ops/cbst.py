@@ -21,43 +21,6 @@ LABEL_BACKENDS = ("triton", "cpp", "torch")
 MRKLD_BACKENDS = ("triton", "cpp", "torch")
 
 
-def check_lambdas(lambdas: object, C: int, device: torch.device) -> torch.Tensor:
-    """A (C,) floating tensor on `device` with finite values > 0, as contiguous float32."""
-    if not isinstance(lambdas, torch.Tensor):
-        raise TypeError(f"lambdas must be a float tensor of shape ({C},) (from ClassBalancedThresholds."
-                        f"thresholds), got {type(lambdas).__name__}")
-    if not lambdas.is_floating_point():
-        raise TypeError(f"lambdas must be a floating-point tensor (float32), got {lambdas.dtype}")
-    if tuple(lambdas.shape) != (C,):
-        raise ValueError(f"lambdas must have shape ({C},) to match C = {C} classes, got {tuple(lambdas.shape)}")
-    if lambdas.device != device:
-        raise ValueError(f"lambdas is on {lambdas.device} but the scores are on {device}; keep them on one device")
-    lambdas = lambdas.to(torch.float32).contiguous()
-    if _checks.value_checks_enabled(device) and not bool((torch.isfinite(lambdas) & (lambdas > 0)).all()):
-        raise ValueError("lambdas must be finite and > 0 (class thresholds in (0, 1]); got "
-                         f"{lambdas.tolist()}")
-    return lambdas
-
-
-def check_probs(name: str, probs: object) -> torch.Tensor:
-    """Shape and dtype of a (B, C, H, W) probability map (the values are checked by the ops)."""
-    return _checks.check_scores(name, probs)
-
-
-def check_prob_values(name: str, probs: torch.Tensor) -> None:
-    """NaN/Inf and [0, 1] range, with torch ops (the fused backends flag them in their pass)."""
-    if not _checks.value_checks_enabled(probs.device):
-        return
-    finite = bool(torch.isfinite(probs).all())
-    in_range = bool(((probs >= 0) & (probs <= 1)).all()) if finite else True
-    _checks.raise_on_stat_flags(name, (0 if finite else 1) | (0 if in_range else 2), False)
-
-
-def raise_on_flags(name: str, flags: torch.Tensor) -> None:
-    if _checks.value_checks_enabled(flags.device):
-        _checks.raise_on_stat_flags(name, int(flags.item()), False)
-
-
 def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """CBST pseudo labels (docs/ops.md §5): w = p / lambda (float32 IEEE division); the label is
     argmax w (lowest index on ties) where max w >= 1, else 255.
@@ -69,17 +32,17 @@ def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Op
     Returns:
         (B, H, W) uint8.
     """
-    probs = check_probs("probs", probs)
-    lambdas = check_lambdas(lambdas, probs.shape[1], probs.device)
+    probs = _checks.check_probs("probs", probs)
+    lambdas = _checks.check_lambdas(lambdas, probs.shape[1], probs.device)
     name = choose_backend("cbst_pseudo_label", probs.device, LABEL_BACKENDS, backend)
     if name == "torch":
-        check_prob_values("probs", probs)
+        _checks.check_prob_values("probs", probs)
         return reference.cbst_pseudo_label(probs, lambdas)
     op = cbst_label_cpp
     if name == "triton":
         from .triton.tpld import cbst_label_triton as op  # imports triton only when asked
     labels, flags = op(probs, lambdas)
-    raise_on_flags("probs", flags)
+    _checks.raise_on_flags("probs", flags)
     return labels
 
 
@@ -160,7 +123,7 @@ class ClassBalancedThresholds:
 
     def _kept_batch(self, probs: torch.Tensor):
         """(values float32 (n,), classes uint8 (n,), argmax counts int64 (C,)) of one batch."""
-        probs = check_probs("probs", probs)
+        probs = _checks.check_probs("probs", probs)
         if probs.shape[1] != self.num_classes:
             raise ValueError(f"probs has C = {probs.shape[1]} classes but the accumulator was made for "
                              f"num_classes = {self.num_classes}")
@@ -173,11 +136,11 @@ class ClassBalancedThresholds:
         if name == "cpp":
             from ._library import pixel_stats
             m, a, counts, flags = pixel_stats(probs, False, H, W, True)
-            raise_on_flags("probs", flags)
+            _checks.raise_on_flags("probs", flags)
             total = int((-(-counts // self.subsample)).sum())  # ceil(count / s) per (image, class)
             values, classes = cbst_collect_cpp(m, a, C, self.subsample, total)
             return values, classes, counts.sum(0)
-        check_prob_values("probs", probs)
+        _checks.check_prob_values("probs", probs)
         m, a = reference.pixel_stats(probs, from_logits=False, size=None, align_corners=True)
         a = a.reshape(B, -1)
         counts = torch.bincount(a.reshape(-1), minlength=C)
@@ -362,8 +325,7 @@ def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tens
     Returns:
         float32 0-dim loss (differentiable w.r.t. logits).
     """
-    from .region_loss import _check_args
-    _check_args(logits, target, 0.0, 0.0, ignore_index, size, align_corners)
+    _checks.check_loss_args(logits, target, 0.0, 0.0, ignore_index, size, align_corners)
     mrkld_weight = _checks.check_real("mrkld_weight", mrkld_weight, low=0.0)
     if not isinstance(is_target, torch.Tensor) or tuple(is_target.shape) != (logits.shape[0],):
         raise ValueError(f"is_target must be a bool tensor of shape ({logits.shape[0]},), one flag per crop, "

@@ -19,23 +19,6 @@ MODES = ("paper", "official")
 IMPLEMENTED = ("cuda", "triton", "cpp", "torch")
 
 
-def _check_theta(theta: object, C: int, device: torch.device) -> torch.Tensor:
-    if theta is None:
-        return torch.full((C,), 0.9, dtype=torch.float64, device=device)
-    if not isinstance(theta, torch.Tensor):
-        raise TypeError(f"theta must be None or a float64 tensor of shape ({C},), got {type(theta).__name__}")
-    if not theta.is_floating_point():
-        raise TypeError(f"theta must be a floating-point tensor (float64), got {theta.dtype}")
-    if tuple(theta.shape) != (C,):
-        raise ValueError(f"theta must have shape ({C},) to match C = {C} classes, got {tuple(theta.shape)}")
-    if theta.device != device:
-        raise ValueError(f"theta is on {theta.device} but x is on {device}; keep them on one device")
-    theta = theta.to(torch.float64)
-    if _checks.value_checks_enabled(device) and not bool(torch.isfinite(theta).all()):
-        raise ValueError("theta contains NaN or Inf values")
-    return theta
-
-
 def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: float,
                      beta: float = 0.9, gamma: float = 8.0, mode: str = "paper",
                      from_logits: bool = False, size: Optional[Sequence[int]] = None,
@@ -79,7 +62,7 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
     if size is not None and not from_logits and size != (h, w):
         raise ValueError(f"size={size} differs from the input's {(h, w)} but from_logits=False; "
                          "only logits are upsampled (pass from_logits=True)")
-    theta = _check_theta(theta, C, x.device)
+    theta = _checks.check_theta(theta, C, x.device)
     chosen = choose_backend("ias_pseudo_label", x.device, IMPLEMENTED, backend)
     out_h, out_w = size if size is not None else (h, w)
 

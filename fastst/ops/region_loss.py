@@ -30,32 +30,6 @@ def _fused_op(backend: str):
     return region_loss_triton
 
 
-def _check_args(logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts=False):
-    """Validate region_loss's arguments; returns (lambda_kld, lambda_ent, ignore_index)."""
-    logits = _checks.check_scores("logits", logits, layout="(B, C, h, w)")
-    target = _checks.check_tensor("target", target, ndim=3, dtypes=_checks.LABEL_DTYPES, layout="(B, H, W)")
-    if target.shape[1] == 0 or target.shape[2] == 0:
-        raise ValueError(f"target: images must have at least one pixel, got shape {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}; "
-                         "put both on the same device")
-    lambda_kld = _checks.check_real("lambda_kld", lambda_kld, low=0.0)
-    lambda_ent = _checks.check_real("lambda_ent", lambda_ent, low=0.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int in [0, 255], got {type(ignore_index).__name__}")
-    if not 0 <= ignore_index <= 255:
-        raise ValueError(f"ignore_index must be an int in [0, 255], got {ignore_index}")
-    size = _checks.check_size("size", size)
-    if size is not None and size != tuple(target.shape[1:]):
-        raise ValueError(f"size must equal the target's (H, W) = {tuple(target.shape[1:])}, got {size}")
-    for name, flag in (("align_corners", align_corners), ("return_parts", return_parts)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    _checks.check_labels("target", target, num_classes=logits.shape[1], batch=logits.shape[0],
-                         ignore_index=ignore_index, scores_name="logits")
-    return lambda_kld, lambda_ent, ignore_index
-
-
 def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float = 0.1,
                 lambda_ent: float = 3.0, ignore_index: int = 255,
                 size: Optional[Sequence[int]] = None, align_corners: bool = True,
@@ -82,7 +56,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
     Returns:
         a float32 0-dim tensor, or (loss, ce, kld, ent). A part with no pixels is 0.
     """
-    lambda_kld, lambda_ent, ignore_index = _check_args(
+    lambda_kld, lambda_ent, ignore_index = _checks.check_loss_args(
         logits, target, lambda_kld, lambda_ent, ignore_index, size, align_corners, return_parts)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")

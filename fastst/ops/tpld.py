@@ -16,7 +16,7 @@ import torch
 from . import _checks, reference
 from ._backend import choose_backend
 from ._tpld_ops import image_confidence_cpp, st_loss_cpp, tpld_vote_cpp
-from .cbst import check_lambdas, check_prob_values, check_probs, raise_on_flags
+from ._checks import check_int, check_lambdas, check_loss_args, check_prob_values, check_probs, raise_on_flags
 from .loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER
 
 VOTE_BACKENDS = ("triton", "cpp", "torch")
@@ -24,12 +24,6 @@ CONFIDENCE_BACKENDS = ("triton", "cpp", "torch")
 LOSS_BACKENDS = ("triton", "cpp", "torch")
 TORCH_ONLY = ("torch",)
 REDUCTIONS = ("mean", "sum")
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, weight: float = 0.7,
@@ -53,11 +47,11 @@ def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, we
     """
     probs = check_probs("probs", probs)
     lambdas = check_lambdas(lambdas, probs.shape[1], probs.device)
-    window = _check_int("window", window, 1)
+    window = check_int("window", window, 1)
     if window % 2 == 0:
         raise ValueError(f"window must be odd (the window is centred on the pixel), got {window}")
     weight = _checks.check_real("weight", weight, low=0.0, high=1.0)
-    iterations = _check_int("iterations", iterations, 0)
+    iterations = check_int("iterations", iterations, 0)
     name = choose_backend("tpld_vote", probs.device, VOTE_BACKENDS, backend)
     if name == "torch":
         check_prob_values("probs", probs)
@@ -181,8 +175,7 @@ def bootstrap_loss(logits: torch.Tensor, target: Optional[torch.Tensor], lambdas
         return _bootstrap_from_teacher(logits, target, lambdas, beta=beta, soft_target=soft_target,
                                        teacher_logits=teacher_logits, gamma=gamma, size=size,
                                        align_corners=align_corners, reduction=reduction, backend=backend)
-    from .region_loss import _check_args
-    _check_args(logits, target, 0.0, 0.0, ignore_index, size, align_corners)
+    check_loss_args(logits, target, 0.0, 0.0, ignore_index, size, align_corners)
     B, C = logits.shape[:2]
     lambdas = check_lambdas(lambdas, C, logits.device)
     beta = _checks.check_real("beta", beta, low=0.0, high=1.0)

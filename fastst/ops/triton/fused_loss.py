@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD, REGION
-from .stats import INTERPRETED, _linear_tap, _resize_scale
+from .stats import _linear_tap, _resize_scale
 
 try:
     import triton
@@ -55,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
                       "pip install triton") from exc
 
 __all__ = ["NUM_SUMS", "labelled_mask",
-           "check_runnable", "launch_fused_loss"]
+           "launch_fused_loss"]
 
 NUM_SUMS = 3
 TILE_ELEMENTS = 8192  # C_PAD * BLOCK_X: the (classes x pixels) tile a program holds in registers
@@ -402,13 +402,6 @@ def labelled_mask(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
     if target.dtype != torch.uint8:
         is_labelled &= target >= 0
     return is_labelled
-
-
-def check_runnable(op_name: str, device: torch.device) -> None:
-    """CUDA tensors, or CPU tensors under the interpreter; a clear error otherwise."""
-    if device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"{op_name} runs on CUDA tensors, or on CPU tensors only under Triton's "
-                         "interpreter (set TRITON_INTERPRET=1 before importing triton)")
 
 
 def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coef: torch.Tensor,

@@ -17,9 +17,11 @@ from typing import Tuple
 
 import torch
 
+from .._checks import check_triton_device
 from .._region_loss_ops import needed_terms, new_region_loss_outputs, register_region_loss_op
 from ..loss_modes import REGION
-from .fused_loss import check_runnable, labelled_mask, launch_fused_loss
+from .fused_loss import labelled_mask, launch_fused_loss
+from .stats import INTERPRETED
 
 __all__ = ["region_loss_triton"]
 
@@ -34,7 +36,7 @@ def region_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambda_kld: f
     or CPU tensors under TRITON_INTERPRET=1."""
     B, C, h, w = logits.shape
     parts, grad = new_region_loss_outputs(logits, compute_grad)
-    check_runnable("fastst::region_loss_triton", logits.device)
+    check_triton_device("fastst::region_loss_triton", logits.device, INTERPRETED)
     target = target.contiguous()
     labelled = labelled_mask(target, C, ignore_index).sum(dtype=torch.float64)
     ignored = float(B * out_h * out_w) - labelled

@@ -15,9 +15,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._checks import check_triton_device
 from .._tpld_ops import new_st_loss_outputs, register_st_loss_op
 from ..loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD
-from .fused_loss import check_runnable, labelled_mask, launch_fused_loss
+from .fused_loss import labelled_mask, launch_fused_loss
+from .stats import INTERPRETED
 
 __all__ = ["st_loss_triton"]
 
@@ -48,7 +50,7 @@ def st_loss_triton(logits: torch.Tensor, target: torch.Tensor, lambdas: torch.Te
     """
     B, C, h, w = logits.shape
     loss, grad = new_st_loss_outputs(logits, compute_grad)
-    check_runnable("fastst::st_loss_triton", logits.device)
+    check_triton_device("fastst::st_loss_triton", logits.device, INTERPRETED)
     if mode not in (BOOTSTRAP_HARD, BOOTSTRAP_SOFT, MRKLD, BOOTSTRAP_TEACHER):
         raise ValueError(f"fastst::st_loss_triton: mode must be {BOOTSTRAP_HARD} (bootstrap, hard targets), "
                          f"{BOOTSTRAP_SOFT} (bootstrap, soft targets), {MRKLD} (MRKLD) or {BOOTSTRAP_TEACHER} "

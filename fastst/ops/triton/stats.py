@@ -22,6 +22,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from .._checks import check_triton_device
 from .._library import new_stats_outputs, stats_fake
 
 try:
@@ -226,9 +227,7 @@ def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: in
     m, a, counts, flags = new_stats_outputs(x, out_h, out_w)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise ValueError("fastst::pixel_stats_triton runs on CUDA tensors, or on CPU tensors only "
-                         "under Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    check_triton_device("fastst::pixel_stats_triton", x.device, INTERPRETED)
     pixels = out_h * out_w
     if B == 0 or pixels == 0:
         return m, a, counts, flags

@@ -21,6 +21,7 @@ from typing import Tuple
 
 import torch
 
+from .._checks import check_triton_device
 from .stats import INTERPRETED, _bit_or, _flags_of
 
 try:
@@ -172,9 +173,7 @@ def _pixel_pass(op_name: str, probs: torch.Tensor, lambdas: torch.Tensor, counts
     """The pixel kernel over probs (B, C, H, W): (labels uint8, k1, k2 uint8, q1, q2 float32, all
     (B, H, W), or None without ``top2``; flags (1,) int32), adding to counts (B, C, 2) int32
     when given."""
-    if probs.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"{op_name} runs on CUDA tensors, or on CPU tensors only under "
-                         "Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    check_triton_device(op_name, probs.device, INTERPRETED)
     B, C, H, W = probs.shape
     dev = probs.device
     labels = torch.empty((B, H, W), dtype=torch.uint8, device=dev)
