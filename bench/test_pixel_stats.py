@@ -5,7 +5,7 @@ import torch
 
 from conftest import QUICK
 from fastst.ops import _backend, reference
-from fastst.ops._library import pixel_stats
+from fastst.ops.ext.stats import pixel_stats
 
 pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="fastst._C is not built")
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import fastst.ops as ops
 from fastst.ops import _backend, reference
-from fastst.ops._tpld_ops import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
+from fastst.ops.ext.bootstrap_loss import st_loss_cpp
+from fastst.ops.ext.cbst import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp
 from helpers import gen, mismatch, probs
 
 import _tpld_transcriptions as loops

@@ -9,7 +9,8 @@ import torch
 
 import fastst.ops as ops
 from fastst.ops import _backend
-from fastst.ops._library import ias_select, pixel_stats
+from fastst.ops.ext.ias import ias_select
+from fastst.ops.ext.stats import pixel_stats
 from helpers import gen
 
 pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="fastst._C is not built")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastst.ops as ops
 from fastst.ops import _backend, reference
-from fastst.ops._library import pixel_stats
+from fastst.ops.ext.stats import pixel_stats
 from fastst.ops.triton._exact_fma import fma_float32
 from helpers import gen, mismatch, probs
 
@@ -256,7 +256,7 @@ def test_other_cpu_paths_match_the_default_kernels(tmp_path, env):
     z = torch.randn(2, 19, 5, 41, generator=gen(11)) * 3
     z[1, 7, 2, 40] = float("inf")
     torch.save((x, y, z), tmp_path / "in.pt")
-    script = ("import sys, torch; import fastst.ops as ops; from fastst.ops._library import pixel_stats; "
+    script = ("import sys, torch; import fastst.ops as ops; from fastst.ops.ext.stats import pixel_stats; "
               "x, y, z = torch.load(sys.argv[1]); "
               "ias = [ops.ias_pseudo_label(y, None, alpha=0.3, mode=mode, backend='cpp') "
               "for mode in ('official', 'paper')]; "

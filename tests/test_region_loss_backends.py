@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastst.ops import _backend, region_loss
-from fastst.ops._region_loss_ops import region_loss_cpp
+from fastst.ops.ext.region_loss import region_loss_cpp
 
 from test_region_loss import IGNORE, make_inputs
 

@@ -40,7 +40,7 @@ def _cpp_stats(x, from_logits=False, size=None, align_corners=True):
     """fastst::pixel_stats (C++/CUDA) on the same input, on CPU results; None when not built."""
     if EXT is None:
         return None
-    from fastst.ops._library import pixel_stats
+    from fastst.ops.ext.stats import pixel_stats
     if x.is_cuda and not EXT.has_cuda:
         x = x.cpu()
     H, W = size if size is not None else x.shape[-2:]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastst.ops as ops
 from fastst.ops import _backend, reference
-from fastst.ops._tpld_ops import image_confidence_cpp, tpld_vote_cpp
+from fastst.ops.ext.tpld import image_confidence_cpp, tpld_vote_cpp
 from helpers import gen, mismatch, probs
 
 import _tpld_transcriptions as loops

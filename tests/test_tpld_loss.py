@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastst.ops as ops
 from fastst.ops import _backend, reference
-from fastst.ops._tpld_ops import st_loss_cpp
+from fastst.ops.ext.bootstrap_loss import st_loss_cpp
 from helpers import gen
 
 CUDA = torch.cuda.is_available()

@@ -13,7 +13,8 @@ import torch
 
 from . import _checks, radix_select, reference
 from ._backend import choose_backend
-from ._tpld_ops import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp, st_loss_cpp
+from .ext.bootstrap_loss import st_loss_cpp
+from .ext.cbst import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp
 from .loss_modes import MRKLD
 
 IMPLEMENTED = ("cpp", "torch")
@@ -134,7 +135,7 @@ class ClassBalancedThresholds:
         name = choose_backend("ClassBalancedThresholds", probs.device, IMPLEMENTED, self.backend)
         B, C, H, W = probs.shape
         if name == "cpp":
-            from ._library import pixel_stats
+            from .ext.stats import pixel_stats
             m, a, counts, flags = pixel_stats(probs, False, H, W, True)
             _checks.raise_on_flags("probs", flags)
             total = int((-(-counts // self.subsample)).sum())  # ceil(count / s) per (image, class)

@@ -13,7 +13,8 @@ import torch
 
 from . import _checks, reference
 from ._backend import choose_backend
-from ._library import ias_select, pixel_stats
+from .ext.ias import ias_select
+from .ext.stats import pixel_stats
 
 MODES = ("paper", "official")
 IMPLEMENTED = ("cuda", "triton", "cpp", "torch")

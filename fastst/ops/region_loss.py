@@ -18,7 +18,7 @@ import torch
 
 from . import _checks, reference
 from ._backend import choose_backend
-from ._region_loss_ops import region_loss_cpp
+from .ext.region_loss import region_loss_cpp
 
 IMPLEMENTED = ("triton", "cpp", "torch")
 

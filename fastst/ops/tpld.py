@@ -15,8 +15,9 @@ import torch
 
 from . import _checks, reference
 from ._backend import choose_backend
-from ._tpld_ops import image_confidence_cpp, st_loss_cpp, tpld_vote_cpp
 from ._checks import check_int, check_lambdas, check_loss_args, check_prob_values, check_probs, raise_on_flags
+from .ext.bootstrap_loss import st_loss_cpp
+from .ext.tpld import image_confidence_cpp, tpld_vote_cpp
 from .loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER
 
 VOTE_BACKENDS = ("triton", "cpp", "torch")

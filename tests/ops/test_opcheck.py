@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _registered() -> list[str]:
     """Names of the fastst:: custom ops, after importing every module of fastst.ops."""
-    prefixes = ["fastst.ops."] + (["fastst.ops.triton."] if TRITON else [])
+    prefixes = ["fastst.ops.", "fastst.ops.ext."] + (["fastst.ops.triton."] if TRITON else [])
     for info in pkgutil.walk_packages(fastst.ops.__path__, "fastst.ops."):
         if any(info.name.rsplit(".", 1)[0] + "." == p for p in prefixes):
             importlib.import_module(info.name)

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 
 from .._checks import check_triton_device
-from .._region_loss_ops import needed_terms, new_region_loss_outputs, register_region_loss_op
+from ..ext.region_loss import needed_terms, new_region_loss_outputs, register_region_loss_op
 from ..loss_modes import REGION
 from .fused_loss import labelled_mask, launch_fused_loss
 from .stats import INTERPRETED

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import check_triton_device
-from .._tpld_ops import new_st_loss_outputs, register_st_loss_op
+from ..ext.bootstrap_loss import new_st_loss_outputs, register_st_loss_op
 from ..loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD
 from .fused_loss import labelled_mask, launch_fused_loss
 from .stats import INTERPRETED

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .._checks import check_triton_device
-from .._library import new_stats_outputs, stats_fake
+from ..ext.stats import new_stats_outputs, stats_fake
 
 try:
     import triton
@@ -221,7 +221,7 @@ def _resize_scale(in_size: int, out_size: int, align_corners: bool) -> float:
 def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
                        align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused per-pixel statistics pass (Triton): arguments, outputs (m, a, counts, flags) and
-    bits exactly those of `fastst::pixel_stats` (fastst/ops/_library.py). x may have any strides
+    bits exactly those of `fastst::pixel_stats` (fastst/ops/ext/stats.py). x may have any strides
     (read in place); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     B, C, h, w = x.shape
     m, a, counts, flags = new_stats_outputs(x, out_h, out_w)

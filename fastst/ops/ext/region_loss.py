@@ -15,8 +15,9 @@ from typing import Tuple
 
 import torch
 
-from ._backend import extension
-from ._library import DTYPE_CODES
+from .._backend import extension
+from . import DTYPE_CODES
+from .fused_loss import register_fused_loss_op
 
 
 def new_region_loss_outputs(logits: torch.Tensor, compute_grad: bool):
@@ -37,27 +38,6 @@ def region_loss_fake(logits, target, lambda_kld, lambda_ent, ignore_index, out_h
                      align_corners, need_parts, compute_grad):
     """The fake (meta) kernel of every fused region-loss op: shapes and dtypes only."""
     return new_region_loss_outputs(logits, compute_grad)
-
-
-def register_fused_loss_op(op, fake, num_inputs: int, public_name: str) -> None:
-    """Give a fused-loss custom op (outputs: values whose [0] is the loss, and the gradient of
-    that loss with respect to input 0, made in the forward pass when its last input,
-    compute_grad, is set) its fake kernel and autograd formula: the backward scales the saved
-    gradient by the incoming one. Only input 0 (the logits) gets a gradient."""
-    def setup_context(ctx, inputs, output):
-        ctx.logits_dtype = inputs[0].dtype
-        ctx.has_grad = inputs[-1]
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, grad_values, _grad_of_grad):
-        if not ctx.has_grad:
-            raise RuntimeError(f"{op}: the forward ran with compute_grad=False, so there is no gradient "
-                               f"to return; call the public {public_name}, which sets it")
-        (grad,) = ctx.saved_tensors
-        return ((grad * grad_values[0]).to(ctx.logits_dtype),) + (None,) * (num_inputs - 1)
-
-    op.register_fake(fake)
-    op.register_autograd(backward, setup_context=setup_context)
 
 
 def register_region_loss_op(op) -> None:
