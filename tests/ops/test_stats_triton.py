@@ -141,7 +141,7 @@ def test_exp_arguments_swept_match_cpp_bit_for_bit():
     """C = 2 logits (0, t): m = 1 / (1 + exp(t)) for 8,192 arguments t from -100 to 0 (the clamp
     at -87 and its neighbours, -0.0, tiny ones, integers and halves of ln 2): Triton's m equals
     the C++ pass's bit for bit (whose exp, written with a permuted table and bit tricks for the
-    CPU's vector units, is checked against its formula in test_pixel_stats.py); this also checks
+    CPU's vector units, is checked against its formula in test_stats.py); this also checks
     that the Triton table EXP2_SIXTEENTHS holds the C++ table's values."""
     sweep = -torch.rand(8192 - 32, generator=gen(12), dtype=torch.float64) * 100
     special = torch.tensor([0.0, -0.0, -1e-30, -1e-7, -87.0, -86.99999, -87.00001, -88.0, -103.0, -0.5,

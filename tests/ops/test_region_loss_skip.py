@@ -6,7 +6,7 @@ term whose lambda is 0 is not computed and its part comes back NaN. Their `need_
 runs every term, the arithmetic from before the skipping existed, so the skipped path must give
 the same loss and gradient bit for bit: the weight-0 term only ever added a signed zero. The public op (every backend, torch included) returns the same
 loss and gradient with and without `return_parts`, and these match the float64 reference of
-tests/test_region_loss.py. Inputs: same size and upsampled, bf16, non-contiguous logits,
+tests/ops/test_region_loss.py. Inputs: same size and upsampled, bf16, non-contiguous logits,
 all-ignored, all-labelled, and fully ignored rows next to labelled ones (whole ignored tiles are
 where the fused kernels skip the softmax). Tiny shapes (the Triton interpreter is slow).
 """
