@@ -61,7 +61,7 @@ def theta_pow(theta: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# IAS pseudo labels (docs/ops.md §1)
+# stats: the statistics pass of the IAS and CBST labels (docs/ops.md §1)
 # ---------------------------------------------------------------------------------------------
 def pixel_stats(x: torch.Tensor, *, from_logits: bool, size: Optional[Sequence[int]],
                 align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +84,9 @@ def pixel_stats(x: torch.Tensor, *, from_logits: bool, size: Optional[Sequence[i
     return m.float() + 0.0, a  # + 0.0: -0 becomes +0, so float bits sort like values
 
 
+# ---------------------------------------------------------------------------------------------
+# ias: IAS pseudo labels (docs/ops.md §1)
+# ---------------------------------------------------------------------------------------------
 def _segments(a: torch.Tensor, values_key: torch.Tensor, instance: torch.Tensor, C: int,
               shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort pixels by (instance, class, value) at once.
@@ -210,7 +213,7 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
 
 
 # ---------------------------------------------------------------------------------------------
-# Region losses (docs/ops.md §2): IAST Eq. 3, 8, 9 with the released normalisation
+# region_loss: IAST's region losses, Eq. 3, 8, 9 with the released normalisation (docs/ops.md §2)
 # ---------------------------------------------------------------------------------------------
 def region_loss_terms(x: torch.Tensor, target: torch.Tensor, *, lambda_kld: float, lambda_ent: float,
                       ignore_index: int, align_corners: bool
@@ -283,7 +286,8 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_kld: float
 
 
 # ---------------------------------------------------------------------------------------------
-# CBST / CRST (docs/ops.md §5) and TPLD (docs/ops.md §6)
+# cbst: CBST / CRST labels and class thresholds (docs/ops.md §5; q and the confident map are
+# TPLD's too)
 # ---------------------------------------------------------------------------------------------
 def tpld_q(probs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
     """q_k = float32(p_k) / float32(lambda_k) (IEEE division), (B, C, H, W) float32."""
@@ -351,6 +355,9 @@ def class_balanced_thresholds(values: torch.Tensor, classes: torch.Tensor, num_c
     return lambdas
 
 
+# ---------------------------------------------------------------------------------------------
+# tpld: voting, image confidence, easy/hard split, soft targets (docs/ops.md §6)
+# ---------------------------------------------------------------------------------------------
 def tpld_vote(probs: torch.Tensor, lambdas: torch.Tensor, *, window: int = 7, weight: float = 0.7,
               iterations: int = 3) -> torch.Tensor:
     """Sliding-window top-2 voting (docs/ops.md §6), reference version.
@@ -465,6 +472,10 @@ def self_information(probs: torch.Tensor) -> torch.Tensor:
     return -probs * torch.log2(probs + 1e-30) / math.log2(C)
 
 
+# ---------------------------------------------------------------------------------------------
+# bootstrap_loss: the fused self-training losses, bootstrapping (docs/ops.md §6) and CRST-MRKLD
+# (docs/ops.md §5)
+# ---------------------------------------------------------------------------------------------
 def _upsample(x: torch.Tensor, H: int, W: int, align_corners: bool) -> torch.Tensor:
     if tuple(x.shape[2:]) != (H, W):
         return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=align_corners)
