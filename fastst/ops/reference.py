@@ -1,7 +1,9 @@
 """Pure-PyTorch reference operators: the definition of truth every backend is tested against.
 
 Readable and vectorised (no Python loop per pixel; loops only over instances, where the EMA is
-sequential by definition). See docs/ops.md §1 and §2.
+sequential by definition). See docs/ops.md §1 and §2. One file with one section per op stem
+(over 400 lines on purpose): the definitions of truth read as one document beside docs/ops.md,
+and the sections share the exact-arithmetic helpers at the top.
 """
 from __future__ import annotations
 

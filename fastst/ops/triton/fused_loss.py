@@ -1,7 +1,9 @@
 """The Triton skeleton of the fused per-pixel losses (the twin of csrc/fastst/cpu/fused_loss.h):
 one kernel serves the region loss (docs/ops.md §2) and the self-training losses (bootstrapping, docs/ops.md §6;
 CRST-MRKLD, docs/ops.md §5). Only the per-pixel loss and gradient differ; the constexpr MODE picks it
-at compile time, so each mode compiles to its own kernel with no runtime branch.
+at compile time, so each mode compiles to its own kernel with no runtime branch. The kernel, its
+per-pixel parts and their launchers stay in one module (over 400 lines on purpose): they are one
+skeleton whose pieces must change together.
 
 Skeleton. Logits (B, C, h, w) are upsampled on the fly to the target's (H, W) and no
 (B, C, H, W) tensor exists, forward or backward. The gradient is gathered, not scattered:
