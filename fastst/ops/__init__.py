@@ -1,10 +1,11 @@
 """fastst operators (docs/ops.md §7). Every op takes `backend=` ("cuda", "triton", "cpp",
 "torch"); see `available_backends()` and docs/ops.md §0 for the default choice."""
 from ._backend import available_backends
-from .cbst import ClassBalancedThresholds, cbst_pseudo_label, mrkld_loss
+from .bootstrap_loss import bootstrap_loss, mrkld_loss
+from .cbst import ClassBalancedThresholds, cbst_pseudo_label
 from .ias import ias_pseudo_label
 from .region_loss import region_loss
-from .tpld import (bootstrap_loss, image_confidence, self_information, split_easy_hard, tpld_soft_targets,
+from .tpld import (image_confidence, self_information, split_easy_hard, tpld_soft_targets,
                    tpld_vote)
 
 __all__ = ["available_backends", "ias_pseudo_label", "region_loss", "ClassBalancedThresholds",

@@ -1,25 +1,22 @@
-"""Public CBST / CRST operators (docs/ops.md §5): `ClassBalancedThresholds`, `cbst_pseudo_label`,
-`mrkld_loss`; validation, backend choice and dispatch.
+"""Public CBST / CRST operators (docs/ops.md §5): `ClassBalancedThresholds`, `cbst_pseudo_label`;
+validation, backend choice and dispatch (the MRKLD loss is fastst.ops.bootstrap_loss).
 
 Backends: "cpp" (C++/OpenMP in fastst._C, the CPU default) and "torch" (reference.py; also what
-runs on CUDA tensors: the statistics use the fused CUDA/Triton pass where built); `mrkld_loss`
-also has "triton" (fused, the CUDA default).
+`ClassBalancedThresholds` runs on CUDA tensors); `cbst_pseudo_label` also has "triton" (the
+CUDA default).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 
 from . import _checks, radix_select, reference
 from ._backend import choose_backend
-from .ext.bootstrap_loss import st_loss_cpp
 from .ext.cbst import cbst_collect_cpp, cbst_label_cpp, cbst_thresholds_cpp
-from .loss_modes import MRKLD
 
 IMPLEMENTED = ("cpp", "torch")
 LABEL_BACKENDS = ("triton", "cpp", "torch")
-MRKLD_BACKENDS = ("triton", "cpp", "torch")
 
 
 def cbst_pseudo_label(probs: torch.Tensor, lambdas: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -306,44 +303,3 @@ class ClassBalancedThresholds:
         self._high = state["high"].to(device)
         self._refining = {key: (keep(value) if key in ("low", "kept", "at_or_above") else value.to(device))
                           if isinstance(value, torch.Tensor) else value for key, value in refining.items()}
-
-
-def mrkld_loss(logits: torch.Tensor, target: torch.Tensor, is_target: torch.Tensor, *,
-               mrkld_weight: float = 0.01, ignore_index: int = 255, size: Optional[Sequence[int]] = None,
-               align_corners: bool = True, backend: Optional[str] = None) -> torch.Tensor:
-    """CRST-MRKLD loss (docs/ops.md §5): ce_sum / n_valid + mrkld_weight * kld_sum / n_valid_tgt, with
-    kld_sum = sum over the valid pixels of target crops of -(1/C) sum_c log p_c. The KLD term is
-    dropped when no target crop has a valid pixel; the loss is 0 when no pixel is valid.
-
-    Args:
-        logits: (B, C, h, w) float32/float16/bfloat16, upsampled bilinearly (fused in "cpp" and
-            "triton") to the target's (H, W) when the sizes differ.
-        target: (B, H, W) uint8/int64 labels, ignore_index = unlabelled.
-        is_target: (B,) bool, which crops come from the target domain.
-        mrkld_weight: w_eff >= 0 (the released run's effective 0.01).
-        size: None or the target's (H, W) (checked).
-        backend: "triton", "cpp" or "torch" (default: docs/ops.md §0).
-    Returns:
-        float32 0-dim loss (differentiable w.r.t. logits).
-    """
-    _checks.check_loss_args(logits, target, 0.0, 0.0, ignore_index, size, align_corners)
-    mrkld_weight = _checks.check_real("mrkld_weight", mrkld_weight, low=0.0)
-    if not isinstance(is_target, torch.Tensor) or tuple(is_target.shape) != (logits.shape[0],):
-        raise ValueError(f"is_target must be a bool tensor of shape ({logits.shape[0]},), one flag per crop, "
-                         f"got {getattr(is_target, 'shape', type(is_target).__name__)}")
-    if is_target.device != logits.device:
-        raise ValueError(f"is_target is on {is_target.device} but logits are on {logits.device}")
-    is_target = is_target.to(torch.bool)
-    name = choose_backend("mrkld_loss", logits.device, MRKLD_BACKENDS, backend)
-    if name == "torch":
-        return reference.mrkld_loss(logits, target, is_target, mrkld_weight=mrkld_weight,
-                                    ignore_index=ignore_index, align_corners=align_corners)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
-    op = st_loss_cpp
-    if name == "triton":
-        from .triton.st_loss import st_loss_triton as op  # imports triton only when asked
-    loss, _ = op(logits, target, ones, None, is_target, MRKLD, 0.0, mrkld_weight, 0.0, False,
-                 ignore_index, target.shape[1], target.shape[2], align_corners, compute_grad)
-    return loss[0]
-

@@ -194,7 +194,7 @@ def test_deterministic_and_opcheck_and_compile(backend, op):
 def test_default_backend_on_cuda_is_triton():
     """docs/ops.md §0: CUDA tensors go to the fused triton loss when Triton can run (no nvcc loss kernel
     exists), not to the torch reference; on CPU tensors the default stays cpp."""
-    from fastst.ops.tpld import LOSS_BACKENDS
+    from fastst.ops.bootstrap_loss import LOSS_BACKENDS
     want = "triton" if TRITON else "torch"
     assert _backend.choose_backend("bootstrap_loss", torch.device("cuda"), LOSS_BACKENDS) == want
     want_cpu = "cpp" if "cpp" in _backend.available_backends() else "torch"
