@@ -321,3 +321,26 @@ def test_triton_confidence_and_label_ops_opcheck():
     lam = _lambdas(5, seed=20).float().to(d)
     torch.library.opcheck(image_confidence_triton, (p, lam))
     torch.library.opcheck(cbst_label_triton, (p, lam))
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="triton is not installed")
+def test_triton_vote_weights_are_made_once_per_device_and_weight(monkeypatch):
+    """The Triton vote's [weight, 1 - weight] tensor is cached: a tensor made from Python numbers
+    on every call would be a blocking host-to-device copy (and breaks CUDA graph capture)."""
+    from fastst.ops.triton.tpld import vote_weights
+
+    d = _device("triton")
+    first = vote_weights(0.7, d)
+    assert first.dtype == torch.float64 and first.tolist() == [0.7, 1.0 - 0.7]
+    assert vote_weights(0.7, d) is first
+    assert vote_weights(0.6, d) is not first
+    p = probs(1, 5, 6, 7, seed=3)
+    lam = _lambdas(5, seed=5)
+    want = reference.tpld_vote(p, lam, weight=0.7)
+
+    def no_tensor_from_numbers(*args, **kwargs):
+        raise AssertionError("the vote made a tensor from Python numbers")
+
+    monkeypatch.setattr(torch, "tensor", no_tensor_from_numbers)
+    got = ops.tpld_vote(p.to(d), lam.to(d), weight=0.7, backend="triton")
+    assert torch.equal(got.cpu(), want)

@@ -154,7 +154,7 @@ def tpld_vote_triton(probs: torch.Tensor, lambdas: torch.Tensor, window: int, we
     B, _, H, W = probs.shape
     dev = probs.device
     own_q = torch.where(labels != 255, q1, torch.zeros_like(q1))
-    weights = torch.tensor([weight, 1.0 - weight], dtype=torch.float64, device=dev)
+    weights = vote_weights(weight, dev)
     other, other_q = torch.empty_like(labels), torch.empty_like(own_q)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for _ in range(iterations):
@@ -163,6 +163,20 @@ def tpld_vote_triton(probs: torch.Tensor, lambdas: torch.Tensor, window: int, we
             labels, other = other, labels
             own_q, other_q = other_q, own_q
     return labels, flags
+
+
+_VOTE_WEIGHTS = {}  # (device, weight) -> float64 (2,) [weight, 1 - weight] there
+
+
+def vote_weights(weight: float, device: torch.device) -> torch.Tensor:
+    """[weight, 1 - weight] (1 - weight in float64) as a float64 tensor on ``device``, made once
+    per device and weight: a tensor made from Python numbers is a blocking host-to-device copy
+    (and cannot be made during CUDA graph capture), so each call must not make its own."""
+    key = (torch.device(device), float(weight))
+    if key not in _VOTE_WEIGHTS:
+        _VOTE_WEIGHTS[key] = torch.tensor([weight, 1.0 - weight], dtype=torch.float64,
+                                          device=device)
+    return _VOTE_WEIGHTS[key]
 
 
 def _grid(B: int, H: int, W: int) -> Tuple[int, int]:
