@@ -66,6 +66,10 @@ def ias_pseudo_label(x: torch.Tensor, theta: Optional[torch.Tensor], *, alpha: f
     theta = _checks.check_theta(theta, C, x.device)
     chosen = choose_backend("ias_pseudo_label", x.device, IMPLEMENTED, backend)
     out_h, out_w = size if size is not None else (h, w)
+    if mode == "official" and min(group, B) * out_h * out_w >= 2**31:
+        raise ValueError(f"group={group} images of {out_h}x{out_w} pixels make {min(group, B)} x "
+                         f"{out_h * out_w} >= 2^31 pixels in one instance, more than the int32 "
+                         "histogram counts of mode='official' hold; use a smaller group or size")
 
     if chosen == "torch":
         if _checks.value_checks_enabled(x.device):

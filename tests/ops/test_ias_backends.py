@@ -180,3 +180,13 @@ def test_gamma_values_match_reference(backend, gamma, mode):
     got = ops.ias_pseudo_label(p, theta, alpha=0.5, gamma=gamma, mode=mode, backend=backend)
     for w, g in zip(want, got):
         assert torch.equal(w, g.cpu()), mismatch(w, g)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+def test_official_instance_too_large_for_int32_counts_is_refused(backend):
+    """An official-mode instance of group x H x W >= 2^31 pixels would overflow the int32
+    histogram counts of the fused selection: refused by name before any pass (issue 23)."""
+    logits = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"2 x 1073741824 >= 2\^31 .*smaller group"):
+        ops.ias_pseudo_label(logits, None, alpha=0.2, mode="official", from_logits=True,
+                             size=(32768, 32768), backend=backend)
