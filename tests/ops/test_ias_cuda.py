@@ -39,3 +39,17 @@ def test_theta_stays_on_device_and_chains():
     _, theta2, _ = ops.ias_pseudo_label(p[2:], theta, alpha=0.2, mode="official", backend="cuda")
     _, whole, _ = ops.ias_pseudo_label(p, None, alpha=0.2, mode="official", backend="cuda")
     assert torch.equal(theta2, whole)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="no second GPU: needs cuda:1")
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_second_device_runs_there_and_leaves_the_current_device(mode):
+    """On cuda:1 with cuda:0 current: the result equals cpp's, the current device is still 0
+    afterwards (the launch ran under the input's device and switched back)."""
+    p = probs(2, 19, 16, 32, seed=41)
+    want = ops.ias_pseudo_label(p, None, alpha=0.2, mode=mode, backend="cpp")
+    torch.cuda.set_device(0)
+    got = ops.ias_pseudo_label(p.to("cuda:1"), None, alpha=0.2, mode=mode, backend="cuda")
+    assert torch.cuda.current_device() == 0
+    assert all(g.device == torch.device("cuda:1") for g in got)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])

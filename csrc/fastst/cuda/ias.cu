@@ -16,6 +16,7 @@
 #include <string>
 
 #include "../kernels/ias.h"
+#include "device_guard.h"
 #include "ias.h"
 
 namespace fastst {
@@ -25,11 +26,6 @@ constexpr int kThreads = 256;
 constexpr int kSelectThreads = 512;
 constexpr int kBinsPerThread = int((kOfficialBins + kSelectThreads - 1) / kSelectThreads);
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastst ias_official_cuda: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
 
 __global__ void histogram_kernel(IasArgs args) {
   const int64_t b = blockIdx.y;
@@ -136,20 +132,18 @@ __global__ void label_kernel(IasArgs args, bool strict) {
 }  // namespace
 
 void ias_official_cuda(const IasArgs& args, int device, uintptr_t stream) {
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  constexpr const char* kName = "ias_official_cuda";
+  const DeviceGuard guard(device, kName);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   int64_t blocks = (args.HW + kThreads - 1) / kThreads;
   if (blocks > 65535) blocks = 65535;
   const dim3 grid(unsigned(blocks), unsigned(args.B));
   histogram_kernel<<<grid, kThreads, 0, s>>>(args);
-  check(cudaGetLastError(), "histogram kernel launch");
+  check_cuda(cudaGetLastError(), kName, "histogram kernel launch");
   select_kernel<<<unsigned(args.C), kSelectThreads, 0, s>>>(args);
-  check(cudaGetLastError(), "select kernel launch");
+  check_cuda(cudaGetLastError(), kName, "select kernel launch");
   label_kernel<<<grid, kThreads, 0, s>>>(args, /*strict=*/false);
-  check(cudaGetLastError(), "label kernel launch");
-  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+  check_cuda(cudaGetLastError(), kName, "label kernel launch");
 }
 
 // ---- mode "paper" ----
@@ -196,33 +190,32 @@ __global__ void paper_select_kernel(IasArgs args, const uint64_t* sorted_keys) {
 
 size_t ias_paper_temp_bytes(int64_t items, int64_t segments) {
   size_t bytes = 0;
-  check(cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
-                                       static_cast<uint64_t*>(nullptr), items, 0, key_bits(segments)),
-        "radix sort workspace query");
+  check_cuda(cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
+                                            static_cast<uint64_t*>(nullptr), items, 0,
+                                            key_bits(segments)),
+             "ias_paper_temp_bytes", "radix sort workspace query");
   return bytes;
 }
 
 void ias_paper_cuda(const IasArgs& args, const IasPaperWorkspace& ws, int device, uintptr_t stream) {
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  constexpr const char* kName = "ias_paper_cuda";
+  const DeviceGuard guard(device, kName);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t items = args.B * args.HW;
   int64_t blocks = (items + kThreads - 1) / kThreads;
   if (blocks > 65535) blocks = 65535;
   pack_keys_kernel<<<unsigned(blocks), kThreads, 0, s>>>(args, ws.keys);
-  check(cudaGetLastError(), "pack kernel launch");
+  check_cuda(cudaGetLastError(), kName, "pack kernel launch");
   size_t temp_bytes = ws.temp_bytes;
-  check(cub::DeviceRadixSort::SortKeys(ws.temp, temp_bytes, ws.keys, ws.sorted_keys, items, 0,
-                                       key_bits(args.B * args.C), s),
-        "radix sort");
+  check_cuda(cub::DeviceRadixSort::SortKeys(ws.temp, temp_bytes, ws.keys, ws.sorted_keys, items, 0,
+                                            key_bits(args.B * args.C), s),
+             kName, "radix sort");
   paper_select_kernel<<<unsigned((args.C + 63) / 64), 64, 0, s>>>(args, ws.sorted_keys);
-  check(cudaGetLastError(), "paper select kernel launch");
+  check_cuda(cudaGetLastError(), kName, "paper select kernel launch");
   int64_t pixel_blocks = (args.HW + kThreads - 1) / kThreads;
   if (pixel_blocks > 65535) pixel_blocks = 65535;
   label_kernel<<<dim3(unsigned(pixel_blocks), unsigned(args.B)), kThreads, 0, s>>>(args, /*strict=*/true);
-  check(cudaGetLastError(), "label kernel launch");
-  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+  check_cuda(cudaGetLastError(), kName, "label kernel launch");
 }
 
 }  // namespace fastst

@@ -10,18 +10,13 @@
 #include <string>
 
 #include "../kernels/stats.h"
+#include "device_guard.h"
 #include "stats.h"
 
 namespace fastst {
 namespace {
 
 constexpr int kThreads = 256;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastst stats_cuda: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
 
 template <typename T>
 __global__ void stats_kernel(StatsArgs args) {
@@ -57,9 +52,7 @@ __global__ void stats_kernel(StatsArgs args) {
 }  // namespace
 
 void stats_cuda(const StatsArgs& args, int device, uintptr_t stream) {
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device, "stats_cuda");
   const int64_t plane = args.H * args.W;
   int64_t blocks = (plane + kThreads - 1) / kThreads;
   if (blocks > 65535) blocks = 65535;
@@ -71,8 +64,7 @@ void stats_cuda(const StatsArgs& args, int device, uintptr_t stream) {
     case kFloat16: stats_kernel<Half><<<grid, kThreads, shared, s>>>(args); break;
     case kBFloat16: stats_kernel<BFloat16><<<grid, kThreads, shared, s>>>(args); break;
   }
-  check(cudaGetLastError(), "kernel launch");
-  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+  check_cuda(cudaGetLastError(), "stats_cuda", "kernel launch");
 }
 
 }  // namespace fastst

@@ -29,20 +29,24 @@ def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: to
     theta_out = torch.empty((C,), dtype=torch.float64, device=m.device)
     per_instance = torch.empty((G, C), dtype=torch.float64, device=m.device)
     if m.device.type == "cuda":
-        ext = extension()
-        stream = torch.cuda.current_stream(m.device).cuda_stream
-        common = (m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C, m[0].numel())
-        outputs = (theta.data_ptr(), theta_out.data_ptr(), per_instance.data_ptr(), labels.data_ptr(),
-                   alpha, beta, gamma, m.device.index, stream)
-        if official:
-            hist = torch.zeros((G, C, ext.ias_official_bins), dtype=torch.int32, device=m.device)
-            ext.ias_official_cuda(*common, group, hist.data_ptr(), *outputs)
-        else:
-            keys = torch.empty((2, m.numel()), dtype=torch.int64, device=m.device)
-            temp_bytes = ext.ias_paper_temp_bytes(m.numel(), B * C)
-            temp = torch.empty((max(temp_bytes, 1),), dtype=torch.uint8, device=m.device)
-            ext.ias_paper_cuda(*common, keys[0].data_ptr(), keys[1].data_ptr(), temp.data_ptr(),
-                               temp_bytes, *outputs)
+        # The input's device is current for the launch and the CUB workspace query (torch's
+        # guard switches only when needed and restores on every path; the C++ guard then has
+        # nothing to switch).
+        with torch.cuda.device(m.device):
+            ext = extension()
+            stream = torch.cuda.current_stream(m.device).cuda_stream
+            common = (m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C, m[0].numel())
+            outputs = (theta.data_ptr(), theta_out.data_ptr(), per_instance.data_ptr(),
+                       labels.data_ptr(), alpha, beta, gamma, m.device.index, stream)
+            if official:
+                hist = torch.zeros((G, C, ext.ias_official_bins), dtype=torch.int32, device=m.device)
+                ext.ias_official_cuda(*common, group, hist.data_ptr(), *outputs)
+            else:
+                keys = torch.empty((2, m.numel()), dtype=torch.int64, device=m.device)
+                temp_bytes = ext.ias_paper_temp_bytes(m.numel(), B * C)
+                temp = torch.empty((max(temp_bytes, 1),), dtype=torch.uint8, device=m.device)
+                ext.ias_paper_cuda(*common, keys[0].data_ptr(), keys[1].data_ptr(), temp.data_ptr(),
+                                   temp_bytes, *outputs)
         return labels, theta_out, per_instance
     extension().ias_select_cpu(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C,
                                m[0].numel(), theta.data_ptr(), theta_out.data_ptr(),

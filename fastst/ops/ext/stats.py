@@ -45,8 +45,9 @@ def pixel_stats(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
     common = (x.data_ptr(), DTYPE_CODES[x.dtype], (B, C, h, w), (out_h, out_w), tuple(x.stride()),
               from_logits, align_corners, m.data_ptr(), a.data_ptr(), counts.data_ptr(), flags.data_ptr())
     if x.device.type == "cuda":
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        ext.stats_cuda(*common, x.device.index, stream)
+        with torch.cuda.device(x.device):  # the input's device current for the launch
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            ext.stats_cuda(*common, x.device.index, stream)
     else:
         ext.stats_cpu(*common)
     return m, a, counts, flags
