@@ -31,6 +31,23 @@ _EXTENSION = _load_extension()
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
+SYNC_DEBUG_VARIABLE = "FASTST_CUDA_SYNC_DEBUG"
+
+
+def sync_debug(device: torch.device, what: str) -> None:
+    """``FASTST_CUDA_SYNC_DEBUG=1``: synchronise ``device`` after a kernel launch and raise a
+    RuntimeError naming ``what`` when the device reports an error (illegal address, launch
+    failure), instead of a later, unrelated call. Off (the default) or on the CPU: nothing, no
+    sync. Called after every CUDA and Triton launch of fastst.ops."""
+    if device.type != "cuda" or os.environ.get(SYNC_DEBUG_VARIABLE) != "1":
+        return
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as error:
+        raise RuntimeError(f"{what} failed on {device} ({SYNC_DEBUG_VARIABLE}=1 synchronises "
+                           f"after every launch): {error}") from error
+
+
 def extension() -> Optional[ModuleType]:
     """The compiled module fastst._C, or None when the package was not built."""
     return _EXTENSION

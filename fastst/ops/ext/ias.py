@@ -3,7 +3,7 @@ from typing import Tuple
 
 import torch
 
-from .._backend import extension
+from .._backend import extension, sync_debug
 
 
 @torch.library.custom_op("fastst::ias_select", mutates_args=())
@@ -41,12 +41,14 @@ def ias_select(m: torch.Tensor, a: torch.Tensor, counts: torch.Tensor, theta: to
             if official:
                 hist = torch.zeros((G, C, ext.ias_official_bins), dtype=torch.int32, device=m.device)
                 ext.ias_official_cuda(*common, group, hist.data_ptr(), *outputs)
+                sync_debug(m.device, "fastst._C.ias_official_cuda")
             else:
                 keys = torch.empty((2, m.numel()), dtype=torch.int64, device=m.device)
                 temp_bytes = ext.ias_paper_temp_bytes(m.numel(), B * C)
                 temp = torch.empty((max(temp_bytes, 1),), dtype=torch.uint8, device=m.device)
                 ext.ias_paper_cuda(*common, keys[0].data_ptr(), keys[1].data_ptr(), temp.data_ptr(),
                                    temp_bytes, *outputs)
+                sync_debug(m.device, "fastst._C.ias_paper_cuda")
         return labels, theta_out, per_instance
     extension().ias_select_cpu(m.data_ptr(), a.data_ptr(), counts.data_ptr(), B, C,
                                m[0].numel(), theta.data_ptr(), theta_out.data_ptr(),

@@ -3,7 +3,7 @@ from typing import Tuple
 
 import torch
 
-from .._backend import extension
+from .._backend import extension, sync_debug
 from . import DTYPE_CODES
 
 
@@ -48,6 +48,7 @@ def pixel_stats(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
         with torch.cuda.device(x.device):  # the input's device current for the launch
             stream = torch.cuda.current_stream(x.device).cuda_stream
             ext.stats_cuda(*common, x.device.index, stream)
+            sync_debug(x.device, "fastst._C.stats_cuda")
     else:
         ext.stats_cpu(*common)
     return m, a, counts, flags

@@ -46,6 +46,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .._backend import sync_debug
 from ..loss_modes import BOOTSTRAP_HARD, BOOTSTRAP_SOFT, BOOTSTRAP_TEACHER, MRKLD, REGION
 from .stats import _linear_tap, _resize_scale
 
@@ -460,4 +461,5 @@ def launch_fused_loss(mode: int, logits: torch.Tensor, target: torch.Tensor, coe
             NEED_KLD=bool(need_kld) or mode != REGION, NEED_ENT=bool(need_ent) or mode != REGION,
             num_warps=4,
         )
+    sync_debug(logits.device, "the Triton fused-loss kernel")
     return partial.sum(dim=0, dtype=torch.float64)

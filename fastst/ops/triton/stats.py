@@ -22,6 +22,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from .._backend import sync_debug
 from .._checks import check_triton_device
 from ..ext.stats import new_stats_outputs, stats_fake
 
@@ -249,6 +250,7 @@ def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: in
             # like the C++ twin (-ffp-contract=off) and the CUDA one (explicit _rn intrinsics).
             enable_fp_fusion=False,
         )
+    sync_debug(x.device, "the Triton statistics kernel")
     return m, a, counts, flags
 
 

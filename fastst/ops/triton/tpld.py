@@ -21,6 +21,7 @@ from typing import Tuple
 
 import torch
 
+from .._backend import sync_debug
 from .._checks import check_triton_device
 from .stats import INTERPRETED, _bit_or, _flags_of
 
@@ -162,6 +163,7 @@ def tpld_vote_triton(probs: torch.Tensor, lambdas: torch.Tensor, window: int, we
                                               WINDOW=window, BLOCK=BLOCK, enable_fp_fusion=False)
             labels, other = other, labels
             own_q, other_q = other_q, own_q
+            sync_debug(dev, "the Triton vote kernel")
     return labels, flags
 
 
@@ -203,6 +205,7 @@ def _pixel_pass(op_name: str, probs: torch.Tensor, lambdas: torch.Tensor, counts
                                             flags, unused if counts is None else counts, H, W, *probs.stride(),
                                             C=C, BLOCK=BLOCK, COUNT=counts is not None, TOP2=top2,
                                             enable_fp_fusion=False)
+    sync_debug(dev, "the Triton TPLD pixel kernel")
     return labels, k1, k2, q1, q2, flags
 
 
