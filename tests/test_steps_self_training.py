@@ -76,21 +76,25 @@ def record_modes(net):
 
 
 def start_round(stage, model):
-    """What Stage.run does before the first step: the pass (model in train mode, as a fresh
-    init_model gives it), BN affine frozen, train mode (BN in eval mode with bn_eval), setup;
-    then plain SGD. Returns (student, modes of its forwards during the pass)."""
+    """What Stage.run does before the first step, through its own ``_prepare_model``: the pass
+    (model in train mode, as a fresh init_model gives it), BN affine frozen, train mode (BN in
+    eval mode with bn_eval); then setup and plain SGD. Returns (student, modes of its forwards
+    during the pass)."""
     student = copy.deepcopy(model).train()
     stage.init_model = lambda: copy.deepcopy(model)
     modes, handle = record_modes(student)
-    stage.before_training(student, resumed=False)
-    handle.remove()
-    assert student.training, "the pass must give the model back in train mode"
-    student.freeze_bn_affine(stage.settings["freeze_bn_affine"])
-    student.train()
+    label_pass = stage.before_training
+
+    def before_training(net, resumed):
+        label_pass(net, resumed)
+        handle.remove()
+        assert net.training, "the pass must give the model back in train mode"
+
+    stage.before_training = before_training
+    student = stage._prepare_model(None, lambda: student)
     if stage.settings.get("bn_eval"):
-        for module in student.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        assert not any(m.training for m in student.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm))
     stage.setup(student)
     stage.optimizers = [torch.optim.SGD(student.parameters(), lr=LR)]
     return student, modes
