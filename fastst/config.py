@@ -11,7 +11,8 @@ method's Stage class (fastst/methods/, found through the registry ``fastst.metho
 Overrides name an existing key by its dotted path (``model.backbone``, ``stages.warmup.lambda_adv``)
 and give a YAML value (``0.25``, ``1e-4``, ``[512, 1024]``, ``null``, ``true``); an unknown key,
 a value of the wrong type or an impossible value raises ``ConfigError`` naming the key and what
-is valid. Keys under ``runtime`` change how a run executes, never what it computes (on the CPU),
+is valid (for an unknown key: up to three close keys; ``python -m fastst.train --print-config``
+shows them all). Keys under ``runtime`` change how a run executes, never what it computes (on the CPU),
 so they may differ between a run and its resumption.
 
 Preset files (bases, schedules) are read by ``fastst.config_presets``, the resolved configuration
@@ -37,7 +38,7 @@ from .methods import METHOD_NAMES, stage_class
 
 __all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "COMMON_STAGE_DEFAULTS", "STAGE_DEFAULTS",
            "stage_defaults", "available_presets", "load_preset", "load_config", "apply_overrides",
-           "validate_config", "flat_keys", "dump_config", "recipe_differences", "get_key", "fail",
+           "unknown_key_message", "validate_config", "flat_keys", "dump_config", "recipe_differences", "get_key", "fail",
            "check_int", "check_real", "check_choice", "check_size", "check_str", "check_bool",
            "check_betas", "check_scales", "CBST_THRESHOLD_STORES", "COMPILE_MODES"]
 
@@ -178,8 +179,7 @@ def _merge(base: Dict[str, Any], update: Mapping[str, Any], *, source: str, pref
     for key, value in update.items():
         dotted = prefix + str(key)
         if key not in base:
-            raise ConfigError(f"{source}: unknown key {dotted!r}; valid keys here: "
-                              f"{', '.join(prefix + k for k in base)}")
+            raise ConfigError(f"{source}: {unknown_key_message(dotted, [prefix + k for k in base])}")
         if isinstance(base[key], dict) and isinstance(value, Mapping):
             _merge(base[key], value, source=source, prefix=dotted + ".")
         else:
@@ -240,9 +240,25 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     return value
 
 
+def unknown_key_message(key: str, valid: Sequence[str]) -> str:
+    """"unknown key 'KEY' (did you mean A, B or C?); ..." with at most 3 of ``valid`` close to
+    ``key`` (difflib), and where the full list is, rather than the list itself."""
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+    if not close:  # a short, misspelt last part under the right group: runtime.thread
+        parent, _, leaf = key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == parent}
+        close = [siblings[k] for k in difflib.get_close_matches(leaf, list(siblings), n=3)]
+    hint = ""
+    if close:
+        hint = f" (did you mean {close[0]}?)" if len(close) == 1 else \
+            f" (did you mean {', '.join(close[:-1])} or {close[-1]}?)"
+    return (f"unknown key {key!r}{hint}; every key and its value: python -m fastst.train "
+            "--preset NAME --print-config")
+
+
 def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
     """Apply ``key=value`` strings in place (and return ``config``). ``key`` must be a dotted
-    path that exists in ``config``; ConfigError lists the valid keys otherwise."""
+    path that exists in ``config``; ConfigError suggests the closest ones otherwise."""
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. "
@@ -257,9 +273,7 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
             if not isinstance(node, dict):
                 break
         if not isinstance(node, dict) or parts[-1] not in node:
-            close = difflib.get_close_matches(key, valid, n=3)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+            raise ConfigError(unknown_key_message(key, valid))
         node[parts[-1]] = _coerce(_parse_value(text, key), node[parts[-1]], key)
     return config
 

@@ -72,12 +72,12 @@ def test_unknown_preset_lists_the_available_ones():
         assert name in message
 
 
-def test_unknown_key_lists_valid_keys_and_suggests_the_closest():
+def test_unknown_key_suggests_the_closest_and_points_to_print_config():
     with pytest.raises(ConfigError) as info:
         load_config("demo", ["stages.round1.alhpa=0.3"])
     message = str(info.value)
     assert "stages.round1.alhpa" in message and "did you mean stages.round1.alpha" in message
-    assert "valid keys:" in message and "runtime.checkpoint_every" in message
+    assert "--print-config" in message and "runtime.checkpoint_every" not in message
     with pytest.raises(ConfigError, match="must look like key=value"):
         load_config("demo", ["seeds"])
 
