@@ -38,7 +38,7 @@ from .methods import METHOD_NAMES, stage_class
 
 __all__ = ["ConfigError", "PRESET_DIR", "BASE_DEFAULTS", "COMMON_STAGE_DEFAULTS", "STAGE_DEFAULTS",
            "stage_defaults", "available_presets", "load_preset", "load_config", "apply_overrides",
-           "unknown_key_message", "validate_config", "flat_keys", "dump_config", "recipe_differences", "get_key", "fail",
+           "unknown_key_message", "validate_config", "flat_keys", "config_yaml", "dump_config", "recipe_differences", "get_key", "fail",
            "check_int", "check_real", "check_choice", "check_size", "check_str", "check_bool",
            "check_betas", "check_scales", "CBST_THRESHOLD_STORES", "COMPILE_MODES"]
 
@@ -280,9 +280,14 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
 
 # --- files -------------------------------------------------------------------------------------
 
+def config_yaml(config: Mapping[str, Any]) -> str:
+    """``config`` as the YAML text of DIR/config.yaml (keys in their order, short lists inline)."""
+    return yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=None, width=100)
+
+
 def dump_config(config: Mapping[str, Any], path: "os.PathLike[str] | str") -> Path:
     """Write ``config`` as YAML to ``path`` atomically (temporary file + os.replace)."""
-    text = yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=None, width=100)
+    text = config_yaml(config)
     with atomic_write(path, "w") as handle:
         handle.write(text)
     return Path(path)

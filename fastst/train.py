@@ -2,6 +2,7 @@
 
     python -m fastst.train --preset NAME [--out DIR] [--stages a,b] [--init PATH] [key=value ...]
     python -m fastst.train --preset NAME --dry-run [--json] [key=value ...]
+    python -m fastst.train --preset NAME --print-config [key=value ...]
 
 Presets are the YAML files in fastst/presets/ (``demo``, ``iast_gta5``, ``tpld_gta5``, ...); any
 key can be overridden with ``key=value`` (dotted path, YAML value, e.g.
@@ -10,7 +11,9 @@ run in order in one command, each starting from the previous stage's last checkp
 ``chain: released``, from the snapshot ``fastst.methods.chain`` names); ``--stages`` runs a subset
 (its first stage starts from ``--init PATH`` when given, else from the checkpoint of the stage
 before it in DIR, else - for the first stage of the pipeline - from ``model.pretrained``).
-``--dry-run`` prints the recipe (``fastst.recipe``) without reading data or training.
+``--dry-run`` prints the recipe (``fastst.recipe``) without reading data or training;
+``--print-config`` prints the resolved configuration (every key with its value, as DIR/config.yaml
+will hold it) and exits, also without reading data.
 
 Outputs in DIR (default runs/<preset>; with ``seeds: n > 1``, one DIR/seed<s>/ per seed):
   config.yaml              the resolved configuration
@@ -52,7 +55,7 @@ import torch
 
 from fastst import distributed
 from fastst.checkpoint import ClassCountMismatch
-from fastst.config import (ConfigError, available_presets, dump_config, load_config,
+from fastst.config import (ConfigError, available_presets, config_yaml, dump_config, load_config,
                            read_config_file, recipe_differences)
 from fastst.faults import (DataCheckFailed, NonFiniteLossError, check_run_data, disk_full,
                            disk_full_message, remove_stale_temp_files)
@@ -166,14 +169,34 @@ def _check_data(config: Mapping[str, Any], out_dir: Path, dctx) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastst.train",
-        description="Train a self-training domain adaptation pipeline from a preset.",
-        epilog="presets: " + ", ".join(available_presets()))
-    parser.add_argument("--preset", required=True, help="preset name (fastst/presets/NAME.yaml)")
-    parser.add_argument("--out", default=None, help="output directory (default: runs/<preset>)")
-    parser.add_argument("--stages", default=None,
-                        help="comma-separated subset of the pipeline's stages to run")
-    parser.add_argument("--init", default=None,
-                        help="checkpoint the first selected stage starts from")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a self-training domain adaptation pipeline (source-only, warm-up,\n"
+                    "self-training rounds) from a preset, evaluate every stage on the target's\n"
+                    "val split and write checkpoints, results and a summary to --out.\n"
+                    "Rerunning the same command resumes an interrupted run.",
+        epilog="presets: " + ", ".join(available_presets()) + "\n\nexamples:\n"
+               "  python -m fastst.train --preset demo\n"
+               "  python -m fastst.train --preset demo --print-config\n"
+               "  python -m fastst.train --preset demo --out runs/tiny \\\n"
+               "      stages.source_only.iterations=20 data.synthetic.num_train=40\n"
+               "  python -m fastst.train --preset iast_gta5 --dry-run "
+               "data.source.root=/data/GTA5\n\n"
+               "exit status: 0 done, 2 bad input (preset, key, value, data, checkpoint) or a\n"
+               "full disk, 1 non-finite losses, 3 a runtime.stop_after_* hook fired")
+    parser.add_argument("--preset", required=True,
+                        help="preset name (fastst/presets/NAME.yaml; listed below)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output directory (default: runs/<preset>); rerun with the same DIR "
+                             "to resume")
+    parser.add_argument("--stages", default=None, metavar="A,B",
+                        help="comma-separated subset of the pipeline's stages to run, e.g. "
+                             "warmup,round1 (default: all, in pipeline order)")
+    parser.add_argument("--init", default=None, metavar="PATH",
+                        help="checkpoint (last.pt) the first selected stage starts from "
+                             "(default: the previous stage's checkpoint in DIR)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (every key and its value, YAML, "
+                             "with the overrides applied) and exit without reading data")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the recipe (per stage: iterations, batch, crop, loss weights, "
                              "the lr of every parameter group at the first, middle and last "
@@ -199,6 +222,16 @@ def _dry_run(parser: argparse.ArgumentParser, config: Mapping[str, Any], *, as_j
     return 0
 
 
+def _print(text: str) -> int:
+    """Write ``text`` to stdout; a reader that stops early (``| head``) is no error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -209,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))
     if args.json and not args.dry_run:
         parser.error("--json goes with --dry-run")
+    if args.print_config:
+        return _print(config_yaml(config))
     if args.dry_run:
         return _dry_run(parser, config, as_json=args.json)
     out_dir = Path(args.out) if args.out else Path("runs") / config["name"]
