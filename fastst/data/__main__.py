@@ -1,30 +1,57 @@
 """`python -m fastst.data check --dataset NAME --root DIR [--split S]`: validate a data set's
-layout and files (see fastst.data.check); exit status 1 if anything is wrong, 0 if clean."""
+layout and files (see fastst.data.check; `--dataset synthetic` checks the generated demo trees,
+fastst.data.check_synthetic, and generates nothing); exit status 1 if anything is wrong, 0 if
+clean, 2 for bad arguments."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .check import LAYOUTS, check_dataset
+from .check import CHECKABLE, check_dataset
+
+CHECK_EXAMPLES = """examples:
+  python -m fastst.data check --dataset gta5 --root data/GTA5
+  python -m fastst.data check --dataset cityscapes --root data/cityscapes --split val
+  python -m fastst.data check --dataset synthetic --root data/synthetic
+
+exit status: 0 no faults, 1 faults (listed), 2 bad arguments"""
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastst.data", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="validate a data set's layout and files")
-    check.add_argument("--dataset", required=True, choices=sorted(LAYOUTS))
-    check.add_argument("--root", required=True, help="the data set's directory")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastst.data", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Data set tools. check: pair every image with its label, read every label "
+                    "and report\nids outside the data set's id space and files that cannot be "
+                    "read.", epilog=CHECK_EXAMPLES)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check", help="validate a data set's layout and files",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EXAMPLES,
+        description="Validate a data set's layout and files: pair every image with its label, "
+                    "read every\nlabel, report ids outside the id space and unreadable or "
+                    "truncated files.")
+    check.add_argument("--dataset", required=True, choices=sorted(CHECKABLE),
+                       help="which layout DIR has: %(choices)s (synthetic: the generated demo "
+                            "data, DIR/source and DIR/target)")
+    check.add_argument("--root", required=True, metavar="DIR", help="the data set's directory")
+    check.add_argument("--domain", default=None, choices=("source", "target"),
+                       help="--dataset synthetic only: check one domain (default: both)")
     check.add_argument("--split", default=None,
-                       help="split to check (default: all for gta5/synthia, train and val for cityscapes)")
+                       help="split to check (default: all for gta5/synthia, train and val for "
+                            "cityscapes/synthetic)")
     check.add_argument("--list-file", default=None, help="check only the images named in this list")
     check.add_argument("--decode-images", action="store_true",
                        help="decode every image in full (default: check PNG chunk integrity only)")
     check.add_argument("--workers", type=int, default=None, help="reader threads (default: up to 8)")
-    check.add_argument("--max-listed", type=int, default=20, help="paths listed per kind of fault")
+    check.add_argument("--max-listed", type=int, default=20,
+                       help="paths listed per kind of fault (default: 20)")
     args = parser.parse_args(argv)
+    if args.domain is not None and args.dataset != "synthetic":
+        parser.error("--domain applies to --dataset synthetic only")
     try:
         report = check_dataset(args.dataset, args.root, args.split, list_file=args.list_file,
-                               decode_images=args.decode_images, workers=args.workers)
+                               decode_images=args.decode_images, workers=args.workers,
+                               domain=args.domain)
     except ValueError as exc:
         parser.error(str(exc))
     print(report.summary(args.max_listed))
