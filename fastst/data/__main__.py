@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from .check import CHECKABLE, check_dataset
+from .check_synthetic import check_synthetic
 
 CHECK_EXAMPLES = """examples:
   python -m fastst.data check --dataset gta5 --root data/GTA5
@@ -49,9 +50,12 @@ def main(argv=None) -> int:
     if args.domain is not None and args.dataset != "synthetic":
         parser.error("--domain applies to --dataset synthetic only")
     try:
-        report = check_dataset(args.dataset, args.root, args.split, list_file=args.list_file,
-                               decode_images=args.decode_images, workers=args.workers,
-                               domain=args.domain)
+        options = dict(list_file=args.list_file, decode_images=args.decode_images,
+                       workers=args.workers)
+        if args.dataset == "synthetic":
+            report = check_synthetic(args.root, args.split, domain=args.domain, **options)
+        else:
+            report = check_dataset(args.dataset, args.root, args.split, **options)
     except ValueError as exc:
         parser.error(str(exc))
     print(report.summary(args.max_listed))

@@ -24,8 +24,8 @@ from .io import list_path, read_image, read_label
 from .synthia import SynthiaLayout
 
 LAYOUTS = {"gta5": GTA5Layout, "synthia": SynthiaLayout, "cityscapes": CityscapesLayout}
-# Every data set `check_dataset` takes: the layouts, and the generated synthetic trees
-# (fastst.data.check_synthetic: Cityscapes-layout trees with a manifest, one per domain).
+# Every data set `python -m fastst.data check` takes: the layouts, and the generated synthetic
+# trees (fastst.data.check_synthetic: Cityscapes-layout trees with a manifest, one per domain).
 CHECKABLE = (*LAYOUTS, "synthetic")
 # The splits checked when none is given.
 DEFAULT_SPLITS = {"gta5": ("all",), "synthia": ("all",), "cityscapes": ("train", "val")}
@@ -141,7 +141,7 @@ def _inspect(layout, image: Path, label: Optional[Path], decode_images: bool):
 
 def _layout_and_splits(name: str, root, split: Optional[str]):
     if name not in LAYOUTS:
-        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(CHECKABLE)}")
+        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(LAYOUTS)}")
     layout = LAYOUTS[name](root)
     splits = list(DEFAULT_SPLITS[name] if split is None else (split,))
     for s in splits:
@@ -150,16 +150,12 @@ def _layout_and_splits(name: str, root, split: Optional[str]):
 
 
 def dataset_fingerprint(name: str, root, split: Optional[str] = None, *, list_file=None,
-                        labels: bool = True, domain: Optional[str] = None) -> Dict[str, object]:
+                        labels: bool = True) -> Dict[str, object]:
     """{"digest": hex str, "num_images": int (of the split(s), before any list file)} of the
     files `check_dataset` with the same arguments would read: a SHA-256 over the path, size and
     modification time of every image (and, with `labels`, label file) and of the list file. Only
-    lists directories and stats files, so it is cheap next to reading them. "synthetic" (with
-    `domain`, default both) covers each domain tree's files and its manifest. Raises ValueError
-    for an unknown name or split."""
-    if name == "synthetic":
-        return _synthetic_fingerprint(root, split, list_file=list_file, labels=labels,
-                                      domain=domain)
+    lists directories and stats files, so it is cheap next to reading them. Raises ValueError
+    for an unknown name or split (the synthetic trees: fastst.data.check_synthetic)."""
     layout, splits = _layout_and_splits(name, root, split)
     digest = hashlib.sha256(f"{name}|{layout.root}|{','.join(splits)}|{labels}".encode())
     num_images = 0
@@ -190,42 +186,16 @@ def dataset_fingerprint(name: str, root, split: Optional[str] = None, *, list_fi
     return {"digest": digest.hexdigest(), "num_images": num_images}
 
 
-def _synthetic_fingerprint(root, split, *, list_file, labels, domain) -> Dict[str, object]:
-    from .check_synthetic import synthetic_trees
-    from .synthetic import MANIFEST_NAME, SPLITS
-
-    digest, num_images = hashlib.sha256(f"synthetic|{split}|{labels}".encode()), 0
-    for _, tree in synthetic_trees(root, domain):
-        manifest = tree / MANIFEST_NAME
-        try:
-            stat = manifest.stat()
-            digest.update(f"{manifest}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{manifest}|missing\n".encode())
-        for s in SPLITS if split is None else (split,):
-            part = dataset_fingerprint("cityscapes", tree, s, list_file=list_file, labels=labels)
-            digest.update(part["digest"].encode())
-            num_images += part["num_images"]
-    return {"digest": digest.hexdigest(), "num_images": num_images}
-
-
 def check_dataset(name: str, root, split: Optional[str] = None, *, list_file=None,
                   decode_images: bool = False, workers: Optional[int] = None,
-                  labels: bool = True, domain: Optional[str] = None) -> CheckReport:
-    """Check the `name` data set ("gta5", "synthia", "cityscapes" or "synthetic") under `root`,
-    for `split` (default: GTA5/SYNTHIA "all", Cityscapes and synthetic "train" and "val"),
-    restricted to `list_file` if given. "synthetic" checks the generated trees under `root`
-    (`domain`: "source" or "target", default both; fastst.data.check_synthetic) and never
-    generates one. Every label is read in full; images are checked for integrity (chunk CRCs, size) or,
+                  labels: bool = True) -> CheckReport:
+    """Check the `name` data set ("gta5", "synthia" or "cityscapes") under `root`, for `split`
+    (default: GTA5/SYNTHIA "all", Cityscapes "train" and "val"), restricted to `list_file` if
+    given (the generated synthetic trees: fastst.data.check_synthetic.check_synthetic). Every label is read in full; images are checked for integrity (chunk CRCs, size) or,
     with `decode_images`, decoded in full. `labels=False` checks the images only (a set used
     unlabelled, such as the target train set: its label files are neither paired nor read).
     `workers` threads read files (default: CPU count, 8 at most). Raises ValueError for an
     unknown name or split."""
-    if name == "synthetic":
-        from .check_synthetic import check_synthetic
-
-        return check_synthetic(root, split, domain=domain, list_file=list_file,
-                               decode_images=decode_images, workers=workers, labels=labels)
     layout, splits = _layout_and_splits(name, root, split)
     report = CheckReport(dataset=layout.name, root=layout.root, splits=splits)
     if not layout.root.is_dir():

@@ -10,13 +10,15 @@ to report, never a reason to write one: only the training command (or an explici
 writes synthetic data."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from .check import CheckReport, check_dataset, dataset_fingerprint
 from .synthetic import DOMAINS, GENERATOR_VERSION, MANIFEST_NAME, SPLITS
 
-__all__ = ["synthetic_trees", "check_synthetic"]
+__all__ = ["synthetic_trees", "synthetic_fingerprint", "check_synthetic"]
 
 GENERATE_HINT = ("the training command generates it, e.g. python -m fastst.train --preset demo "
                  "(with the run's data.synthetic.* overrides)")
@@ -64,6 +66,25 @@ def _manifest_errors(domain: str, tree: Path) -> List[str]:
     return []
 
 
+def synthetic_fingerprint(root, split: Optional[str] = None, *, list_file=None,
+                          labels: bool = True, domain: Optional[str] = None) -> Dict[str, object]:
+    """``dataset_fingerprint`` of the trees ``check_synthetic`` with the same arguments reads,
+    each tree's manifest included: {"digest": hex str, "num_images": int}."""
+    digest, num_images = hashlib.sha256(f"synthetic|{split}|{labels}".encode()), 0
+    for _, tree in synthetic_trees(root, domain):
+        manifest = tree / MANIFEST_NAME
+        try:
+            stat = manifest.stat()
+            digest.update(f"{manifest}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{manifest}|missing\n".encode())
+        for s in SPLITS if split is None else (split,):
+            part = dataset_fingerprint("cityscapes", tree, s, list_file=list_file, labels=labels)
+            digest.update(part["digest"].encode())
+            num_images += part["num_images"]
+    return {"digest": digest.hexdigest(), "num_images": num_images}
+
+
 def check_synthetic(root, split: Optional[str] = None, *, domain: Optional[str] = None,
                     list_file=None, decode_images: bool = False, workers: Optional[int] = None,
                     labels: bool = True):
@@ -71,8 +92,6 @@ def check_synthetic(root, split: Optional[str] = None, *, domain: Optional[str] 
     names and ``split`` ("train" or "val"; default both): manifest faults are ``errors``, the
     files are checked by ``check_dataset("cityscapes", ...)``, and fewer images than the manifest
     promises is an error. Raises ValueError for an unknown split or domain."""
-    from .check import CheckReport, check_dataset
-
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; valid splits: {', '.join(SPLITS)}")
     splits = list(SPLITS if split is None else (split,))
