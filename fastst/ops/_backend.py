@@ -15,6 +15,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from . import _cuda_probe
+from ._selftest import default_choice
+
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 
 
@@ -64,11 +67,22 @@ def _backend_usable(name: str) -> bool:
     if name == "cpp":
         return ext is not None
     if name == "cuda":
-        return ext is not None and bool(ext.has_cuda) and torch.cuda.is_available()
+        return (ext is not None and bool(ext.has_cuda) and torch.cuda.is_available()
+                and _cuda_probe.cuda_unusable_reason(ext) is None)
     if name == "triton":
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         return _triton_importable() and (torch.cuda.is_available() or interpreted)
     return False
+
+
+def _cuda_hint() -> str:
+    """Why an explicit backend="cuda" cannot run: the driver probe's reason (_cuda_probe.py) where
+    the build and torch have CUDA, else what is missing."""
+    ext = extension()
+    if ext is not None and ext.has_cuda and torch.cuda.is_available():
+        return _cuda_probe.cuda_unusable_reason(ext) or "the CUDA driver probe failed"
+    return ("it needs fastst._C built with nvcc (CUDA_HOME set at `pip install -e .`) and a "
+            "visible CUDA device")
 
 
 def available_backends() -> list[str]:
@@ -105,20 +119,18 @@ def choose_backend(op: str, device: torch.device, implemented: Iterable[str],
         requested, source = os.environ["FASTST_BACKEND"], "FASTST_BACKEND="
     if requested is None:
         preference = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-        for name in preference:
-            if name in implemented and _backend_usable(name) and device.type in _devices_of(name):
-                return name
-        return "torch"
+        usable = [name for name in preference
+                  if name in implemented and _backend_usable(name) and device.type in _devices_of(name)]
+        # The first usable backend that passes its self-check (CUDA only; docs/ops.md §0.7).
+        return default_choice(op, device, usable) if usable else "torch"
     if requested not in BACKENDS:
         raise ValueError(f"{op}: unknown {source}{requested!r}; choose one of {list(BACKENDS)}")
     if requested not in implemented:
         raise ValueError(f"{op}: {source}{requested!r} is not implemented for this op; "
                          f"it has {list(implemented)}")
     if not _backend_usable(requested):
-        hint = {
+        hint = _cuda_hint() if requested == "cuda" else {
             "cpp": "fastst._C is not built: run `pip install -e .` in the repository",
-            "cuda": "it needs fastst._C built with nvcc (CUDA_HOME set at `pip install -e .`) "
-                    "and a visible CUDA device",
             "triton": "it needs `pip install triton` and a CUDA device (or TRITON_INTERPRET=1)",
         }[requested]
         raise ValueError(f"{op}: {source}{requested!r} is not available here: {hint}; "
