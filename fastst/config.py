@@ -96,7 +96,10 @@ BASE_DEFAULTS: Dict[str, Any] = {
         "checkpoint_every": 400,
         "pseudo_state_every": 50,
         "write_threads": 4,
+        # A tqdm bar on a terminal; without one (or with progress: false) a log line every
+        # progress_every iterations or images and at each stage's start and end (fastst.progress).
         "progress": True,
+        "progress_every": 100,
         "tensorboard": True,
         "op_value_checks": False,
         "stop_after_iterations": None,

@@ -151,7 +151,7 @@ def _validate_runtime(config: Mapping[str, Any]) -> None:
     check_int(config, "runtime.workers", 0)
     check_int(config, "runtime.threads", 1, optional=True)
     for key in ("log_every", "image_every", "checkpoint_every", "pseudo_state_every",
-                "write_threads"):
+                "write_threads", "progress_every"):
         check_int(config, f"runtime.{key}", 1)
     check_int(config, "runtime.stop_after_iterations", 0, optional=True)
     check_int(config, "runtime.stop_after_pseudo_batches", 0, optional=True)

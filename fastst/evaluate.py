@@ -124,12 +124,13 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
     save_predictions: a folder to write each prediction to as Cityscapes benchmark files
     (`fastst.predictions.save_prediction`; a Cityscapes-layout data set only).
     The model is moved to `device` and put in eval mode for the run; its previous train/eval
-    modes are restored afterwards. `progress` shows a tqdm bar with rate and ETA.
+    modes are restored afterwards. `progress` shows a tqdm bar with rate and ETA on a terminal,
+    else a line every 100 images and at the end (fastst.progress).
     distributed_context: a `fastst.distributed.DistributedContext` (default: the process's,
     `distributed.current()`). With world size N > 1, rank r scores the batches r, r + N, ...
     (the batches of a one-process run, so each image is predicted exactly as there) and the
     matrices are summed over the ranks: every rank returns the one-process matrix."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if len(dataset) == 0:
         raise ValueError("the data set to evaluate is empty")
@@ -155,8 +156,8 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="eval-png")
     writes = []
     try:
-        with tqdm(total=len(shard), desc="evaluate", unit="img",
-                  disable=not (progress and dctx.is_main), dynamic_ncols=True) as bar:
+        with progress_bar(len(shard), desc="evaluate", unit="img",
+                          show=progress and dctx.is_main) as bar:
             for batch in loader:
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)

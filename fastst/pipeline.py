@@ -20,6 +20,7 @@ from fastst.config import ConfigError
 from fastst.methods import stage_class
 from fastst.methods.context import RunContext, colorize, denormalize, write_json_atomic
 from fastst.methods.datasets import build_role
+from fastst.methods.logs import open_writer
 from fastst.methods.reuse import reuse_stage
 from fastst.methods.streams import derive_seed
 from fastst.methods.trainer import CHECKPOINT_NAME
@@ -233,9 +234,7 @@ def run_seed(config: Mapping[str, Any], run_dir: Path, seed: int, stages: Sequen
     dctx = distributed.current()
     writer = None
     if config["runtime"]["tensorboard"] and dctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        writer = open_writer(run_dir / "tensorboard")  # None, with a note, without tensorboard
     ctx = RunContext(config=dict(config), run_dir=run_dir, seed=seed, device=device,
                      writer=writer)
     try:

@@ -1,18 +1,38 @@
 """Logging of the training loop (``fastst.methods.trainer.Stage``): the mean losses over the
 ranks, and in TensorBoard the losses and learning rate at every logging step and a few training
-images with their prediction and label."""
+images with their prediction and label.
+
+TensorBoard is optional (``pip install fastst[tensorboard]``): ``open_writer`` gives None, and
+the run goes on without event files after a one-line note, where the package is missing."""
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import sys
+from pathlib import Path
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastst.methods.context import colorize, denormalize
 
-__all__ = ["mean_over_ranks", "log_scalars", "log_train_images"]
+__all__ = ["TENSORBOARD_HINT", "open_writer", "mean_over_ranks", "log_scalars",
+           "log_train_images"]
 
 IMAGES_LOGGED = 4
+TENSORBOARD_HINT = ("TensorBoard logs are off: the tensorboard package is not installed "
+                    "(pip install tensorboard, or pip install -e .[tensorboard]; "
+                    "runtime.tensorboard=false silences this note)")
+
+
+def open_writer(directory: Path) -> Optional[object]:
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``directory``, or None after
+    printing ``TENSORBOARD_HINT`` (one line, stderr) where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises it when the tensorboard package is missing
+        print(f"note: {TENSORBOARD_HINT}", file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(str(directory))
 
 
 def mean_over_ranks(dctx, sums: Mapping[str, torch.Tensor], counts: Mapping[str, int]

@@ -20,7 +20,9 @@ which extra state it checkpoints (``extra_state``). ``Stage.run`` does the rest:
 * every ``runtime.checkpoint_every`` iterations and at the end, DIR/<stage>/last.pt is written
   atomically with the model, optimizers, schedule, RNG states, iteration and the stage's extras;
 * losses are summed on the device and read back (one host sync) every ``runtime.log_every``
-  iterations for tqdm and TensorBoard;
+  iterations for the progress report and TensorBoard; progress (``fastst.progress``) is a tqdm
+  bar on a terminal, else a line at the stage's start and end and every
+  ``runtime.progress_every`` iterations;
 * a NaN or infinite loss skips the optimizer step (``finite_guard``, the one host sync per
   iteration the loop makes): gradients are zeroed, no optimizer state moves (BatchNorm running
   statistics keep what the forward pass gave them, and a non-finite one stops the stage at
@@ -58,6 +60,7 @@ from fastst.faults import NonFiniteLoss, NonFiniteLossError, check_finite
 from fastst.methods.context import RunContext, rng_state, set_rng_state
 from fastst.methods.datasets import build_role, crop_transform
 from fastst.methods.logs import log_scalars, log_train_images, mean_over_ranks
+from fastst.progress import DEFAULT_EVERY, log, progress_bar
 from fastst.methods.nonfinite import (DEFAULT_MAX_NONFINITE_STEPS, agree_finite,
                                       stop_if_hopeless)
 from fastst.methods.chain import BEST, snapshot_name
@@ -250,12 +253,18 @@ class Stage:
             self.restore_finished(state)
             return load_model(state).to(self.ctx.device, memory_format=self.ctx.memory_format)
         self.init_model = init_model
+        show, bars = self.dist.is_main, self.ctx.runtime["progress"]
+        log(f"stage {self.name} ({self.method}): "
+            + (f"resuming from iteration {state.get('iteration')}" if state is not None
+               else "started"), show=show, bars=bars)
         model = self._prepare_model(state, init_model)
         self.setup(model)
         train_model = compile_module(self.parallel_model(model), self.ctx.runtime.get("compile"))
         schedule = CosineSchedule(self.optimizers, self.period,
                                   eta_min(self.settings, self.ctx.config["optim"]))
         start = self._restore(state, schedule)
+        log(f"stage {self.name}: training iterations {start + 1}..{self.total}", show=show,
+            bars=bars)
         self._train(model, train_model, schedule, start)
         # Each rank's last forward left its own BatchNorm running statistics (DDP broadcasts
         # rank 0's only at the start of a forward; the parameters agree, DDP having averaged
@@ -264,6 +273,8 @@ class Stage:
         with torch.no_grad():
             self.dist.broadcast_(list(model.buffers()))
         self._save(model, schedule, self.total, complete=True)
+        log(f"stage {self.name}: done, {self.total} iterations in {self.seconds:.1f} s",
+            show=show, bars=bars)
         # The next stage (and the evaluation's result.json) reads the checkpoint rank 0 wrote.
         self.dist.barrier()
         return model
@@ -333,10 +344,9 @@ class Stage:
         # on logging steps, e.g. the region loss's unweighted parts).
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
-        from tqdm import tqdm
-
-        with tqdm(total=self.total, initial=start, desc=self.name, unit="it",
-                  disable=not (runtime["progress"] and dctx.is_main), dynamic_ncols=True) as bar:
+        with progress_bar(self.total, initial=start, desc=self.name, unit="it",
+                          show=dctx.is_main, bars=runtime["progress"],
+                          every=runtime.get("progress_every", DEFAULT_EVERY)) as bar:
             for iteration in range(start, self.total):
                 lr = schedule.step(iteration)
                 self.log_images_now = ctx.writer is not None and \

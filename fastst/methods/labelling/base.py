@@ -29,13 +29,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from fastst import distributed
 from fastst.atomic import read_json, save_torch_atomic, write_json_atomic
 from fastst.data.ids import class_set_for
 from fastst.data.pseudo_label import pseudo_label_path, save_pseudo_labels
 from fastst.methods.context import RunContext, colorize, denormalize
+from fastst.progress import DEFAULT_EVERY, progress_bar
 
 __all__ = ["LabelPass", "MANIFEST_NAME", "STATE_NAME", "LABEL_DIR", "IMAGES_LOGGED",
            "read_manifest", "verify_labels", "labels_present", "require_finished_pass",
@@ -148,9 +148,10 @@ class LabelPass:
         loader = DataLoader(Subset(self.dataset, mine), batch_size=batch_size, shuffle=False,
                             num_workers=ctx.runtime["workers"], pin_memory=ctx.pin_memory)
         total = done + len(indices)
-        with torch.no_grad(), tqdm(total=total, initial=done, desc=desc, unit="img",
-                                   disable=not (ctx.runtime["progress"] and dctx.is_main),
-                                   dynamic_ncols=True) as bar:
+        with torch.no_grad(), progress_bar(
+                total, initial=done, desc=desc, unit="img", show=dctx.is_main,
+                bars=ctx.runtime["progress"],
+                every=ctx.runtime.get("progress_every", DEFAULT_EVERY)) as bar:
             batches = iter(loader)
             for step_index, spans in enumerate(steps):
                 start, stop = spans[dctx.rank]
