@@ -205,16 +205,18 @@ def ensure_synthetic(root, domain, *, seed=0, num_train=DEFAULT_NUM_TRAIN,
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
             jobs += [(split, i, image_dir, label_dir) for i in range(count)]
-        if progress:
-            from tqdm import tqdm
-            jobs = tqdm(jobs, desc=f"synthetic {domain}", unit="img")
-        for split, index, image_dir, label_dir in jobs:
-            image, label = generate_sample(domain, index, seed=seed, split=split, height=height,
-                                           width=width)
-            stem = image_stem(domain, split, index)
-            _save_png_atomic(image, image_dir / f"{stem}_leftImg8bit.png")
-            _save_png_atomic(train_ids_to_label_ids(label),
-                             label_dir / f"{stem}_gtFine_labelIds.png")
+        from ..progress import progress_bar  # a bar on a terminal, else log lines
+
+        with progress_bar(len(jobs), desc=f"synthetic {domain}", unit="img", show=progress,
+                          every=max(100, len(jobs) // 5)) as bar:
+            for split, index, image_dir, label_dir in jobs:
+                image, label = generate_sample(domain, index, seed=seed, split=split,
+                                               height=height, width=width)
+                stem = image_stem(domain, split, index)
+                _save_png_atomic(image, image_dir / f"{stem}_leftImg8bit.png")
+                _save_png_atomic(train_ids_to_label_ids(label),
+                                 label_dir / f"{stem}_gtFine_labelIds.png")
+                bar.update(1)
         write_json_atomic(manifest, manifest_path, indent=2, sort_keys=True)
     return domain_root
 
