@@ -7,6 +7,9 @@ from .ias import ias_pseudo_label
 from .region_loss import region_loss
 from .tpld import (image_confidence, self_information, split_easy_hard, tpld_soft_targets,
                    tpld_vote)
+from . import _backend, _selftest
+
+_backend.set_default_choice(_selftest.default_choice)  # CUDA self-check (docs/ops.md §0.7)
 
 __all__ = ["available_backends", "ias_pseudo_label", "region_loss", "ClassBalancedThresholds",
            "cbst_pseudo_label", "mrkld_loss", "tpld_vote", "image_confidence", "split_easy_hard",

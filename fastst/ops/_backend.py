@@ -16,9 +16,25 @@ from typing import Iterable, Optional
 import torch
 
 from . import _cuda_probe
-from ._selftest import default_choice
 
 BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+
+def _first(op: str, device: torch.device, usable: list) -> str:
+    return usable[0]
+
+
+# The default choice among the usable backends (op, device, usable in preference order) -> name.
+# fastst/ops/__init__.py installs the self-check's (fastst/ops/_selftest.py, docs/ops.md §0.7),
+# which runs the ops and so cannot be imported here.
+_default_choice = _first
+
+
+def set_default_choice(choice=None) -> None:
+    """Install `choice(op, device, usable) -> backend` as the default choice (None: the first
+    usable backend)."""
+    global _default_choice
+    _default_choice = _first if choice is None else choice
 
 
 def _load_extension() -> Optional[ModuleType]:
@@ -122,7 +138,7 @@ def choose_backend(op: str, device: torch.device, implemented: Iterable[str],
         usable = [name for name in preference
                   if name in implemented and _backend_usable(name) and device.type in _devices_of(name)]
         # The first usable backend that passes its self-check (CUDA only; docs/ops.md §0.7).
-        return default_choice(op, device, usable) if usable else "torch"
+        return _default_choice(op, device, usable) if usable else "torch"
     if requested not in BACKENDS:
         raise ValueError(f"{op}: unknown {source}{requested!r}; choose one of {list(BACKENDS)}")
     if requested not in implemented:
