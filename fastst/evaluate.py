@@ -228,7 +228,16 @@ def _synthetic_options(root, domain):
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastst.evaluate",
-        description="Evaluate a fastst checkpoint: per-class IoU and mIoU-19/16/13.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a fastst checkpoint (or a training run's stage, or saved "
+                    "predictions) on a\nlabelled split: prints per-class IoU and "
+                    "mIoU-19/16/13.",
+        epilog="examples:\n"
+               "  python -m fastst.evaluate --checkpoint runs/iast_gta5/round3/last.pt "
+               "--dataset cityscapes \\\n"
+               "      --root data/cityscapes --split val --json scores.json\n"
+               "  python -m fastst.evaluate --predictions preds/labelIds --dataset cityscapes "
+               "--root data/cityscapes")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="fastst checkpoint file (.pt)")
     source.add_argument("--predictions", default=None, metavar="DIR",
@@ -259,14 +268,17 @@ def _parser():
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="size the model sees at scale 1.0 (default: the image size); "
                              "scores are taken at the label's full size")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward pass (default: 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--autocast", default=None, choices=("bfloat16", "float16"),
                         help="run the model under torch.autocast with this dtype")
-    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data loader worker processes (default: 2)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (or, without a terminal, no progress lines)")
     parser.add_argument("--class-set", default=None, choices=tuple(CLASS_SETS),
                         help="the classes the labels are mapped to; must match the model "
                              "(default: synthia16 for a 16-class model, else cityscapes19)")
