@@ -267,14 +267,25 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
 
 
+EXAMPLES = """examples:
+  python -m fastst.experiments table5
+  python -m fastst.experiments table5 --out runs/t5 stages.round1.iterations=20
+
+exit status: 0 done, 2 bad input (table, preset, key, value, data), 1 non-finite
+losses, 3 a runtime.stop_after_* hook fired"""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastst.experiments",
                                      description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", help=", ".join(TABLES))
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=EXAMPLES)
+    parser.add_argument("table", help="which table to run: " + ", ".join(TABLES))
     parser.add_argument("--preset", default=None, help="base preset (default: demo; demo_semi "
                         "for table8, demo_tpld for tpld_table2)")
-    parser.add_argument("--out", default="runs/experiments", help="output directory")
+    parser.add_argument("--out", default="runs/experiments", metavar="DIR",
+                        help="output directory, one run directory per variant below it "
+                             "(default: runs/experiments); rerun to resume")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides applied to every variant")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out / --preset
