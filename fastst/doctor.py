@@ -104,32 +104,37 @@ def describe(device: torch.device) -> str:
             f"{p.multi_processor_count} SMs")
 
 
-def _shapes(backend: str, device: torch.device, large: Optional[bool], large_done: set):
+def shapes(backend: str, device: torch.device, with_large: bool) -> list:
+    """The shapes a backend is checked at on `device`: the Triton interpreter on the CPU the
+    tiny one, everything else the small one, and the large one when `with_large`."""
     if device.type == "cpu" and backend == "triton":
-        return [TINY]  # the Triton interpreter
-    shapes = [SMALL]
-    name = describe(device)
-    if (device.type == "cuda" and large is not False and name not in large_done) or \
-            (device.type == "cpu" and large is True):
-        shapes.append(LARGE)
-    return shapes
+        return [TINY]
+    return [SMALL, LARGE] if with_large else [SMALL]
+
+
+def wants_large(device: torch.device, large: Optional[bool], done: set) -> bool:
+    """--large / --no-large / default (None: CUDA devices only, once per device model in `done`)."""
+    if large is None:
+        return device.type == "cuda" and describe(device) not in done
+    return large and describe(device) not in done
 
 
 def run(ops: Sequence[str], large: Optional[bool], log=sys.stderr) -> List[Row]:
     """Every case of `ops` on every backend and device; `large`: None = on CUDA only."""
     rows: List[Row] = []
     cpu = torch.device("cpu")
+    large_done: set = set()
     for device in devices():
-        large_done: set = set()
+        with_large = wants_large(device, large, large_done)
+        if with_large:
+            large_done.add(describe(device))
         for case in [c for c in CASES if c.op in ops]:
-            plan = {}
+            plan: dict = {}
             for backend in backends_on(case, device):
-                for shape in _shapes(backend, device, large, large_done):
+                for shape in shapes(backend, device, with_large):
                     plan.setdefault(shape, []).append(backend)
             for shape, backends in plan.items():
                 rows += _run_shape(case, shape, backends, device, cpu if shape is not LARGE else device, log)
-        if device.type == "cuda" and large is not False:
-            large_done.add(describe(device))
     return rows
 
 
