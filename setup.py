@@ -1,7 +1,10 @@
 """Build driver: `pip install -e .` runs CMake (CMakeLists.txt) to build the module fastst._C.
 
-Environment switches: FASTST_FORCE_CPU=1 (skip CUDA), FASTST_CUDA_ARCHS (default "80;90"),
-FASTST_DEBUG=1, CMAKE_BUILD_PARALLEL_LEVEL (default: all cores), CUDA_HOME (where nvcc lives).
+Environment switches: FASTST_FORCE_CPU=1 (skip CUDA), FASTST_CUDA_ARCHS (default
+"80-real;90-real;90-virtual"), FASTST_DEBUG=1, CMAKE_BUILD_PARALLEL_LEVEL (default: all cores),
+CUDA_HOME (where nvcc lives; its CUDA major version should match torch.version.cuda, since the
+runtime is linked statically and needs a driver for that version: README "CUDA build"; CMake warns
+when they differ, shown by `pip install -v`).
 """
 import os
 import shutil

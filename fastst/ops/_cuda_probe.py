@@ -1,4 +1,4 @@
-"""Can the CUDA kernels of fastst._C run on this machine? (docs/ops.md §0.2)
+"""Can the CUDA kernels of fastst._C run on this machine? (docs/design.md §1.3)
 
 fastst._C links the CUDA runtime of the toolkit that built it statically, so it needs a driver
 for that runtime's CUDA major version (13.x: driver >= 580), while torch brings its own runtime

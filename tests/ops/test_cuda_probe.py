@@ -1,5 +1,5 @@
 """The driver probe of fastst._C and the cuda backend's fallback (fastst/ops/_cuda_probe.py,
-docs/ops.md §0.2): a driver too old for the runtime fastst._C was built with, or a failing probe,
+docs/design.md §1.3): a driver too old for the runtime fastst._C was built with, or a failing probe,
 turns `cuda` off with one warning; the default choice falls back to triton (or torch) and an
 explicit backend="cuda" raises with the same text. Old drivers are simulated on the CPU."""
 import re

@@ -2,7 +2,7 @@
 // CUDA, a device index and a stream handle. No torch header: one binary serves every torch.
 // Python side: fastst/ops/. Each op family registers its launchers in bindings/<family>.cpp.
 // Also the build's facts (has_cuda, cuda_runtime_version, cuda_archs) and the driver probe
-// _cuda_probe, which fastst/ops/_cuda_probe.py reads (docs/ops.md §0.2).
+// _cuda_probe, which fastst/ops/_cuda_probe.py reads (docs/design.md §1.3).
 #include <algorithm>
 #include <string>
 #include <tuple>

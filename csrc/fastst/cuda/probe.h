@@ -1,6 +1,6 @@
 // What the CUDA runtime linked into fastst._C sees on this machine: the driver's and the runtime's
 // CUDA versions and the device count, without throwing (fastst/ops/_cuda_probe.py decides from it
-// whether the cuda backend can run; docs/ops.md §0.2). No CUDA header: module.cpp includes it.
+// whether the cuda backend can run; docs/design.md §1.3). No CUDA header: module.cpp includes it.
 #pragma once
 #include <string>
 
