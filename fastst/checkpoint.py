@@ -27,7 +27,8 @@ from .faults import naming_file
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "check_checkpoint",
            "check_model_config", "checkpoint_state", "read_torch_file", "load_state_dict_checked",
-           "ClassCountMismatch", "checkpoint_num_classes", "check_num_classes"]
+           "ClassCountMismatch", "CheckpointError", "NonFiniteWeights", "checkpoint_num_classes",
+           "check_num_classes"]
 
 CHECKPOINT_FORMAT = "fastst-checkpoint-v1"
 
@@ -43,6 +44,15 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 class ClassCountMismatch(ValueError):
     """A checkpoint made for another number of classes than the configuration's."""
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint file that cannot be read (corrupt, truncated, empty). A RuntimeError as
+    before, and a ValueError: bad input to the commands (exit status 2, fastst.cli)."""
+
+
+class NonFiniteWeights(ValueError):
+    """A state_dict holding NaN or Inf values."""
 
 
 def save_checkpoint(path: PathLike, state: Mapping) -> Path:
@@ -123,8 +133,9 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu",
                     weights_only: Optional[bool] = None) -> Dict[str, Any]:
     """Read a fastst checkpoint written by ``save_checkpoint``; tensors go to ``map_location``.
 
-    Raises FileNotFoundError (missing file), RuntimeError (corrupt or truncated file) or
-    ValueError (a readable file that is not a fastst checkpoint), each naming the file.
+    Raises FileNotFoundError (missing file), CheckpointError (a RuntimeError: corrupt, truncated
+    or empty file) or ValueError (a readable file that is not a fastst checkpoint), each naming
+    the file.
     """
     state = read_torch_file(path, map_location, weights_only)
     check_checkpoint(state, source=str(path))
@@ -171,7 +182,8 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping, *, source: s
     ImageNet classifier). Missing ``*.num_batches_tracked`` buffers are tolerated because
     torchvision's older ImageNet files predate them and BatchNorm with a fixed momentum never
     reads them. Anything else missing, any unexpected key or any shape mismatch raises a
-    ValueError that lists them (the first few of each, with counts) and names ``source``.
+    ValueError that lists them (the first few of each, with counts) and names ``source``; NaN or
+    Inf in a floating tensor raises ``NonFiniteWeights`` (a ValueError) naming the tensors.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{source}: expected a state_dict (dict of tensors), "
@@ -199,7 +211,18 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping, *, source: s
             problems.append(f"{len(mismatched)} shape mismatches: {_first(mismatched)}")
         raise ValueError(f"{source} does not fit {type(module).__name__} (whose state_dict "
                          f"has {len(expected)} entries): " + "; ".join(problems))
+    _check_finite(state_dict, source)
     module.load_state_dict(state_dict, strict=False)
+
+
+def _check_finite(state_dict: Mapping, source: str) -> None:
+    """``NonFiniteWeights`` naming ``source`` and the first tensors with NaN/Inf values: such
+    weights would only surface later as non-finite losses or a constant prediction."""
+    bad = [key for key, value in state_dict.items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise NonFiniteWeights(f"{source} holds non-finite weights (NaN or Inf) in "
+                               f"{len(bad)} tensors: {_first(bad)}; use another checkpoint")
 
 
 def _first(items: Sequence[str]) -> str:
@@ -207,9 +230,12 @@ def _first(items: Sequence[str]) -> str:
     return shown + (f", ... ({len(items) - _KEYS_SHOWN} more)" if len(items) > _KEYS_SHOWN else "")
 
 
-def _corrupt(path: Path, error: BaseException, what: str) -> RuntimeError:
+def _corrupt(path: Path, error: BaseException, what: str) -> CheckpointError:
     detail = str(error).splitlines()[0] if str(error) else "no detail"
-    return RuntimeError(
+    if path.stat().st_size == 0:
+        return CheckpointError(f"{what} file {str(path)!r} is empty (0 bytes). Delete it and "
+                               "use an earlier checkpoint, or re-create it")
+    return CheckpointError(
         f"cannot read {what} file {str(path)!r}: it is corrupt or truncated "
         f"({type(error).__name__}: {detail}). Delete it and use an earlier checkpoint, "
         "or re-create it")

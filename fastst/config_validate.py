@@ -126,7 +126,7 @@ def _validate_stages(config: Mapping[str, Any]) -> None:
         check_int(config, f"{prefix}.select_every", 1)
         protocol = stages[name]["eval_protocol"]
         if protocol is not None:
-            from fastst.evaluate import PROTOCOLS
+            from fastst.protocols import PROTOCOLS
 
             check_choice(config, f"{prefix}.eval_protocol", (None, *PROTOCOLS))
         check_int(config, f"{prefix}.iterations", 1, optional=True)

@@ -30,85 +30,24 @@ import concurrent.futures
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from .atomic import write_json_atomic
+from .checkpoint import ClassCountMismatch
+from .cli import OutputDirError, add_debug_option, check_output_dir, run_cli
 from .data.ids import CLASS_SETS, NUM_CLASSES, class_set_for
-from .inference import COMBINE_MODES, predict_scores, scaled_size
+from .data.synth import require_synthetic
+from .inference import predict_scores
 from .metrics import ConfusionMatrix
 from .predictions import dataset_classes, image_cities, save_prediction, score_predictions
+from .protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, protocol_spec
+from .run_dir import open_run
 
 __all__ = ["Protocol", "PROTOCOLS", "DEFAULT_PROTOCOL", "evaluate", "main"]
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """How an evaluation feeds the images to the model and combines the scores.
-
-    scales: the input sizes as factors of the base size (the image's, or `input_size`), rounded,
-    or rounded down with `floor` (as `F.interpolate(scale_factor=s)` sizes them); flip: also
-    the mirrored inputs; combine, at_input_size: see `fastst.inference.predict_scores`."""
-
-    scales: Tuple[float, ...]
-    flip: bool = False
-    combine: str = "softmax"
-    at_input_size: bool = False
-    floor: bool = False
-
-    def __post_init__(self):
-        if not self.scales or any(not math.isfinite(s) or s <= 0 for s in self.scales):
-            raise ValueError(f"scales must be positive numbers, got {self.scales}")
-        if self.combine not in COMBINE_MODES:
-            raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got "
-                             f"{self.combine!r}")
-
-    def sizes(self, base_size):
-        """The (h, w) model inputs for images of `base_size` (H, W), one a scale."""
-        if not self.floor:
-            return [scaled_size(base_size, s) for s in self.scales]
-        return [tuple(max(1, math.floor(side * s)) for side in base_size) for s in self.scales]
-
-
-DEFAULT_PROTOCOL = "fastst"
-# The released evaluations. IAST's sizes are absolute, for Cityscapes' 1024x2048 frames; here
-# they are factors of the image size (exactly the released sizes on Cityscapes): 512x1024,
-# 640x1280, 768x1536, 900x1800 and 1024x2048. "fastst" is `Protocol(--scales, --flip)`.
-PROTOCOLS = {
-    # Validation during IAST training, per stage: one input size, the network's logits upsampled
-    # to it, then to the label, argmax (Raykoooo/IAST code/sseg/workflow/trainer.py:274-278, with
-    # DATASET.VAL.RESIZE_SIZE of code/config/gtav2cityscapes_v100_1/run_task/source_only.yaml:32,
-    # warmup_at.yaml:38 and sl_1.yaml:36, the same in sl_2/sl_3 and the SYNTHIA configs).
-    "iast_source_only": Protocol((0.5,), combine="logits", at_input_size=True),
-    "iast_warmup": Protocol((0.625,), combine="logits", at_input_size=True),
-    "iast_round": Protocol((0.75,), combine="logits", at_input_size=True),
-    # IAST's eval.py multi-scale test: the softmax at each input size, summed over five sizes
-    # after the resize to the label, no flip (code/sseg/workflow/eval.py:81-93, TEST.RESIZE_SIZE
-    # of run_task/sl_1.yaml:48, TEST.USE_FLIP false in code/sseg/models/default.py:109).
-    "iast_ms": Protocol((0.5, 0.625, 0.75, 0.87890625, 1.0), at_input_size=True),
-    # CRST's test: scales 0.9/1.0/1.2 of the image (sizes rounded down) and their flips, logits
-    # upsampled to the label size and averaged (yzou2/CRST crst_seg.py:89-91 and 578-597;
-    # --test-flipping in mrkld.sh and cbst.sh).
-    "crst": Protocol((0.9, 1.0, 1.2), flip=True, combine="logits", floor=True),
-}
-
-
-def _protocol(name, scales, flip, input_size):
-    """The Protocol called `name`; "fastst" takes `scales` and `flip`, the others fix both."""
-    if name == DEFAULT_PROTOCOL:
-        return Protocol(tuple(float(s) for s in scales), bool(flip))
-    if name not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {name!r}; valid protocols: "
-                         f"{', '.join([DEFAULT_PROTOCOL, *PROTOCOLS])}")
-    if tuple(scales) != (1.0,) or flip or input_size is not None:
-        raise ValueError(f"protocol {name!r} fixes the input sizes and flips; leave scales, flip "
-                         f"and input_size at their defaults or use protocol {DEFAULT_PROTOCOL!r}")
-    return PROTOCOLS[name]
 
 
 def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device="cpu",
@@ -134,7 +73,7 @@ def evaluate(model, dataset, *, scales=(1.0,), flip=False, batch_size=1, device=
 
     if len(dataset) == 0:
         raise ValueError("the data set to evaluate is empty")
-    spec = _protocol(protocol, scales, flip, input_size)
+    spec = protocol_spec(protocol, scales, flip, input_size)
     if save_predictions is not None:
         cities, classes = image_cities(dataset), dataset_classes(dataset)
         if len(classes) != num_classes:
@@ -233,6 +172,7 @@ def _parser():
                     "predictions) on a\nlabelled split: prints per-class IoU and "
                     "mIoU-19/16/13.",
         epilog="examples:\n"
+               "  python -m fastst.evaluate --run runs/demo --stage round3\n"
                "  python -m fastst.evaluate --checkpoint runs/iast_gta5/round3/last.pt "
                "--dataset cityscapes \\\n"
                "      --root data/cityscapes --split val --json scores.json\n"
@@ -240,14 +180,24 @@ def _parser():
                "--root data/cityscapes")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="fastst checkpoint file (.pt)")
+    source.add_argument("--run", default=None, metavar="DIR",
+                        help="the --out directory of a python -m fastst.train run: evaluate the "
+                             "checkpoint of --stage on the run's val data, with the run's "
+                             "settings (its config.yaml) instead of --dataset/--root")
     source.add_argument("--predictions", default=None, metavar="DIR",
                         help="score the Cityscapes label-id PNGs below DIR (one <city>_<seq>_"
                              "<frame>*.png an image, e.g. the labelIds folder of "
                              "--save-predictions) instead of a checkpoint")
-    parser.add_argument("--dataset", required=True,
-                        choices=("cityscapes", "gta5", "synthia", "synthetic"))
-    parser.add_argument("--root", required=True, help="the data set's directory")
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--stage", default=None,
+                        help="with --run: the stage whose last checkpoint to evaluate (default: "
+                             "the last finished stage)")
+    parser.add_argument("--dataset", default=None,
+                        choices=("cityscapes", "gta5", "synthia", "synthetic"),
+                        help="the data set's layout (required without --run)")
+    parser.add_argument("--root", default=None,
+                        help="the data set's directory (required without --run); synthetic "
+                             "data must exist there (python -m fastst.data synth makes it)")
+    parser.add_argument("--split", default=None, help="default: val (with --run: the run's)")
     parser.add_argument("--domain", default=None, choices=("source", "target"),
                         help="synthetic data only: which domain (default: target)")
     parser.add_argument("--protocol", default=DEFAULT_PROTOCOL,
@@ -282,19 +232,32 @@ def _parser():
     parser.add_argument("--class-set", default=None, choices=tuple(CLASS_SETS),
                         help="the classes the labels are mapped to; must match the model "
                              "(default: synthia16 for a 16-class model, else cityscapes19)")
+    add_debug_option(parser)
     return parser
 
 
 def main(argv=None):
+    """Run the command; errors end in one line and the exit status (``fastst.cli.run_cli``)."""
+    return run_cli(_main, argv, prog="python -m fastst.evaluate")
+
+
+def _main(argv):
     parser = _parser()
     args = parser.parse_args(argv)
+    run_options = _from_run(parser, args) if args.run is not None else {}
     device = _check_args(parser, args)
     model, num_classes, class_set = _model_and_classes(parser, args)
-    options = {"class_set": class_set}
+    options = {"class_set": class_set, **run_options}
     if args.dataset == "synthetic":
         domain = args.domain or "target"
-        options.update(domain=domain, synthetic=_synthetic_options(args.root, domain))
+        options["domain"] = domain
+        options.setdefault("synthetic", _synthetic_options(args.root, domain))
+        # Evaluation reads data, never generates it (fastst.data.synth).
+        require_synthetic(args.root, domain, **options["synthetic"])
     dataset = _dataset(parser, args, options)
+    if model is not None:
+        _check_class_count(args, dataset, num_classes)
+    _check_outputs(args)
     if args.predictions is not None:
         return _report(args, dataset, class_set, _score_files(parser, dataset, args.predictions),
                        domain=options.get("domain"), predictions=args.predictions)
@@ -312,7 +275,7 @@ def main(argv=None):
         distributed.shutdown()
     if not dctx.is_main:
         return 0
-    spec = _protocol(args.protocol, args.scales, args.flip, args.resize)
+    spec = protocol_spec(args.protocol, args.scales, args.flip, args.resize)
     if args.save_predictions:
         print(f"wrote the predictions below {args.save_predictions}")
     return _report(args, dataset, class_set, confusion, domain=options.get("domain"),
@@ -321,9 +284,73 @@ def main(argv=None):
                    save_predictions=args.save_predictions)
 
 
+def _from_run(parser, args):
+    """Fill ``args`` from ``--run DIR`` (``fastst.run_dir``): the checkpoint of ``--stage``
+    (default: the last finished stage), the run's val data set and, unless the command line
+    sets them, its evaluation views (the stage's ``eval_protocol``, else ``eval.scales``,
+    ``eval.flip``, ``data.val.input_size``). Returns extra ``build_dataset`` options."""
+    given = [option for option, value in (("--dataset", args.dataset), ("--root", args.root),
+                                          ("--domain", args.domain),
+                                          ("--class-set", args.class_set)) if value is not None]
+    if given:
+        parser.error(f"--run reads the data set from RUN/config.yaml (data.val); drop "
+                     f"{', '.join(given)}")
+    run = open_run(args.run)
+    config = run.config
+    args.checkpoint = str(run.checkpoint(args.stage))
+    stage = Path(args.checkpoint).parent.name
+    val = config["data"]["val"]
+    args.dataset, args.root = val["dataset"], str(val["root"])
+    args.split = args.split or val["split"]
+    args.class_set = config["data"]["class_set"]
+    options = {"list_file": val["list_file"]}
+    if val["dataset"] == "synthetic":
+        args.domain = val.get("domain") or "target"
+        options["synthetic"] = dict(config["data"]["synthetic"] or {})
+    protocol = config["stages"][stage]["eval_protocol"]
+    if args.protocol == DEFAULT_PROTOCOL and not (args.scales or args.flip or args.resize):
+        if protocol is not None:
+            args.protocol = protocol
+        else:
+            args.scales, args.flip = list(config["eval"]["scales"]), config["eval"]["flip"]
+            args.resize = val["input_size"]
+    print(f"--run {args.run}: stage {stage}, {args.checkpoint}; {args.dataset} "
+          f"{args.split} at {args.root}", file=sys.stderr)
+    return options
+
+
+def _check_class_count(args, dataset, num_classes):
+    """ClassCountMismatch when the checkpoint's model predicts another number of classes than
+    the data set's labels have (a table of the wrong classes would be a silent wrong result)."""
+    classes = len(dataset_classes(dataset))
+    if classes != num_classes:
+        sets = ", ".join(f"{name}: {s.num_classes}" for name, s in CLASS_SETS.items())
+        raise ClassCountMismatch(
+            f"--checkpoint {args.checkpoint} holds a model for {num_classes} classes, but the "
+            f"{args.dataset} labels at {args.root} are mapped to {classes} classes: evaluate a "
+            f"checkpoint trained for {classes} classes, or pass the --class-set the model was "
+            f"trained on ({sets})")
+
+
+def _check_outputs(args):
+    """The --json file's folder and the --save-predictions folder can be written (checked
+    before the evaluation, not after it)."""
+    if args.json is not None:
+        if Path(args.json).is_dir():
+            raise OutputDirError(f"--json {args.json!r} is a directory; give a file name")
+        check_output_dir(Path(args.json).absolute().parent, "--json's folder")
+    if args.save_predictions is not None:
+        check_output_dir(args.save_predictions, "--save-predictions")
+
+
 def _check_args(parser, args):
     """Exit through ``parser.error`` on options that do not fit together; fills the default
     ``args.scales`` and returns the torch.device of ``--device``."""
+    if args.run is None and (args.dataset is None or args.root is None):
+        parser.error("--dataset and --root are required (or --run DIR)")
+    if args.stage is not None and args.run is None:
+        parser.error("--stage goes with --run")
+    args.split = args.split or "val"
     if args.domain is not None and args.dataset != "synthetic":
         parser.error("--domain applies to --dataset synthetic only")
     if args.batch_size < 1:

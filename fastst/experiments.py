@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from fastst.atomic import atomic_write, write_json_atomic
+from fastst.cli import add_debug_option, run_cli
 from fastst.config import ConfigError, load_config
 from fastst.metrics import rare_class_miou
 
@@ -276,6 +277,12 @@ losses, 3 a runtime.stop_after_* hook fired"""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; errors end in one line and the exit status (``fastst.cli.run_cli``:
+    2 bad input, 1 non-finite losses, 3 a stop hook, as python -m fastst.train)."""
+    return run_cli(_main, argv, prog="python -m fastst.experiments")
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastst.experiments",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -288,6 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "(default: runs/experiments); rerun to resume")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides applied to every variant")
+    add_debug_option(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out / --preset
     try:
         report = run_table(args.table, args.out, preset=args.preset, overrides=args.overrides)

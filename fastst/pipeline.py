@@ -79,6 +79,9 @@ def _init_model(config: Mapping[str, Any], path: str):
     from fastst.models import deeplabv2
 
     state = read_torch_file(path, what="--init checkpoint")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"--init {path} holds a {type(state).__name__}, not a fastst checkpoint "
+                         "or a state_dict of the model")
     check_num_classes(state, config["num_classes"], source=f"--init {path}")
     try:
         return deeplabv2(num_classes=config["num_classes"],

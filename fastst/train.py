@@ -55,12 +55,15 @@ import torch
 
 from fastst import distributed
 from fastst.checkpoint import ClassCountMismatch
+from fastst.cli import add_debug_option, check_output_dir, run_cli
 from fastst.config import (ConfigError, available_presets, config_yaml, dump_config, load_config,
                            read_config_file, recipe_differences)
 from fastst.faults import (DataCheckFailed, NonFiniteLossError, check_run_data, disk_full,
                            disk_full_message, remove_stale_temp_files)
+from fastst.data.synth import ensure_for_config
 from fastst.methods.context import StopRequested, resolve_device, write_json_atomic
 from fastst.methods.datasets import split_names
+from fastst.methods.trainer import CHECKPOINT_NAME
 from fastst.pipeline import RESULT_NAME, run_seed, select_stages
 from fastst.summary import SUMMARY_NAME, format_table, summarize
 
@@ -91,14 +94,19 @@ def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequenc
     the file's name) when a write fails, e.g. on a full disk."""
     out_dir = Path(out_dir)
     device, dctx = _join_processes(config)
+    if dctx.is_main:
+        check_output_dir(out_dir)
     saved = read_config_file(out_dir / "config.yaml")
-    if saved is not None:
+    if saved is not None and _has_trained(out_dir):
         differences = recipe_differences(saved, config)
         if differences:
             shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:10])
             raise ConfigError(f"{out_dir} holds a run with another configuration ({shown}); "
                               "use another --out, or delete the directory to start over")
     dctx.barrier()  # every rank has read config.yaml before rank 0 replaces it
+    # The synthetic demo domains are generated here, before the data check, and nowhere else
+    # but by `python -m fastst.data synth` (fastst.data.synth).
+    ensure_for_config(config["data"], progress=bool(config["runtime"]["progress"]))
     semi_split = split_names(config)
     if dctx.is_main:
         dump_config(config, out_dir / "config.yaml")
@@ -124,6 +132,15 @@ def run_pipeline(config: Mapping[str, Any], out_dir, *, stages: Optional[Sequenc
     if dctx.is_main:
         write_json_atomic(summary, out_dir / SUMMARY_NAME)
     return summary
+
+
+def _has_trained(out_dir: Path) -> bool:
+    """Whether a stage of the run in ``out_dir`` has a checkpoint or a result (any seed): until
+    then its config.yaml binds nothing, and a rerun with other settings starts over (a first try
+    that stopped on bad data, a bad --init, ...)."""
+    patterns = (f"*/{CHECKPOINT_NAME}", f"*/{RESULT_NAME}", f"seed*/*/{CHECKPOINT_NAME}",
+                f"seed*/*/{RESULT_NAME}")
+    return any(next(out_dir.glob(pattern), None) is not None for pattern in patterns)
 
 
 def _join_processes(config: Mapping[str, Any]):
@@ -206,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --dry-run: print the recipe as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="configuration overrides, e.g. stages.round1.alpha=0.25 seeds=3")
+    add_debug_option(parser)
     return parser
 
 
@@ -233,6 +251,11 @@ def _print(text: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; errors end in one line and the exit status (``fastst.cli.run_cli``)."""
+    return run_cli(_main, argv, prog="python -m fastst.train")
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -253,6 +253,9 @@ def test_a_run_directory_refuses_another_recipe(fixture_root, tmp_path):
 
     dump_config(load_config("iast_gta5", tiny_overrides(fixture_root, **{
         "stages.round1.alpha": 0.3})), tmp_path / "run" / "config.yaml")
+    # The configuration binds once a stage has trained (before that a rerun may change it).
+    (tmp_path / "run" / "source_only").mkdir()
+    (tmp_path / "run" / "source_only" / "last.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"stages.round1.alpha: 0.3 -> 0.2"):
         train.run_pipeline(config, tmp_path / "run")
 

@@ -1,14 +1,18 @@
 """`python -m fastst.data check --dataset NAME --root DIR [--split S]`: validate a data set's
 layout and files (see fastst.data.check; `--dataset synthetic` checks the generated demo trees,
 fastst.data.check_synthetic, and generates nothing); exit status 1 if anything is wrong, 0 if
-clean, 2 for bad arguments."""
+clean, 2 for bad arguments. `python -m fastst.data synth --root DIR [...]` generates the
+synthetic demo domains (fastst.data.synth)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from fastst.cli import add_debug_option, run_cli
+
 from .check import CHECKABLE, check_dataset
 from .check_synthetic import check_synthetic
+from .synth import add_synth_command, run_synth_command
 
 CHECK_EXAMPLES = """examples:
   python -m fastst.data check --dataset gta5 --root data/GTA5
@@ -19,6 +23,11 @@ exit status: 0 no faults, 1 faults (listed), 2 bad arguments"""
 
 
 def main(argv=None) -> int:
+    """Run the command; errors end in one line and the exit status (``fastst.cli.run_cli``)."""
+    return run_cli(_main, argv, prog="python -m fastst.data")
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastst.data", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Data set tools. check: pair every image with its label, read every label "
@@ -46,7 +55,12 @@ def main(argv=None) -> int:
     check.add_argument("--workers", type=int, default=None, help="reader threads (default: up to 8)")
     check.add_argument("--max-listed", type=int, default=20,
                        help="paths listed per kind of fault (default: 20)")
+    add_debug_option(check)
+    add_synth_command(commands)
+    add_debug_option(commands.choices["synth"])
     args = parser.parse_args(argv)
+    if args.command == "synth":
+        return run_synth_command(args)
     if args.domain is not None and args.dataset != "synthetic":
         parser.error("--domain applies to --dataset synthetic only")
     try:

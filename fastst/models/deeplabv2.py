@@ -13,7 +13,7 @@ head is a separate module (the warm-up saves it next to the model, never inside 
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -194,19 +194,22 @@ def deeplabv2(num_classes: int = 19, backbone: str = "resnet101",
 
 
 def load_model(path_or_state: Union[str, "os.PathLike[str]", Mapping],
-               map_location: MapLocation = "cpu") -> "DeepLabV2":
+               map_location: MapLocation = "cpu", *, source: Optional[str] = None
+               ) -> "DeepLabV2":
     """Rebuild the DeepLabV2 of a fastst checkpoint (a path or an already loaded dict).
 
     The model is built from ``state["model_config"]`` and ``state["model"]`` is loaded strictly
     (every key present, none extra, equal shapes). When ``map_location`` is a device (string or
     ``torch.device``) the model is moved there; it is returned in training mode like any new
-    module, so call ``.eval()`` for inference. Errors as ``fastst.checkpoint.load_checkpoint``.
+    module, so call ``.eval()`` for inference. Errors as ``fastst.checkpoint.load_checkpoint``;
+    they name ``source`` (default: the path, or "checkpoint dict" for a dict).
     """
     if isinstance(path_or_state, Mapping):
-        state, source = path_or_state, "checkpoint dict"
+        state, source = path_or_state, source or "checkpoint dict"
         check_checkpoint(state, source=source)
     else:
-        state, source = load_checkpoint(path_or_state, map_location), str(path_or_state)
+        state = load_checkpoint(path_or_state, map_location)
+        source = source or str(path_or_state)
     config = check_model_config(state["model_config"], source=source)
     model = deeplabv2(**config)
     load_state_dict_checked(model, state["model"], source=source)
@@ -233,6 +236,12 @@ def _load_pretrained(model: DeepLabV2, pretrained: Union[str, "os.PathLike[str]"
             raise ValueError(f"{source} has format {state['format']!r}; expected "
                              f"{CHECKPOINT_FORMAT!r} or a plain state_dict")
         config = state.get("model_config")
+        if isinstance(config, Mapping) and config.get("backbone") != model.model_config[
+                "backbone"] and config.get("num_classes") == model.model_config["num_classes"]:
+            raise ValueError(f"{source} holds a {config.get('backbone')} model, not the "
+                             f"{model.model_config['backbone']} asked for: set "
+                             f"model.backbone={config.get('backbone')}, or use a "
+                             f"{model.model_config['backbone']} checkpoint")
         if config != model.model_config:
             raise ValueError(f"{source} is a checkpoint of a model with {config}, not "
                              f"{model.model_config}; use fastst.models.load_model to rebuild "

@@ -230,7 +230,9 @@ def region_loss_terms(x: torch.Tensor, target: torch.Tensor, *, lambda_kld: floa
     Args:
         x: (B, C, h, w) floating logits; upsampled bilinearly to target's (H, W) when (h, w) differs
             (bilinear resampling to the same size is the identity for both align_corners values).
-        target: (B, H, W) uint8/int64 labels; values must be < C or == ignore_index.
+        target: (B, H, W) uint8/int64 labels in 0..C-1 or == ignore_index; any other value
+            (it reaches here only with FASTST_CHECK=0) counts as ignored, as in the fused
+            backends (docs/ops.md §0.3).
     Returns:
         (loss, ce, kld, ent), 0-dim tensors in x's dtype.
     """
@@ -241,7 +243,7 @@ def region_loss_terms(x: torch.Tensor, target: torch.Tensor, *, lambda_kld: floa
     logp = torch.log_softmax(x, dim=1)                       # (B, C, H, W)
 
     t = target.long()
-    valid = t != ignore_index                                # V, (B, H, W)
+    valid = (t != ignore_index) & (t >= 0) & (t < C)         # V, (B, H, W)
     invalid = ~valid                                         # I
     n_v = valid.sum().to(x.dtype)
     n_i = invalid.sum().to(x.dtype)
