@@ -1,5 +1,5 @@
 """A training run's directory read back: ``--run DIR`` of ``python -m fastst.pseudo`` and
-``python -m fastst.evaluate`` (docs/formats.md §1).
+``python -m fastst.evaluate`` (docs/formats.md §3.7).
 
 ``open_run(DIR, overrides)`` reads DIR/config.yaml (the resolved configuration the run saved:
 its preset and overrides) and applies ``overrides`` (``key=value``, e.g. ``runtime.*``) on top,
