@@ -17,7 +17,7 @@ import torch
 
 import fastst.ops as ops
 from fastst.ops import _backend, _selftest, cbst, reference
-from fastst.ops._selftest_cases import CASES, op_names
+from fastst.ops._selftest_cases import CASES, SMALL, op_names, reference_outputs
 from helpers import probs
 
 CPU = torch.device("cpu")
@@ -263,3 +263,37 @@ def test_every_cuda_and_triton_backend_passes_its_check_on_this_gpu():
                 if reason is not None:
                     failures[(op, backend)] = reason
     assert not failures, failures
+
+
+def _case(label):
+    return next(case for case in CASES if case.label == label)
+
+
+def test_the_loss_comparison_holds_values_and_gradients_to_the_spec():
+    """docs/ops.md §0.5: losses to relative 1e-5 (region_loss parts 2e-5), gradients to 1e-4 x
+    the largest gradient element."""
+    case = _case("bootstrap_loss (hard)")
+    inputs, want = reference_outputs(case, SMALL, CPU)
+    loss, grad = want
+    scale = float(grad.abs().max())
+    assert case.compare(inputs, want, want) is None
+    assert case.compare(inputs, want, (loss * (1 + 5e-6), grad + 0.5e-4 * scale)) is None
+    assert case.compare(inputs, want, (loss * (1 + 3e-5), grad)).startswith("loss: ")
+    assert case.compare(inputs, want, (loss, grad + 2e-4 * scale)).startswith("grad: max abs error")
+    region = _case("region_loss")
+    inputs, want = reference_outputs(region, SMALL, CPU)
+    kld_off = want[:2] + (want[2] * 1.01,) + want[3:]
+    assert region.compare(inputs, want, kld_off).startswith("kld: ")
+
+
+def test_the_ias_from_logits_comparison_allows_only_near_ties():
+    case = _case("ias_pseudo_label (paper, logits)")
+    inputs, want = reference_outputs(case, SMALL, CPU)
+    labels, theta, seq = want
+    assert case.compare(inputs, want, want) is None
+    assert case.compare(inputs, want, (labels, theta + 5e-7, seq + 5e-7)) is None  # within 1e-6
+    assert case.compare(inputs, want, (labels, theta + 5e-7, seq)) == "theta_out is not the last instance's theta"
+    assert case.compare(inputs, want, (labels, (seq + 2e-6)[-1], seq + 2e-6)).startswith("theta_per_instance")
+    flipped = labels.clone()
+    flipped[0, 5, 5] = (int(labels[0, 5, 5]) + 1) % 19 if labels[0, 5, 5] != 255 else 0
+    assert case.compare(inputs, want, (flipped, theta, seq)).endswith("(not at a near-tie)")
