@@ -23,6 +23,7 @@ import math
 import os
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
@@ -117,12 +118,13 @@ class DataCheckFailed(RuntimeError):
 
 
 _ROLE_LABELS = {"source": True, "target": False, "val": True}  # the target's labels are never read
+_ROLE_DOMAINS = {"source": "source", "target": "target", "val": "target"}  # synthetic data
 
 
 def check_run_data(config: Mapping[str, Any], run_dir, *, workers: Optional[int] = None
                    ) -> List[Dict[str, Any]]:
     """Check the files of the ``data.source``, ``data.target`` and ``data.val`` sets of
-    ``config`` (GTA5, SYNTHIA or Cityscapes; "synthetic" data is generated, not checked) with
+    ``config`` (GTA5, SYNTHIA, Cityscapes, or the generated synthetic trees) with
     ``fastst.data.check_dataset``, each distinct (data set, root, split, list file) once; the
     target's label files are not read (the pipeline never uses them).
 
@@ -133,6 +135,7 @@ def check_run_data(config: Mapping[str, Any], run_dir, *, workers: Optional[int]
     "cached"}``). Raises ``DataCheckFailed`` with the report of the first set with faults.
     """
     from fastst.data.check import check_dataset, dataset_fingerprint
+    from fastst.data.check_synthetic import check_synthetic, synthetic_fingerprint
     from fastst.data.io import NO_DATA_HINT
 
     run_dir = Path(run_dir)
@@ -141,16 +144,20 @@ def check_run_data(config: Mapping[str, Any], run_dir, *, workers: Optional[int]
     records, changed = [], False
     for role, labels in _ROLE_LABELS.items():
         spec = config["data"][role]
-        if spec["dataset"] == "synthetic":
-            continue
+        # A synthetic tree is checked like a data set once training has generated it (a file
+        # damaged later is found here, not by a DataLoader worker mid-training).
+        domain = (spec.get("domain") or _ROLE_DOMAINS[role]) if spec["dataset"] == "synthetic" \
+            else None
         root = str(Path(spec["root"]).expanduser().resolve())
         list_file = None if spec["list_file"] is None else str(list_path(spec["list_file"]).resolve())
-        key = "|".join([spec["dataset"], root, spec["split"], str(list_file), str(labels)])
+        key = "|".join([spec["dataset"], root, spec["split"], str(list_file), str(labels)]
+                       + ([domain] if domain else []))
         if any(record["key"] == key for record in records):
             continue
         try:
-            fingerprint = dataset_fingerprint(spec["dataset"], root, spec["split"],
-                                              list_file=list_file, labels=labels)
+            fingerprint = (partial(synthetic_fingerprint, domain=domain) if domain else partial(
+                dataset_fingerprint, spec["dataset"]))(root, spec["split"], list_file=list_file,
+                                                       labels=labels)
         except ValueError as error:  # an unknown split
             raise DataCheckFailed(f"data.{role}: {error}") from error
         record = {"key": key, "dataset": spec["dataset"], "root": root, "split": spec["split"],
@@ -159,8 +166,9 @@ def check_run_data(config: Mapping[str, Any], run_dir, *, workers: Optional[int]
         previous = known.get(key)
         if previous is None or previous.get("fingerprint") != record["fingerprint"]:
             started = time.perf_counter()
-            report = check_dataset(spec["dataset"], root, spec["split"], list_file=list_file,
-                                   labels=labels, workers=workers)
+            report = (partial(check_synthetic, domain=domain) if domain else partial(
+                check_dataset, spec["dataset"]))(root, spec["split"], list_file=list_file,
+                                                 labels=labels, workers=workers)
             if not report.ok:
                 hint = f" ({NO_DATA_HINT})" if report.errors else ""
                 raise DataCheckFailed(
