@@ -3,6 +3,12 @@
 FASTST_BENCH_QUICK=1 selects small shapes (CI); otherwise the shapes of the issues (512x1024).
 Each benchmark calls `run(benchmark, group, impl, fn)`; the table printed at the end gives every
 implementation's median time and its speed-up over each other one of the same group.
+
+The quick mode checks that every benchmark runs and that every implementation's values agree with
+the reference (bench/_value_checks.py); its timings are a few rounds of small inputs, which a
+neighbour's burst of work on a shared machine moves by 100x, so two quick runs need not agree on
+which implementation is faster. Its table says so (QUICK_LABEL) and every ratio in it is marked
+"not a measurement"; only a full run (FASTST_BENCH_QUICK=0) measures.
 """
 import os
 from collections import defaultdict
@@ -13,6 +19,8 @@ import torch
 QUICK = os.environ.get("FASTST_BENCH_QUICK") == "1"
 _RESULTS = defaultdict(dict)  # group -> impl -> median seconds
 _NOTES = defaultdict(list)  # title -> lines printed after the speed-up tables
+QUICK_LABEL = ("quick mode (FASTST_BENCH_QUICK=1): small inputs, a few rounds each - these times "
+               "and ratios are not a measurement; FASTST_BENCH_QUICK=0 measures")
 
 
 def _sync(device):
@@ -72,11 +80,27 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(line)
     if not _RESULTS:
         return
-    tr.section("fastst speed-ups (median time; ratio = other impl's time / this impl's time)")
-    tr.write_line(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
-                  f"threads: {torch.get_num_threads()}, quick: {QUICK}")
-    for group, impls in sorted(_RESULTS.items()):
-        tr.write_line(f"\n[{group}]")
+    for line in speedup_lines(_RESULTS, QUICK):
+        if line.startswith("=="):
+            tr.section(line.strip("= "))
+        else:
+            tr.write_line(line)
+
+
+def speedup_lines(results, quick):
+    """The speed-up table: a "== title ==" line, the device line, then per group every
+    implementation's median and its ratios; in quick mode labelled "not a measurement"."""
+    lines = ["== fastst speed-ups (median time; ratio = other impl's time / this impl's time)"
+             + (" - quick mode, not a measurement ==" if quick else " ==")]
+    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    lines.append(f"device: {device}, threads: {torch.get_num_threads()}, quick: {quick}")
+    if quick:
+        lines.append(QUICK_LABEL)
+    for group, impls in sorted(results.items()):
+        lines.append(f"\n[{group}]" + (" (not a measurement)" if quick else ""))
         for impl, t in sorted(impls.items(), key=lambda kv: kv[1]):
             ratios = ", ".join(f"{t2 / t:.1f}x vs {other}" for other, t2 in impls.items() if other != impl)
-            tr.write_line(f"  {impl:<24} {t * 1e3:10.3f} ms   {ratios}")
+            if ratios and quick:
+                ratios = "(not a measurement: " + ratios + ")"
+            lines.append(f"  {impl:<24} {t * 1e3:10.3f} ms   {ratios}")
+    return lines

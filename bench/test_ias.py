@@ -4,6 +4,10 @@ GPU) a naive torch port, from full-resolution probabilities and from 1/8-resolut
 Shapes (issue 4): C = 19, 512x1024, B in {1, 2, 8}; FASTST_BENCH_QUICK=1: 128x256, B = 2.
 From probabilities, each backend's bytes read per second is also given as a share of a measured
 copy of the same tensor (issue 4's GPU target: >= 60 %).
+
+Before an implementation is timed its labels (and, for the backends, thresholds) are checked
+against the reference op's on the same input (``check_values``; bench/_value_checks.py, the
+tolerances of tests/ops): a backend that computes something else fails the benchmark.
 """
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastst.ops as ops
+from _value_checks import assert_ias_close
 from conftest import QUICK
 from fastst.ops import reference
 
@@ -68,6 +73,25 @@ def _inputs(B, source):
     return torch.softmax(torch.randn(B, C, H, W, generator=g) * 3, 1).to(DEVICE)
 
 
+# The reference op's (labels, theta, theta per group), by (mode, source, B): the values every
+# implementation is checked against.
+_REFERENCE = {}
+
+
+def check_values(impl, mode, source, x, kw, fn):
+    """Assert that ``impl`` (its op for a backend, else ``fn``'s labels: the released loop, the
+    naive port) gives the reference's values on ``x`` (``assert_ias_close``)."""
+    if impl == "reference":
+        return
+    key = (mode, source, x.shape[0])
+    if key not in _REFERENCE:
+        _REFERENCE[key] = reference.ias_pseudo_label(x, None, **kw)
+    got = ops.ias_pseudo_label(x, None, backend=impl, **kw) if impl in BACKENDS else (fn(),)
+    got = tuple(torch.as_tensor(g) for g in got)
+    assert_ias_close(impl, got, _REFERENCE[key], x, from_logits=kw["from_logits"], mode=mode,
+                     size=kw["size"])
+
+
 # The released code has only the official mode; the naive port follows the paper's rule.
 CASES = [(impl, mode) for impl in IMPLS for mode in ("official", "paper")
          if not (impl == "released_numpy" and mode == "paper") and not (impl == "naive_torch" and mode == "official")]
@@ -120,6 +144,7 @@ def test_ias(benchmark, run, note, impl, mode, B, source):
         fn = lambda: reference.ias_pseudo_label(x, None, **kw)[0]  # noqa: E731
     else:
         fn = lambda: ops.ias_pseudo_label(x, None, backend=impl, **kw)[0]  # noqa: E731
+    check_values(impl, mode, source, x, kw, fn)
     labels = run(benchmark, group, impl, fn, device=DEVICE, rounds=rounds)
     assert tuple(labels.shape) == (B, H, W)
     if source == "probs" and impl in BACKENDS and B in _COPY_SECONDS:

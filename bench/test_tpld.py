@@ -7,6 +7,12 @@ backward) from 1/8-resolution logits (cpp on the CPU, triton on CUDA, against th
 the easy-crop loss with its soft targets made inside the fused loss from a teacher's logits
 (teacher_logits=) against the materialised path, time and peak memory.
 FASTST_BENCH_QUICK=1: 128x256, B = 1, 10 batches.
+
+Before an implementation is timed its output is checked against the reference on the same input
+(bench/_value_checks.py, the tolerances of tests/ops): labels, thresholds and confidences equal
+to the reference op's, losses and gradients within the fused-loss tolerance of the torch path's,
+the compiled self-information within float rounding of the eager one, the in-pass phase-2 loss
+within the fused-loss tolerance of the materialised one.
 """
 import os
 import subprocess
@@ -17,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fastst.ops as ops
+from _value_checks import assert_equal, assert_loss_close
 from conftest import QUICK
 from fastst.ops import reference
 
@@ -68,8 +75,20 @@ def test_tpld_vote(benchmark, run, impl, B):
         fn = lambda: torch_boxfilter_vote(p, lam)  # noqa: E731
     else:
         fn = lambda: ops.tpld_vote(p, lam, backend=impl)  # noqa: E731
+    if impl != "reference":
+        assert_equal(impl, fn(), reference.tpld_vote(p, lam), "tpld_vote labels")
     labels = run(benchmark, group, impl, fn, device=DEVICE, rounds=2 if impl != VOTE_IMPLS[0] else None)
     assert tuple(labels.shape) == (B, H, W)
+
+
+def _reference_thresholds(p, n, *, subsample, portion):
+    """The reference ops' thresholds over ``n`` copies of the batch ``p``: the kept pixels'
+    (max probability, argmax) (``reference.cbst_keep_mask``), then
+    ``reference.class_balanced_thresholds``."""
+    m, a = p.max(1)
+    keep = reference.cbst_keep_mask(a.flatten(1), C, subsample)
+    values, classes = m.flatten(1)[keep], a.flatten(1)[keep]
+    return reference.class_balanced_thresholds(values.repeat(n), classes.repeat(n), C, portion)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "cpp_histogram", "torch"] if DEVICE == "cpu" else ["torch", "torch_histogram"])
@@ -90,6 +109,8 @@ def test_thresholds_stream(benchmark, run, impl):
         return acc.thresholds(0.2)
 
     group = f"ClassBalancedThresholds subsample 4, {n} batches of 1x{C}x{h}x{w} + thresholds {DEVICE}"
+    assert_equal(impl, stream(), _reference_thresholds(p, n, subsample=4, portion=0.2),
+                 "class-balanced thresholds")
     lam = run(benchmark, group, impl, stream, device=DEVICE, rounds=1 if not QUICK else 2)
     assert lam.shape == (C,)
 
@@ -98,6 +119,8 @@ def test_thresholds_stream(benchmark, run, impl):
 def test_image_confidence(benchmark, run, impl):
     p, lam = _inputs(1)
     group = f"image_confidence B=1 C={C} {H}x{W} {DEVICE}"
+    assert_equal(impl, ops.image_confidence(p, lam, backend=impl), reference.image_confidence(p, lam),
+                 "image_confidence")
     conf = run(benchmark, group, impl, lambda: ops.image_confidence(p, lam, backend=impl), device=DEVICE)
     assert conf.shape == (1,)
 
@@ -123,14 +146,17 @@ def test_bootstrap_loss_forward_backward(benchmark, run, impl, mode):
         soft = ops.tpld_soft_targets(teacher, lam)
     is_target = torch.tensor([True, False], device=DEVICE)
 
-    def step():
+    def step(backend=impl, with_loss=False):
         x = logits.clone().requires_grad_(True)
         if mode == "mrkld":
-            loss = ops.mrkld_loss(x, target, is_target, backend=impl)
+            loss = ops.mrkld_loss(x, target, is_target, backend=backend)
         else:
-            loss = ops.bootstrap_loss(x, target, lam, soft_target=soft, backend=impl)
+            loss = ops.bootstrap_loss(x, target, lam, soft_target=soft, backend=backend)
         loss.backward()
-        return x.grad
+        return (loss, x.grad) if with_loss else x.grad
+
+    if impl != "torch":  # the torch backend is the reference formulation
+        assert_loss_close(impl, step(with_loss=True), step("torch", with_loss=True))
 
     name = "mrkld_loss fwd+bwd" if mode == "mrkld" else f"bootstrap_loss fwd+bwd {mode}"
     group = f"{name}, logits {B}x{C}x{H // 8}x{W // 8} -> {H}x{W} {DEVICE}"
@@ -154,6 +180,10 @@ def _self_information_fn(impl):
 def test_self_information(benchmark, run, impl):
     p, _ = _inputs(2)
     fn = _self_information_fn(impl)
+    if impl != "eager":  # the compiled op against the eager one (float rounding may differ)
+        got, want = fn(p), ops.self_information(p)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"{impl}: self_information " \
+            f"differs from eager by {float((got - want).abs().max()):.3g}"
     out = run(benchmark, f"self_information B=2 C={C} {H}x{W}", impl, lambda: fn(p), device=DEVICE)
     assert out.shape == p.shape and torch.isfinite(out).all()
 
@@ -170,7 +200,7 @@ def _phase2_inputs(B=PHASE2_B, h=H // 8, w=W // 8):
     return logits, teacher, lam
 
 
-def _phase2_step(impl, logits, teacher, lam, size=(H, W)):
+def _phase2_step(impl, logits, teacher, lam, size=(H, W), with_loss=False):
     """One easy-crop loss, forward + backward; returns d loss / d logits. `in_pass` makes the soft
     targets inside the fused loss (teacher_logits=); `materialised` builds them at full size:
     the teacher's probabilities at full size (F.interpolate + softmax), the confident map and
@@ -184,7 +214,7 @@ def _phase2_step(impl, logits, teacher, lam, size=(H, W)):
         loss = ops.bootstrap_loss(x, ops.cbst_pseudo_label(probs, lam), lam,
                                   soft_target=ops.tpld_soft_targets(probs, lam), backend=backend)
     loss.backward()
-    return x.grad
+    return (loss, x.grad) if with_loss else x.grad
 
 
 def _phase2_group():
@@ -197,6 +227,9 @@ def test_phase2_easy_loss_from_teacher(benchmark, run, impl):
     """TPLD phase 2's easy-crop loss from the teacher's 1/8-resolution logits, forward + backward
     (`_phase2_step`); cpp on the CPU, triton on CUDA."""
     logits, teacher, lam = _phase2_inputs()
+    if impl == "in_pass":  # against the materialised targets (tests/ops/test_bootstrap_loss_teacher.py)
+        assert_loss_close(impl, _phase2_step(impl, logits, teacher, lam, with_loss=True),
+                          _phase2_step("materialised", logits, teacher, lam, with_loss=True))
     grad = run(benchmark, _phase2_group(), impl, lambda: _phase2_step(impl, logits, teacher, lam), device=DEVICE)
     assert grad.shape == logits.shape
 
