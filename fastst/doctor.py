@@ -4,10 +4,10 @@ Prints the versions (Python, torch and its CUDA, the CUDA runtime of fastst._C a
 Triton, the compilers fastst._C was built with), the build (has_cuda, CUDA architectures), the
 devices; then runs every public op of fastst.ops on every available backend and device against
 the torch reference (fastst/ops/_selftest_cases.py, the agreement of docs/ops.md §0.5) and times
-each call (median of a few synchronised calls; losses: forward and backward). On CUDA the
-checked call runs under ``torch.cuda.set_sync_debug_mode``: "error" for the backends documented
-not to synchronise the host (docs/ops.md §0.4, value checks off), else "warn" (counted in the
-result). Shapes: small (2x19x33x47) everywhere, the Triton interpreter on the CPU tiny ones, and
+each call (median of a few synchronised calls; losses: forward and backward). On CUDA a second
+call, after the checked first one, runs under ``torch.cuda.set_sync_debug_mode``: "error" for
+the backends documented not to synchronise the host (docs/ops.md §0.4, value checks off), else
+"warn" (counted in the result). Shapes: small (2x19x33x47) everywhere, the Triton interpreter on the CPU tiny ones, and
 on CUDA (on the CPU with --large) B=8, C=19, 1024x2048.
 
 Ends with a markdown table for bug reports. Exit status: 0 all ok, 1 a mismatch or an error,

@@ -115,3 +115,31 @@ def test_on_a_gpu_every_backend_is_ok_under_sync_debug(capsys):
     rows = _table_rows(capsys.readouterr().out)
     cuda_rows = [r for r in rows if r[2].startswith("cuda")]
     assert {r[1] for r in cuda_rows} >= {"triton", "torch"}
+
+
+def test_sync_debug_mode_sets_and_restores_torchs_mode_and_the_environment(monkeypatch):
+    """On CUDA (faked here: torch's setter is recorded): "error" turns off the value checks and
+    FASTST_CUDA_SYNC_DEBUG (their synchronisations are documented), "warn" counts torch's
+    host-sync warnings; both restore everything after."""
+    import warnings
+
+    from fastst.ops._selftest_cases import sync_debug_mode
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.delenv("FASTST_CHECK", raising=False)
+    monkeypatch.setenv("FASTST_CUDA_SYNC_DEBUG", "1")
+    cuda = torch.device("cuda", 0)
+    with sync_debug_mode(cuda, "error") as seen:
+        assert os.environ["FASTST_CHECK"] == "0" and "FASTST_CUDA_SYNC_DEBUG" not in os.environ
+    assert modes == ["error", 0] and seen == []
+    assert "FASTST_CHECK" not in os.environ and os.environ["FASTST_CUDA_SYNC_DEBUG"] == "1"
+    with sync_debug_mode(cuda, "warn") as seen:
+        assert os.environ["FASTST_CUDA_SYNC_DEBUG"] == "1"
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+    assert modes[2:] == ["warn", 0] and len(seen) == 1
+    with sync_debug_mode(CPU, "error"):
+        assert "FASTST_CHECK" not in os.environ
+    assert len(modes) == 4

@@ -28,7 +28,7 @@ import fastst
 from fastst.atomic import read_json, write_json_atomic
 
 from ._backend import extension
-from ._selftest_cases import CASES, SMALL, Shape, check, reference_outputs, short_error
+from ._selftest_cases import CASES, SMALL, Shape, check, reference_outputs, short_error, sync_debug_mode
 
 SELFTEST_VARIABLE = "FASTST_SELFTEST"
 DIR_VARIABLE = "FASTST_SELFTEST_DIR"
@@ -39,7 +39,8 @@ def check_op(op: str, backend: str, device: torch.device, shape: Shape = SMALL) 
     """The self-check: every case of `op` on `backend` and `device` at `shape` against the
     reference on the CPU. Returns None when all agree, else the first failure's reason."""
     cpu = torch.device("cpu")
-    with torch.autocast("cpu", enabled=False), _autocast_off(device):
+    # The caller's autocast and sync-debug mode are not the check's (the comparison reads back).
+    with torch.autocast("cpu", enabled=False), _autocast_off(device), sync_debug_mode(device, "default"):
         for case in CASES:
             if case.op != op:
                 continue
@@ -138,7 +139,7 @@ def _warn_once(op: str, backend: str, device: torch.device, reason: str, instead
         f"({_device_name(device)}): {reason}. {op} uses {instead!r} by default from now on. "
         f"Run `{DOCTOR}` for the full report (and attach its table to a bug report); "
         f"{SELFTEST_VARIABLE}=0 turns the check off; the result is cached in {cache_dir()}.",
-        SelfTestWarning, stacklevel=4)
+        SelfTestWarning, stacklevel=5)
 
 
 def clear_memory() -> None:

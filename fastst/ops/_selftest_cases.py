@@ -392,19 +392,19 @@ def reference_outputs(case: Case, shape: Shape, device: torch.device, seed: int 
 
 
 @contextlib.contextmanager
-def _sync_debug(device: torch.device, mode: Optional[str]):
-    """torch.cuda.set_sync_debug_mode(mode) on CUDA, restored after; under "error" the value
-    checks are off (their one read-back is the documented synchronisation, docs/ops.md §0.3);
-    yields the list of host-sync warnings seen."""
+def sync_debug_mode(device: torch.device, mode: Optional[str]):
+    """torch.cuda.set_sync_debug_mode(mode) on CUDA, restored after; yields the list of the
+    host-sync warnings seen. Under "error" the value checks (FASTST_CHECK, whose one read-back is
+    the documented synchronisation, docs/ops.md §0.3) and FASTST_CUDA_SYNC_DEBUG are off."""
     seen: list = []
     if device.type != "cuda" or mode is None:
         yield seen
         return
+    overrides = {"FASTST_CHECK": "0", "FASTST_CUDA_SYNC_DEBUG": None} if mode == "error" else {}
+    saved = {name: os.environ.get(name) for name in overrides}
     previous_mode = torch.cuda.get_sync_debug_mode()
-    previous_check = os.environ.get("FASTST_CHECK")
-    if mode == "error":
-        os.environ["FASTST_CHECK"] = "0"
     try:
+        _set_environment(overrides)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode(mode)
@@ -414,11 +414,15 @@ def _sync_debug(device: torch.device, mode: Optional[str]):
                 torch.cuda.set_sync_debug_mode(previous_mode)
         seen.extend(w for w in caught if "synchroniz" in str(w.message))
     finally:
-        if mode == "error":
-            if previous_check is None:
-                os.environ.pop("FASTST_CHECK", None)
-            else:
-                os.environ["FASTST_CHECK"] = previous_check
+        _set_environment(saved)
+
+
+def _set_environment(values: Dict[str, Optional[str]]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def short_error(error: BaseException) -> str:
@@ -430,22 +434,27 @@ def check(case: Case, backend: str, device: torch.device, inputs: Inputs, want: 
           shape: Shape, repeat: int = 0, sync_debug: bool = False) -> Row:
     """Run `case` on `backend` with `inputs` moved to `device`, compare with `want` (the
     reference's outputs, on the inputs' device) and, with `repeat` > 0, time it: the median
-    of `repeat` synchronised calls, in ms. With `sync_debug` on CUDA the checked call runs under
+    of `repeat` synchronised calls, in ms. With `sync_debug` on CUDA a second call (after the
+    first, which compiles and fills per-device caches, as before CUDA graph capture) runs under
     torch.cuda.set_sync_debug_mode: "error" for backends documented sync-free, else "warn"."""
     row = Row(case.label, backend, str(device), case.shape_text(shape), "ok")
     x = to_device(inputs, device)
     mode = "error" if backend in case.sync_free else "warn"
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            with _sync_debug(device, mode if sync_debug else None) as syncs:
-                got = case.run(x, backend)
+            got = case.run(x, backend)
             _synchronize(device)
             reason = case.compare(inputs, want, got)
+            del got
             if reason is not None:
                 row.status, row.reason = "MISMATCH", reason
-            elif syncs:
-                row.reason = f"{len(syncs)} host sync(s) (sync debug mode 'warn')"
-            del got
+                return row
+            if sync_debug and device.type == "cuda":
+                with sync_debug_mode(device, mode) as syncs:
+                    case.run(x, backend)
+                _synchronize(device)
+                if syncs:
+                    row.reason = f"{len(syncs)} host sync(s) (sync debug mode 'warn')"
             if repeat > 0:
                 row.ms = _median_ms(lambda: case.run(x, backend), device, repeat)
     except Exception as error:  # noqa: BLE001 - every failure is a row of the report
