@@ -175,7 +175,10 @@ def table(rows: Sequence[Row]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fastst.doctor", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        prog="python -m fastst.doctor",
+        description="Check this machine's fastst: versions, build, devices, then every op on every "
+                    "backend against the torch reference, timed; ends with a table for bug reports "
+                    "(README \"First run on a GPU\").",
         epilog="Exit status: 0 all ok, 1 a mismatch or an error, 2 bad arguments.")
     parser.add_argument("--json", metavar="FILE", help="also write the report (environment, devices, rows) as JSON")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
