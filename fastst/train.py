@@ -289,7 +289,10 @@ def _main(argv: Sequence[str]) -> int:
         distributed.shutdown()
     if main_rank:
         print(format_table(summary))
-        print(f"summary: {out_dir / SUMMARY_NAME}; TensorBoard: tensorboard --logdir {out_dir}")
+        logs = [out_dir / "tensorboard", *out_dir.glob("seed*/tensorboard")]
+        hint = f"; TensorBoard: tensorboard --logdir {out_dir}" if any(
+            path.is_dir() for path in logs) else ""
+        print(f"summary: {out_dir / SUMMARY_NAME}{hint}")
     return 0
 
 
