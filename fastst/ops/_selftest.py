@@ -118,7 +118,12 @@ def verdict(op: str, backend: str, device: torch.device) -> Optional[str]:
             return None
         path = cache_path(op, backend, device)
         found, reason = _read(path)
-        if not found:
+        broken = None if found else _context_error(device)
+        if broken is not None:
+            # An earlier error (another backend's check) left the CUDA context unusable: this
+            # backend cannot be judged here, and nothing is cached for it.
+            reason = f"not checked, the CUDA context is unusable after an earlier error ({broken})"
+        elif not found:
             try:
                 reason = check_op(op, backend, device)
             except Exception as error:  # noqa: BLE001 - a check that cannot run is a failure
@@ -126,6 +131,18 @@ def verdict(op: str, backend: str, device: torch.device) -> Optional[str]:
             _write(path, op, backend, device, reason)
         _verdicts[key] = reason
         return reason
+
+
+def _context_error(device: torch.device) -> Optional[str]:
+    """None while `device` still runs work, else the error a synchronisation raises (a sticky
+    error such as an illegal address poisons the context for every later kernel)."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as error:
+        return short_error(error)
+    return None
 
 
 def _warn_once(op: str, backend: str, device: torch.device, reason: str, instead: str) -> None:

@@ -155,6 +155,17 @@ def test_a_corrupt_cache_entry_counts_as_missing(selftest, monkeypatch):
     assert len(calls) == 1 and json.loads(path.read_text())["passed"] is False
 
 
+def test_after_a_sticky_error_the_next_backend_is_not_judged_nor_cached(selftest, monkeypatch):
+    """An illegal address in one backend's check poisons the CUDA context: a later backend's
+    check would fail for that reason, so it is not run and nothing is cached for it."""
+    ran = []
+    monkeypatch.setattr(_selftest, "check_op", lambda *args: ran.append(args))
+    monkeypatch.setattr(_selftest, "_context_error", lambda device: "RuntimeError: illegal memory access")
+    reason = _selftest.verdict("tpld_vote", "cpp", CPU)
+    assert "not checked, the CUDA context is unusable" in reason and "illegal memory access" in reason
+    assert ran == [] and not selftest.exists()
+
+
 def test_off_with_fastst_selftest_0(selftest, monkeypatch):
     calls = []
     monkeypatch.setattr(cbst, "cbst_label_cpp", _failing(calls))
