@@ -224,4 +224,5 @@ def test_a_small_run_logs_lines_and_trains_without_tensorboard(tmp_path, monkeyp
     assert any(l.startswith("round1 labels: 8/8 img in") for l in lines)
     assert "\r" not in captured.out + captured.err
     assert TENSORBOARD_HINT in captured.err and not (out / "tensorboard").exists()
+    assert "summary:" in captured.out and "tensorboard --logdir" not in captured.out
     assert (out / "round1" / "last.pt").is_file()
