@@ -263,8 +263,8 @@ class Stage:
         schedule = CosineSchedule(self.optimizers, self.period,
                                   eta_min(self.settings, self.ctx.config["optim"]))
         start = self._restore(state, schedule)
-        log(f"stage {self.name}: training iterations {start + 1}..{self.total}", show=show,
-            bars=bars)
+        log(f"stage {self.name}: training iterations {start + 1}..{self.total}",
+            show=show and start < self.total, bars=bars)
         self._train(model, train_model, schedule, start)
         # Each rank's last forward left its own BatchNorm running statistics (DDP broadcasts
         # rank 0's only at the start of a forward; the parameters agree, DDP having averaged
