@@ -7,8 +7,8 @@ the torch reference (fastst/ops/_selftest_cases.py, the agreement of docs/ops.md
 each call (median of a few synchronised calls; losses: forward and backward). On CUDA a second
 call, after the checked first one, runs under ``torch.cuda.set_sync_debug_mode``: "error" for
 the backends documented not to synchronise the host (docs/ops.md §0.4, value checks off), else
-"warn" (counted in the result). Shapes: small (2x19x33x47) everywhere, the Triton interpreter on the CPU tiny ones, and
-on CUDA (on the CPU with --large) B=8, C=19, 1024x2048.
+"warn" (counted in the result). Shapes: small (2x19x33x47) everywhere, tiny ones for the Triton
+interpreter on the CPU, and B=8, C=19, 1024x2048 on CUDA (on the CPU with --large).
 
 Ends with a markdown table for bug reports. Exit status: 0 all ok, 1 a mismatch or an error,
 2 bad arguments. An explicit backend is passed for every call, so FASTST_BACKEND and the
@@ -30,8 +30,8 @@ import torch
 
 import fastst
 from fastst.ops import _backend, _cuda_probe
-from fastst.ops._selftest_cases import CASES, LARGE, SMALL, TINY, Row, backends_on, check, op_names, \
-    reference_outputs, short_error
+from fastst.ops._selftest_cases import (CASES, LARGE, SMALL, TINY, Row, backends_on, op_names,
+                                        reference_outputs, run_case, short_error)
 
 ENVIRONMENT_VARIABLES = ("FASTST_BACKEND", "FASTST_CHECK", "FASTST_SELFTEST", "FASTST_SELFTEST_DIR",
                          "FASTST_CUDA_SYNC_DEBUG", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
@@ -146,7 +146,7 @@ def _run_shape(case, shape, backends, device, reference_device, log) -> List[Row
         reason = f"the reference failed: {short_error(error)}"
         return [Row(case.label, b, str(device), case.shape_text(shape), "ERROR", reason) for b in backends]
     for backend in backends:
-        row = check(case, backend, device, inputs, want, shape=shape, repeat=REPEAT[shape.name],
+        row = run_case(case, backend, device, inputs, want, shape=shape, repeat=REPEAT[shape.name],
                     sync_debug=True)
         if backend == "torch" and reference_device == device and row.status == "ok":
             row.reason = row.reason or "the reference"

@@ -28,14 +28,14 @@ import fastst
 from fastst.atomic import read_json, write_json_atomic
 
 from ._backend import extension
-from ._selftest_cases import CASES, SMALL, Shape, check, reference_outputs, short_error, sync_debug_mode
+from ._selftest_cases import CASES, SMALL, Shape, reference_outputs, run_case, short_error, sync_debug_mode
 
 SELFTEST_VARIABLE = "FASTST_SELFTEST"
 DIR_VARIABLE = "FASTST_SELFTEST_DIR"
 DOCTOR = "python -m fastst.doctor"
 
 
-def check_op(op: str, backend: str, device: torch.device, shape: Shape = SMALL) -> Optional[str]:
+def selftest_op(op: str, backend: str, device: torch.device, shape: Shape = SMALL) -> Optional[str]:
     """The self-check: every case of `op` on `backend` and `device` at `shape` against the
     reference on the CPU. Returns None when all agree, else the first failure's reason."""
     cpu = torch.device("cpu")
@@ -45,7 +45,7 @@ def check_op(op: str, backend: str, device: torch.device, shape: Shape = SMALL) 
             if case.op != op:
                 continue
             inputs, want = reference_outputs(case, shape, cpu)
-            row = check(case, backend, device, inputs, want, shape=shape)
+            row = run_case(case, backend, device, inputs, want, shape=shape)
             if row.status != "ok":
                 return f"{case.label}: {row.status} {row.reason}"
     return None
@@ -125,7 +125,7 @@ def verdict(op: str, backend: str, device: torch.device) -> Optional[str]:
             reason = f"not checked, the CUDA context is unusable after an earlier error ({broken})"
         elif not found:
             try:
-                reason = check_op(op, backend, device)
+                reason = selftest_op(op, backend, device)
             except Exception as error:  # noqa: BLE001 - a check that cannot run is a failure
                 reason = short_error(error)
             _write(path, op, backend, device, reason)

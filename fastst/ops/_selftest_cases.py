@@ -1,7 +1,7 @@
 """The checks of every op's backends against the torch reference (docs/ops.md §0.7): seeded
-inputs at a `Shape`, one call of a public op per `Case`, the comparison, and `check`, which runs,
-compares and times one (case, backend, device). `python -m fastst.doctor` runs them all; the
-self-check (fastst/ops/_selftest.py) runs one op's at the small shape.
+inputs at a `Shape`, one call of a public op per `Case`, the comparison, and `run_case`, which
+runs, compares and times one (case, backend, device). `python -m fastst.doctor` runs them all;
+the self-check (fastst/ops/_selftest.py) runs one op's at the small shape.
 
 The reference is the case's call on the "torch" backend (fastst/ops/reference.py); agreement is
 docs/ops.md §0.5's: label maps, thresholds and confidences equal; IAS from logits within §0.5's
@@ -430,7 +430,7 @@ def short_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
-def check(case: Case, backend: str, device: torch.device, inputs: Inputs, want: Outputs, *,
+def run_case(case: Case, backend: str, device: torch.device, inputs: Inputs, want: Outputs, *,
           shape: Shape, repeat: int = 0, sync_debug: bool = False) -> Row:
     """Run `case` on `backend` with `inputs` moved to `device`, compare with `want` (the
     reference's outputs, on the inputs' device) and, with `repeat` > 0, time it: the median

@@ -159,7 +159,7 @@ def test_after_a_sticky_error_the_next_backend_is_not_judged_nor_cached(selftest
     """An illegal address in one backend's check poisons the CUDA context: a later backend's
     check would fail for that reason, so it is not run and nothing is cached for it."""
     ran = []
-    monkeypatch.setattr(_selftest, "check_op", lambda *args: ran.append(args))
+    monkeypatch.setattr(_selftest, "selftest_op", lambda *args: ran.append(args))
     monkeypatch.setattr(_selftest, "_context_error", lambda device: "RuntimeError: illegal memory access")
     reason = _selftest.verdict("tpld_vote", "cpp", CPU)
     assert "not checked, the CUDA context is unusable" in reason and "illegal memory access" in reason
@@ -270,7 +270,7 @@ def test_every_cuda_and_triton_backend_passes_its_check_on_this_gpu():
         for backend in ("cuda", "triton"):
             if any(case.op == op and backend in case.backends for case in CASES) \
                     and backend in ops.available_backends():
-                reason = _selftest.check_op(op, backend, device)
+                reason = _selftest.selftest_op(op, backend, device)
                 if reason is not None:
                     failures[(op, backend)] = reason
     assert not failures, failures
