@@ -33,12 +33,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fastst.ops.triton needs Triton (>= 3.2) for the 'triton' backend: "
                       "pip install triton") from exc
 
-__all__ = ["pixel_stats_triton", "INTERPRETED"]
+__all__ = ["pixel_stats_triton", "stats_meta", "INTERPRETED"]
 
 # Bits of the flags output (kernels/stats.h::StatsFlag), for callers decoding it.
 NON_FINITE = 1
 OUT_OF_UNIT_RANGE = 2
-MAX_BLOCK = 1024
+BLOCK = 256  # output pixels per program, 2 per thread with NUM_WARPS (stats_meta)
+NUM_WARPS = 4
 # 2^(j/16) for j < 16 rounded to float32: the table of stats.h::exp_nonpositive (kExp2Sixteenths).
 EXP2_SIXTEENTHS = (2.0 ** (np.arange(16) / 16.0)).astype(np.float32)
 _EXP_TABLES = {}  # device -> EXP2_SIXTEENTHS as a float32 tensor there
@@ -218,6 +219,18 @@ def _resize_scale(in_size: int, out_size: int, align_corners: bool) -> float:
     return float(np.float32(in_size) / np.float32(out_size))
 
 
+def stats_meta(C: int, from_logits: bool, resize: bool, align_corners: bool) -> dict:
+    """The constexprs and launch options of `_stats_kernel` for C classes (the launcher and the
+    compile check, launch_configs.py, both use it). One BLOCK for every image size (one
+    compilation per class count and mode); 2 pixels per thread keep each pixel's resize taps and
+    pointers in registers (8 per thread took 255 registers; 4 spilled on sm_80). No FMA
+    contraction beyond the exp's explicit tl.fma, so the taps and the exp round like the C++
+    twin (-ffp-contract=off) and the CUDA one (explicit _rn intrinsics)."""
+    # align_corners matters only when resizing: one compilation for both without
+    return dict(C=C, FROM_LOGITS=from_logits, RESIZE=resize, ALIGN_CORNERS=align_corners and resize, BLOCK=BLOCK,
+                NUM_BINS=triton.next_power_of_2(C + 1), num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
 @torch.library.custom_op("fastst::pixel_stats_triton", mutates_args=())
 def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: int,
                        align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,22 +247,16 @@ def pixel_stats_triton(x: torch.Tensor, from_logits: bool, out_h: int, out_w: in
         return m, a, counts, flags
     if C < 1 or h < 1 or w < 1:
         raise ValueError(f"x must have C >= 1 classes and h, w >= 1, got shape {tuple(x.shape)}")
-    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(pixels)))
     resize = (h, w) != (out_h, out_w)
-    grid = (triton.cdiv(pixels, block), B)
+    meta = stats_meta(C, bool(from_logits), resize, bool(align_corners))
+    grid = (triton.cdiv(pixels, meta["BLOCK"]), B)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _stats_kernel[grid](
             x, m, a, counts, flags, _exp_table(x.device),
             h, w, out_h, out_w,
             *x.stride(),
             _resize_scale(h, out_h, align_corners), _resize_scale(w, out_w, align_corners),
-            C=C, FROM_LOGITS=bool(from_logits), RESIZE=resize, ALIGN_CORNERS=bool(align_corners),
-            BLOCK=block, NUM_BINS=triton.next_power_of_2(C + 1),
-            num_warps=4 if block >= 512 else 2,
-            # No FMA contraction beyond the exp's explicit tl.fma, so the taps and the exp round
-            # like the C++ twin (-ffp-contract=off) and the CUDA one (explicit _rn intrinsics).
-            enable_fp_fusion=False,
-        )
+            **meta)
     sync_debug(x.device, "the Triton statistics kernel")
     return m, a, counts, flags
 
