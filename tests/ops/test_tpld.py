@@ -205,6 +205,21 @@ def test_image_confidence_backend_equals_reference(backend, dtype, C):
 
 
 @pytest.mark.parametrize("backend", FAST)
+def test_image_confidence_counts_across_blocks(backend):
+    """Maps of several kernel blocks with a partial last one (Triton: per-block histograms and one
+    atomic per block and class): each image's conf equals the reference's, and equals that of the
+    image alone, so no count leaks between blocks, images or masked lanes."""
+    d = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    p = _with_absent_classes(2, 5, 23, 29, seed=31)  # 667 pixels: 3 blocks of 256, the last partial
+    lam = _lambdas(5, seed=32)
+    want = reference.image_confidence(p, lam)
+    _, conf, _ = _confidence_op(backend)(p.to(d), lam.float().to(d))
+    assert torch.equal(conf.cpu(), want), mismatch(want, conf.cpu())
+    alone = torch.cat([_confidence_op(backend)(p[i:i + 1].to(d), lam.float().to(d))[1].cpu() for i in range(2)])
+    assert torch.equal(alone, want)
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_image_confidence_flags_bad_probabilities(backend):
     d = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     p = _with_absent_classes(1, 5, 4, 4, seed=3)

@@ -35,16 +35,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
 __all__ = ["tpld_vote_triton", "image_confidence_triton", "cbst_label_triton"]
 
 BLOCK = 256
+NUM_WARPS = 4
 
 
 @triton.jit
 def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_ptr, flags_ptr, counts_ptr,
                         H, W, stride_b, stride_c, stride_h, stride_w,
-                        C: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, TOP2: tl.constexpr):
+                        C: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, TOP2: tl.constexpr,
+                        NUM_BINS: tl.constexpr):
     """Program (block, b): BLOCK pixels of image b. p: (B, C, H, W) any float dtype and strides;
     lam: (C,) float32; outputs (B, H, W) contiguous. COUNT: also add each pixel to counts
     (B, C, 2) int32 [N_k, N*_k] at k = argmax p (lowest index on ties), N* where q_k >= 1
-    (image_confidence, docs/ops.md §6). TOP2: also store k1, k2, q1, q2 (the vote's inputs)."""
+    (image_confidence, docs/ops.md §6), through block histograms of NUM_BINS (a power of two
+    > C) bins. TOP2: also store k1, k2, q1, q2 (the vote's inputs)."""
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < H * W
@@ -81,10 +84,16 @@ def _tpld_pixels_kernel(p_ptr, lam_ptr, labels_ptr, k1_ptr, k2_ptr, q1_ptr, q2_p
         tl.store(q1_ptr + out, q1, mask=mask)
         tl.store(q2_ptr + out, q2, mask=mask)
     if COUNT:
+        # Per-block histograms of k (all pixels, and those with q_k >= 1), then one atomic per
+        # (block, class present, counter) rather than two per pixel, as stats.py does. Lanes
+        # not counted go to bin NUM_BINS - 1 >= C, which is dropped.
         q_best = tl.math.div_rn(p_best, tl.load(lam_ptr + k_best, mask=mask, other=1.0))
-        slot = counts_ptr + (b * C + k_best) * 2
-        tl.atomic_add(slot, tl.zeros([BLOCK], dtype=tl.int32) + 1, mask=mask, sem="relaxed")
-        tl.atomic_add(slot + 1, tl.zeros([BLOCK], dtype=tl.int32) + 1, mask=mask & (q_best >= 1.0), sem="relaxed")
+        n_all = tl.histogram(tl.where(mask, k_best, NUM_BINS - 1), NUM_BINS)
+        n_sure = tl.histogram(tl.where(mask & (q_best >= 1.0), k_best, NUM_BINS - 1), NUM_BINS)
+        bins = tl.arange(0, NUM_BINS)
+        slot = counts_ptr + (b * C + bins) * 2
+        tl.atomic_add(slot, n_all, mask=(bins < C) & (n_all > 0), sem="relaxed")
+        tl.atomic_add(slot + 1, n_sure, mask=(bins < C) & (n_sure > 0), sem="relaxed")
     block_flags = tl.reduce(tl.where(mask, flags, 0), 0, _bit_or)
     tl.atomic_or(flags_ptr + tl.zeros([1], dtype=tl.int32), block_flags + tl.zeros([1], dtype=tl.int32),
                  mask=(block_flags + tl.zeros([1], dtype=tl.int32)) != 0, sem="relaxed")
@@ -160,7 +169,7 @@ def tpld_vote_triton(probs: torch.Tensor, lambdas: torch.Tensor, window: int, we
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for _ in range(iterations):
             _tpld_vote_kernel[_grid(B, H, W)](labels, own_q, other, other_q, k1, k2, q1, q2, weights, H, W,
-                                              WINDOW=window, BLOCK=BLOCK, enable_fp_fusion=False)
+                                              **vote_meta(window))
             labels, other = other, labels
             own_q, other_q = other_q, own_q
             sync_debug(dev, "the Triton vote kernel")
@@ -179,6 +188,20 @@ def vote_weights(weight: float, device: torch.device) -> torch.Tensor:
         _VOTE_WEIGHTS[key] = torch.tensor([weight, 1.0 - weight], dtype=torch.float64,
                                           device=device)
     return _VOTE_WEIGHTS[key]
+
+
+def pixels_meta(C: int, count: bool, top2: bool) -> dict:
+    """Constexprs and launch options of `_tpld_pixels_kernel` (the launcher and the compile
+    check, launch_configs.py, both use it): BLOCK pixels, two per thread; no FMA contraction
+    (the C++ twin is built with -ffp-contract=off; q is an IEEE division either way)."""
+    return dict(C=C, BLOCK=BLOCK, COUNT=count, TOP2=top2, NUM_BINS=triton.next_power_of_2(C + 1),
+                num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def vote_meta(window: int) -> dict:
+    """Constexprs and launch options of `_tpld_vote_kernel`: the float64 scores are not contracted
+    into FMAs, so they round like the C++ twin's."""
+    return dict(WINDOW=window, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _grid(B: int, H: int, W: int) -> Tuple[int, int]:
@@ -203,8 +226,7 @@ def _pixel_pass(op_name: str, probs: torch.Tensor, lambdas: torch.Tensor, counts
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _tpld_pixels_kernel[_grid(B, H, W)](probs, lambdas.contiguous(), labels, *(t if top2 else unused for t in (k1, k2, q1, q2)),
                                             flags, unused if counts is None else counts, H, W, *probs.stride(),
-                                            C=C, BLOCK=BLOCK, COUNT=counts is not None, TOP2=top2,
-                                            enable_fp_fusion=False)
+                                            **pixels_meta(C, counts is not None, top2))
     sync_debug(dev, "the Triton TPLD pixel kernel")
     return labels, k1, k2, q1, q2, flags
 
@@ -220,8 +242,8 @@ def image_confidence_triton(probs: torch.Tensor,
                             lambdas: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """conf_t per image fused with the confident-label pass (docs/ops.md §6), Triton: arguments and
     outputs as `fastst::image_confidence_cpp` (labels (B, H, W) uint8, conf (B,) float64, flags
-    (1,) int32). One pass over probs counts N_k and N*_k per image (atomics on integers, so the
-    counts do not depend on the order); conf then follows in float64 with the classes added in
+    (1,) int32). One pass over probs counts N_k and N*_k per image (block histograms, then one
+    integer atomic per block and class present, so the counts do not depend on the order); conf then follows in float64 with the classes added in
     ascending order (reference.confidence_from_counts). No host synchronisation."""
     from .. import reference
     B, C = probs.shape[:2]
