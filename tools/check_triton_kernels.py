@@ -98,17 +98,21 @@ def _cuobjdump() -> str:
 
 
 def _worker() -> int:
-    """Read jobs (JSON lines) on stdin; answer {"start": i} when starting one, then its result."""
+    """Read jobs (JSON lines) on stdin; answer {"start": i} when starting one, then its result.
+    The answers go to the original stdout; anything else printed (by Triton, ptxas) to stderr."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         job = json.loads(line)
-        print(json.dumps({"start": job["index"]}), flush=True)
+        print(json.dumps({"start": job["index"]}), file=answers, flush=True)
         try:
             result = _compile(job)
         except Exception as exc:  # reported per configuration, the check goes on
             lines = [l for l in str(exc).splitlines() if l.strip()]
             result = {"error": f"{type(exc).__name__}: {lines[-1].strip()[:200] if lines else ''}"}
         result["index"] = job["index"]
-        print(json.dumps(result), flush=True)
+        print(json.dumps(result), file=answers, flush=True)
     return 0
 
 
@@ -204,8 +208,10 @@ def run_jobs(jobs: List[dict], n_workers: int, limit_s: float) -> List[dict]:
     return results
 
 
-def failures_of(result: dict, limit_s: float) -> List[str]:
+def failures_of(result: Optional[dict], limit_s: float) -> List[str]:
     """Why a compiled configuration fails the check (empty if it passes)."""
+    if result is None:
+        return ["no result from the compiler processes"]
     if result.get("error"):
         return [f"compile error: {result['error']}"]
     if result.get("timeout"):
@@ -251,7 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for job, result in zip(jobs, results):
         why = failures_of(result, args.limit_s)
         bad += bool(why)
-        if result.get("error") or result.get("timeout"):
+        result = result or {}
+        if "regs" not in result:
             regs = spill = smem = "-"
         else:
             regs, spill, smem = result["regs"], result["spill"], result["smem"]
