@@ -465,7 +465,7 @@ def loss_tile(mode: int, C: int, h: int, w: int, out_h: int, out_w: int, align_c
     block_x, so the tile does not grow with the upsampling factor. The warps give each thread
     ELEMENTS_PER_THREAD elements of the tile (TEACHER_ELEMENTS_PER_THREAD in BOOTSTRAP_TEACHER;
     at least 4 warps), which keeps every live tile in registers without spilling
-    (tools/check_triton_kernels.py checks every configuration, docs/ops.md §0.7)."""
+    (tools/check_triton_kernels.py checks every configuration, docs/ops.md §2)."""
     c_pad = max(16, triton.next_power_of_2(C))
     block_x = max(4, (TEACHER_TILE_ELEMENTS if mode == BOOTSTRAP_TEACHER else TILE_ELEMENTS) // c_pad)
     resize = (h, w) != (out_h, out_w)
