@@ -172,6 +172,20 @@ def test_demo_tpld_shares_the_demo_recipe_up_to_source_only():
     assert not same_recipe_through(load_config("demo"), load_config("demo_tpld"), "phase1_1")
 
 
+def test_a_one_seed_run_reuses_its_seed_of_a_multi_seed_run(tmp_path):
+    """A run of seed 1 may reuse DIR/seed1 of a ``seeds: 3`` run (the seed is matched by
+    directory, not compared as a key); a seed DIR did not run is not reused."""
+    from fastst.methods.reuse import _seed_dir, same_recipe_through
+
+    saved = dict(load_config("demo"), seed=0, seeds=3)
+    assert same_recipe_through(saved, dict(load_config("demo"), seed=1, seeds=1), "warmup")
+    assert _seed_dir(tmp_path, saved, 1) == tmp_path / "seed1"
+    assert _seed_dir(tmp_path, saved, 3) is None
+    single = dict(saved, seeds=1)
+    assert _seed_dir(tmp_path, single, 0) == tmp_path
+    assert _seed_dir(tmp_path, single, 1) is None
+
+
 @pytest.mark.parametrize("override, message", [
     ("stages.phase1_1.vote_window=4", "vote_window must be an odd integer"),
     ("stages.phase1_1.portion=1.5", "portion must be a finite number >= 0 and <= 1"),

@@ -5,10 +5,11 @@ need not train those stages again: a stage is copied from DIR when DIR's run mad
 same recipe, i.e. when
 
 * DIR/config.yaml has the same stages up to and including it, in the same order and with the
-  same settings, and the same global keys (model, data, optim, eval, num_classes, seed, and
+  same settings, and the same global keys (model, data, optim, eval, num_classes, and
   ``pseudo`` when one of those stages is an IAST round); the keys of later stages, ``pipeline``
-  beyond it, ``name``, ``seeds`` and ``runtime`` may differ;
-* the seed was run there (DIR itself for a one-seed run, DIR/seed<s> otherwise);
+  beyond it, ``name``, ``seed``, ``seeds`` and ``runtime`` may differ;
+* the seed was run there (DIR itself for a one-seed run, DIR/seed<s> otherwise): a one-seed run
+  of seed 1 reuses DIR/seed1 of a ``seeds: 3`` run;
 * its checkpoint is complete and its result.json readable.
 
 The checkpoint, its ``chain: released`` snapshots and result.json are copied (atomically) into
@@ -29,7 +30,8 @@ from fastst.methods.chain import is_snapshot_name
 
 __all__ = ["same_recipe_through", "reuse_stage"]
 
-_FREE_KEYS = ("name", "seeds", "runtime", "pipeline", "stages")
+# "seed" and "seeds" are matched by _seed_dir (the seed must have been run there), not compared.
+_FREE_KEYS = ("name", "seed", "seeds", "runtime", "pipeline", "stages")
 
 
 def same_recipe_through(saved: Mapping[str, Any], config: Mapping[str, Any], stage: str) -> bool:
