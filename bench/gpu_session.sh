@@ -10,7 +10,8 @@
 #   bash bench/gpu_session.sh tests      # the test files that have GPU cases
 #   bash bench/gpu_session.sh bench      # pytest bench/ at full size: bench.json + bench.md
 # Each step writes OUT/<step>.log and exits non-zero when its check fails or it runs out of time;
-# bench also writes OUT/bench.json and OUT/bench.md (tables for bench/RESULTS.md).
+# doctor also writes OUT/doctor.json; bench writes OUT/bench.json and OUT/bench.md (tables for
+# bench/RESULTS.md).
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$SELF")/.."
@@ -64,7 +65,7 @@ PYEOF
 }
 
 step_doctor() {
-  "$PY" -m fastst.doctor
+  "$PY" -m fastst.doctor --json "$OUT/doctor.json"
 }
 
 step_sanitizer() {

@@ -89,7 +89,8 @@ def stubs(tmp_path):
 
 def test_doctor_step(stubs):
     rc, calls, log = stubs("doctor")
-    assert rc == 0 and "python -m fastst.doctor" in calls and "doctor table" in log
+    assert rc == 0 and "python -m fastst.doctor --json" in calls and "doctor table" in log
+    assert "doctor.json" in calls  # the report for bench/RESULTS.md
     assert stubs("doctor", STUB_DOCTOR_RC="1")[0] == 1
 
 
