@@ -197,6 +197,29 @@ def test_last_chain_selects_nothing():
     assert not any(snapshots_needed(config, set_sizes(config)).values())
 
 
+def test_each_round_starts_from_the_last_checkpoint_of_the_stage_before(tmp_path):
+    """Under the default chain (``last``) the demo's round k starts from the last checkpoint of
+    the stage run before it (warm-up for round 1), not from another stage's or a fresh model."""
+    from fastst.checkpoint import checkpoint_state, save_checkpoint
+    from fastst.models import deeplabv2
+
+    config = load_config("demo")
+    stages = list(config["pipeline"])
+    plan = chain_plan(config, set_sizes(config))
+    saved = {}
+    for number, stage in enumerate(stages):
+        torch.manual_seed(number)
+        model = deeplabv2(num_classes=config["num_classes"], backbone=config["model"]["backbone"])
+        save_checkpoint(tmp_path / stage / "last.pt", checkpoint_state(model, complete=True))
+        saved[stage] = model.state_dict()
+    for index in range(2, len(stages)):
+        start = pipeline._initial_model(config, tmp_path, stages, index, config["seed"], None, plan)()
+        expected = saved[stages[index - 1]]
+        assert all(torch.equal(v, expected[k]) for k, v in start.state_dict().items()), stages[index]
+        other = saved[stages[index - 2]]
+        assert not all(torch.equal(v, other[k]) for k, v in start.state_dict().items())
+
+
 def test_released_chain_needs_a_snapshot_that_can_exist():
     config = load_config("demo", ["chain=released"])  # 62 iterations an epoch, select_every 400
     with pytest.raises(ConfigError, match=r"stages.warmup.select_every"):
