@@ -1,0 +1,61 @@
+"""The demo analysis scripts of bench/ (docs/demo.md): the BN re-estimation of
+bench/demo_bn_adaptation.py and the per-class table of bench/demo_rounds_report.py."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _import(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_bn_statistics_are_the_target_images_average_and_weights_stay():
+    bn_adaptation = _import("demo_bn_adaptation")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(5.0)
+    model[1].running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    images = [{"image": torch.randn(3, 5, 7) * 2 + 1} for _ in range(16)]  # two batches of 8
+
+    bn_adaptation.reestimate_bn_statistics(model, images, batch_size=8)
+
+    features = model[0](torch.stack([item["image"] for item in images])).detach()
+    per_batch = features.view(2, 8, 4, 5, 7)
+    expected_var = torch.stack([b.transpose(0, 1).reshape(4, -1).var(dim=1) for b in per_batch]).mean(0)
+    assert torch.allclose(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model[1].running_var, expected_var, atol=1e-4)
+    assert not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_rounds_report_shares_and_means_over_seeds(tmp_path, capsys):
+    report = _import("demo_rounds_report")
+    for seed, (share_road, theta) in enumerate([(0.3, 0.9), (0.1, 0.7)]):
+        for stage in ("warmup", "round1"):
+            result = {"miou": 0.4 + 0.1 * seed, "iou": {"road": 0.8, "pole": 0.1 * seed}}
+            if stage == "round1":
+                result["pseudo"] = {"labelled_fraction": 0.4,
+                                    "density": [share_road, 0.4 - share_road],
+                                    "theta": [theta, 0.5],
+                                    "quality": {"labelled_proportion": 0.4, "p_miou": 0.6,
+                                                "p_iou": {"road": 0.9, "pole": 0.2}}}
+            path = tmp_path / f"seed{seed}" / stage / "result.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(result))
+    report.main([str(tmp_path), "--stages", "warmup,round1"])
+    out = capsys.readouterr().out
+    assert "| round1 | 45.0 | 40.0 | 60.0 |" in out
+    # road: share (0.3 / 0.4 + 0.1 / 0.4) / 2 = 50 %, theta (0.9 + 0.7) / 2; warm-up IoU 80.
+    assert "| road | 80.0 | 50.0 | 90.0 | 0.800 | 80.0 |" in out
+    assert "| pole | 5.0 | 50.0 | 20.0 | 0.500 | 5.0 |" in out
