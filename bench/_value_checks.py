@@ -20,6 +20,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+# docs/ops.md §0.5, shared with the self-check and python -m fastst.doctor.
+from fastst.ops._selftest_cases import GRAD_RTOL, IAS_LOGITS_ATOL, LOSS_ATOL, LOSS_RTOL
+
 __all__ = ["assert_equal", "assert_ias_close", "assert_loss_close"]
 
 
@@ -54,8 +57,8 @@ def assert_ias_close(impl: str, got: Sequence[torch.Tensor], want: Sequence[torc
     labels, want_labels, want_seq = got[0].cpu(), want[0].cpu(), want[2].cpu()
     if len(got) > 2:
         seq = got[2].cpu()
-        assert torch.allclose(seq, want_seq, rtol=0, atol=1e-6), \
-            f"{impl}: theta per group differs from the reference by more than 1e-6: " \
+        assert torch.allclose(seq, want_seq, rtol=0, atol=IAS_LOGITS_ATOL), \
+            f"{impl}: theta per group differs from the reference by more than {IAS_LOGITS_ATOL}: " \
             f"{_where(want_seq, seq)}"
     up = x if size is None else F.interpolate(x, size=size, mode="bilinear",
                                               align_corners=align_corners)
@@ -64,8 +67,8 @@ def assert_ias_close(impl: str, got: Sequence[torch.Tensor], want: Sequence[torc
     m, a = p.max(1)
     group = 2 if mode == "official" else 1
     theta_img = want_seq.double().repeat_interleave(group, 0)[: x.shape[0]]
-    near_theta = (m - theta_img.gather(1, a.flatten(1)).view_as(m)).abs() < 1e-6
-    allowed = ((top2[:, 0] - top2[:, 1]) < 1e-6) | near_theta
+    near_theta = (m - theta_img.gather(1, a.flatten(1)).view_as(m)).abs() < IAS_LOGITS_ATOL
+    allowed = ((top2[:, 0] - top2[:, 1]) < IAS_LOGITS_ATOL) | near_theta
     wrong = (labels != want_labels) & ~allowed
     assert not bool(wrong.any()), \
         f"{impl}: {int(wrong.sum())} labels differ from the reference where no tie allows it " \
@@ -79,9 +82,9 @@ def assert_loss_close(impl: str, got: Sequence[torch.Tensor], want: Sequence[tor
     (tests/ops/test_bootstrap_loss.py, test_cbst.py)."""
     (value, grad), (want_value, want_grad) = [(v.detach().double().cpu(), g.double().cpu())
                                               for v, g in (got, want)]
-    assert torch.allclose(value, want_value, rtol=1e-5, atol=1e-6), \
+    assert torch.allclose(value, want_value, rtol=LOSS_RTOL, atol=LOSS_ATOL), \
         f"{impl}: loss {float(value)!r}, the reference's {float(want_value)!r}"
     scale = float(want_grad.abs().max())
     error = float((grad - want_grad).abs().max())
-    assert error <= 1e-4 * scale, \
-        f"{impl}: gradient differs from the reference's by {error:.3g} (> 1e-4 x {scale:.3g})"
+    assert error <= GRAD_RTOL * scale, \
+        f"{impl}: gradient differs from the reference's by {error:.3g} (> {GRAD_RTOL} x {scale:.3g})"
