@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from fastst.data import Cityscapes
-from fastst.evaluate import evaluate
 from fastst.models import load_model
 
-from demo_dev_split import dev_split
+from demo_dev_split import dev_miou, dev_split, last_checkpoints
 
 
 @torch.no_grad()
@@ -52,21 +51,14 @@ def main(argv=None):
         raise SystemExit(f"no synthetic target domain under {target_root}: run `make demo` first "
                          "or pass --data-root")
     target = Cityscapes(target_root / "target", "train")  # read as it is, never regenerated
-    wanted = None if args.stages is None else set(args.stages.split(","))
     means = defaultdict(list)
-    for run in args.runs:
-        for checkpoint in sorted(Path(run).glob("**/last.pt")):
-            stage = checkpoint.parent.name
-            if wanted is not None and stage not in wanted:
-                continue
-            model = load_model(checkpoint)
-            classes = model.model_config["num_classes"]
-            before = evaluate(model, dev, batch_size=10, num_classes=classes, progress=False).miou()
-            reestimate_bn_statistics(model, target)
-            after = evaluate(model, dev, batch_size=10, num_classes=classes, progress=False).miou()
-            means[(run, stage)].append((before, after))
-            print(f"{checkpoint}: {100 * before:.2f} -> {100 * after:.2f} with target BN statistics",
-                  flush=True)
+    for run, stage, checkpoint in last_checkpoints(args.runs, args.stages):
+        model = load_model(checkpoint)
+        before = dev_miou(model, dev)
+        after = dev_miou(reestimate_bn_statistics(model, target), dev)
+        means[(run, stage)].append((before, after))
+        print(f"{checkpoint}: {100 * before:.2f} -> {100 * after:.2f} with target BN statistics",
+              flush=True)
     for (run, stage), pairs in means.items():
         before, after = (statistics.fmean(p[i] for p in pairs) for i in (0, 1))
         print(f"{run} {stage}: mean {100 * before:.2f} -> {100 * after:.2f} over {len(pairs)}")

@@ -30,6 +30,22 @@ def dev_split(root, num_val=100, height=96, width=192):
                                     "height": height, "width": width})
 
 
+def last_checkpoints(runs, stages=None):
+    """(run, stage, path) of every RUN/seed<s>/<stage>/last.pt (or RUN/<stage>/last.pt) of
+    ``runs``, sorted, of the comma-separated ``stages`` only when given."""
+    wanted = None if stages is None else set(stages.split(","))
+    for run in runs:
+        for checkpoint in sorted(Path(run).glob("**/last.pt")):
+            if wanted is None or checkpoint.parent.name in wanted:
+                yield run, checkpoint.parent.name, checkpoint
+
+
+def dev_miou(model, dev):
+    """Target mIoU (a float in [0, 1]) of ``model`` on the dev split ``dev``."""
+    return evaluate(model, dev, batch_size=10, num_classes=model.model_config["num_classes"],
+                    progress=False).miou()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories (fastst.train --out)")
@@ -38,18 +54,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dev = dev_split(args.root)
-    wanted = None if args.stages is None else set(args.stages.split(","))
     means = defaultdict(list)
-    for run in args.runs:
-        for checkpoint in sorted(Path(run).glob("**/last.pt")):
-            stage = checkpoint.parent.name
-            if wanted is not None and stage not in wanted:
-                continue
-            model = load_model(checkpoint)
-            miou = evaluate(model, dev, batch_size=10, num_classes=model.model_config["num_classes"],
-                            progress=False).miou()
-            means[(run, stage)].append(miou)
-            print(f"{checkpoint}: {100 * miou:.2f}", flush=True)
+    for run, stage, checkpoint in last_checkpoints(args.runs, args.stages):
+        miou = dev_miou(load_model(checkpoint), dev)
+        means[(run, stage)].append(miou)
+        print(f"{checkpoint}: {100 * miou:.2f}", flush=True)
     for (run, stage), values in means.items():
         print(f"{run} {stage}: mean {100 * statistics.fmean(values):.2f} over {len(values)}")
 
