@@ -1,25 +1,25 @@
 """The demo analysis scripts of bench/ (docs/demo.md): the BN re-estimation of
 bench/demo_bn_adaptation.py and the per-class table of bench/demo_rounds_report.py."""
+import importlib
 import json
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _import(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(BENCH))
+@pytest.fixture
+def bench_import(monkeypatch):
+    """Import a bench/ script by name (the demo scripts import their sibling demo_dev_split)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
 
 
-def test_bn_statistics_are_the_target_images_average_and_weights_stay():
-    bn_adaptation = _import("demo_bn_adaptation")
+def test_bn_statistics_are_the_target_images_average_and_weights_stay(bench_import):
+    bn_adaptation = bench_import("demo_bn_adaptation")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
     model[1].running_mean.fill_(5.0)
@@ -39,8 +39,8 @@ def test_bn_statistics_are_the_target_images_average_and_weights_stay():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
 
 
-def test_rounds_report_shares_and_means_over_seeds(tmp_path, capsys):
-    report = _import("demo_rounds_report")
+def test_rounds_report_shares_and_means_over_seeds(tmp_path, capsys, bench_import):
+    report = bench_import("demo_rounds_report")
     for seed, (share_road, theta) in enumerate([(0.3, 0.9), (0.1, 0.7)]):
         for stage in ("warmup", "round1"):
             result = {"miou": 0.4 + 0.1 * seed, "iou": {"road": 0.8, "pole": 0.1 * seed}}
