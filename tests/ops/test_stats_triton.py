@@ -230,3 +230,24 @@ def test_interpreter_fma_made_exact_where_it_rounds_twice(monkeypatch):
     assert _exact_fma.install()
     assert builder.create_fma(None, *operands).data[0] == _exact_fma._PROBE[2]
     assert not _exact_fma.install()  # now exact: nothing to do
+
+
+def test_exp_table_is_made_once_per_device(monkeypatch):
+    """The kernel's exp table (stats.h::kExp2Sixteenths) is a device tensor made on the first
+    call per device and cached: a copy from the host on every call would be a blocking transfer
+    (and break CUDA graph capture); issue 23 item 2."""
+    from fastst.ops.triton import stats
+
+    monkeypatch.setattr(stats, "_EXP_TABLES", {})
+    x = torch.randn(1, 4, 5, 6, generator=gen(7)).to(DEVICE)
+    want = _stats(x, from_logits=True)
+    table = stats._EXP_TABLES[x.device]
+    assert torch.equal(table.cpu(), torch.from_numpy(stats.EXP2_SIXTEENTHS))
+
+    def no_host_copy(*args, **kwargs):
+        raise AssertionError("the statistics pass made its exp table again")
+
+    monkeypatch.setattr(torch, "from_numpy", no_host_copy)
+    got = _stats(x, from_logits=True)
+    assert stats._EXP_TABLES[x.device] is table
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
