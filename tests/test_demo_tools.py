@@ -1,11 +1,14 @@
 """The demo analysis scripts of bench/ (docs/demo.md): the BN re-estimation of
-bench/demo_bn_adaptation.py and the per-class table of bench/demo_rounds_report.py."""
+bench/demo_bn_adaptation.py, the per-class table of bench/demo_rounds_report.py and the
+ground-truth control of bench/demo_label_oracle.py."""
 import importlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -59,3 +62,45 @@ def test_rounds_report_shares_and_means_over_seeds(tmp_path, capsys, bench_impor
     # road: share (0.3 / 0.4 + 0.1 / 0.4) / 2 = 50 %, theta (0.9 + 0.7) / 2; warm-up IoU 80.
     assert "| road | 80.0 | 50.0 | 90.0 | 0.800 | 80.0 |" in out
     assert "| pole | 5.0 | 50.0 | 20.0 | 0.500 | 5.0 |" in out
+
+
+def test_oracle_labels_take_the_truth_where_selected_or_everywhere(bench_import):
+    oracle = bench_import("demo_label_oracle")
+    pseudo = np.array([[3, 255], [255, 7]], dtype=np.uint8)
+    truth = np.array([[4, 5], [6, 7]], dtype=np.uint8)
+    assert oracle.oracle_labels(pseudo, truth, "selected").tolist() == [[4, 255], [255, 7]]
+    assert oracle.oracle_labels(pseudo, truth, "full").tolist() == [[4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="differ in size"):
+        oracle.oracle_labels(pseudo, truth[:1], "selected")
+    with pytest.raises(ValueError, match="mode"):
+        oracle.oracle_labels(pseudo, truth, "both")
+
+
+def test_oracle_writes_ground_truth_train_ids_and_never_reuses_a_round(bench_import, tmp_path,
+                                                                        monkeypatch):
+    oracle = bench_import("demo_label_oracle")
+    import fastst.methods.labelling.base as labelling_base
+    import fastst.pipeline as pipeline
+    from fastst.data.io import read_label
+    from fastst.data.synthetic import train_ids_to_label_ids
+
+    stem = "syntarget_000000_000003"
+    truth_dir = tmp_path / "target" / "gtFine" / "train" / "syntarget"
+    truth_dir.mkdir(parents=True)
+    truth = np.array([[0, 13], [10, 255]], dtype=np.uint8)      # road, car, sky, ignore
+    Image.fromarray(train_ids_to_label_ids(truth)).save(truth_dir / f"{stem}_gtFine_labelIds.png")
+    monkeypatch.setattr(labelling_base, "save_pseudo_labels", labelling_base.save_pseudo_labels)
+    reused = []
+    monkeypatch.setattr(pipeline, "reuse_stage", lambda config, run_dir, seed, stage, *a:
+                        reused.append(stage) or True)
+
+    oracle.install("selected", tmp_path / "target")
+    pseudo = torch.tensor([[[1, 1], [255, 1]]], dtype=torch.uint8)
+    labelling_base.save_pseudo_labels(tmp_path / "out", [f"{stem}_leftImg8bit"], pseudo)
+    written = read_label(tmp_path / "out" / f"{stem}_leftImg8bit_pseudo_label.png")
+    assert written.tolist() == [[0, 13], [255, 255]]
+
+    config = {"stages": {"warmup": {"method": "warmup"}, "round1": {"method": "iast"}}}
+    assert pipeline.reuse_stage(config, tmp_path, 0, "warmup", "last.pt", "result.json")
+    assert not pipeline.reuse_stage(config, tmp_path, 0, "round1", "last.pt", "result.json")
+    assert reused == ["warmup"]
