@@ -104,3 +104,26 @@ def test_oracle_writes_ground_truth_train_ids_and_never_reuses_a_round(bench_imp
     assert pipeline.reuse_stage(config, tmp_path, 0, "warmup", "last.pt", "result.json")
     assert not pipeline.reuse_stage(config, tmp_path, 0, "round1", "last.pt", "result.json")
     assert reused == ["warmup"]
+
+
+def test_label_errors_count_wrong_selected_pixels_near_boundaries_and_by_class(bench_import):
+    errors_tool = bench_import("demo_label_errors")
+    truth = np.zeros((6, 12), dtype=np.uint8)
+    truth[:, 6:] = 13                                    # road | car, boundary between columns 5, 6
+    pseudo = np.full((6, 12), 255, dtype=np.uint8)
+    pseudo[:, 0:2] = 0                                   # right, far from the boundary
+    pseudo[:, 5] = 13                                    # wrong, on the boundary
+    pseudo[5, 11] = 15                                   # wrong (bus for car), far from it
+    truth_ignored = truth.copy()
+    truth_ignored[0, 11] = 255
+    pseudo[0, 11] = 15                                   # no truth there: not counted wrong
+
+    errors = errors_tool.label_errors([(pseudo, truth_ignored)], radius=1)
+
+    assert errors["selected"] == 12 + 6 + 2
+    assert errors["wrong"] == pytest.approx(7 / 20)
+    assert errors["near_boundary"] == pytest.approx(6 / 7)
+    assert errors["by_class"][13] == pytest.approx(6 / 7)
+    assert errors["by_class"][15] == pytest.approx(1 / 7)
+    band = errors_tool.boundary_band(truth, 0)
+    assert band[:, 5].all() and band[:, 6].all() and not band[:, 4].any()
