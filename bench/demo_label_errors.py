@@ -4,7 +4,7 @@ classes carry the errors (docs/demo.md §2).
 
     python bench/demo_label_errors.py runs/lr1/seed0/round1 runs/lr1/seed1/round1
 
-A round directory holds ``pseudo/labels/<stem>_leftImg8bit_pseudo_label.png`` (train ids, 255 =
+A round directory holds ``pseudo/labels/<image stem>_pseudo_label.png`` (train ids, 255 =
 not selected); the ground truth is read from ``--target-root`` (default data/synthetic/target).
 """
 import argparse
@@ -15,19 +15,20 @@ import torch
 
 from fastst.data.ids import IGNORE_INDEX, NUM_CLASSES, CLASS_NAMES
 from fastst.data.io import read_label
+from fastst.data.pseudo_label import LABEL_SUFFIX
 
-from demo_label_oracle import ground_truth_index, label_id_to_train_id_table
-
-LABEL_SUFFIX = "_leftImg8bit_pseudo_label.png"
+from demo_label_oracle import ground_truth_index, read_truth
 
 
 def boundary_band(truth, radius):
     """bool (H, W): pixels within ``radius`` pixels (Chebyshev) of a change of ``truth``'s class."""
     edges = np.zeros(truth.shape, dtype=bool)
-    edges[:, 1:] |= truth[:, 1:] != truth[:, :-1]
-    edges[:, :-1] |= truth[:, 1:] != truth[:, :-1]
-    edges[1:, :] |= truth[1:, :] != truth[:-1, :]
-    edges[:-1, :] |= truth[1:, :] != truth[:-1, :]
+    across = truth[:, 1:] != truth[:, :-1]            # between horizontal neighbours
+    down = truth[1:, :] != truth[:-1, :]              # between vertical neighbours
+    edges[:, 1:] |= across
+    edges[:, :-1] |= across
+    edges[1:, :] |= down
+    edges[:-1, :] |= down
     if radius == 0:
         return edges
     grown = torch.nn.functional.max_pool2d(torch.from_numpy(edges).float()[None, None],
@@ -53,13 +54,13 @@ def label_errors(pairs, radius=4):
             "near_boundary": near / max(wrong, 1), "by_class": by_class / max(wrong, 1)}
 
 
-def round_pairs(round_dir, index, table):
-    """(pseudo, truth) of every pseudo label of ``round_dir``."""
+def round_pairs(round_dir, index):
+    """(pseudo, truth) of every pseudo label of ``round_dir`` (``index``: ground_truth_index)."""
     paths = sorted((Path(round_dir) / "pseudo" / "labels").glob(f"*{LABEL_SUFFIX}"))
     if not paths:
         raise FileNotFoundError(f"no *{LABEL_SUFFIX} under {round_dir}/pseudo/labels")
     for path in paths:
-        yield read_label(path), table[read_label(index[path.name[:-len(LABEL_SUFFIX)]])]
+        yield read_label(path), read_truth(index[path.name[:-len(LABEL_SUFFIX)]])
 
 
 def main(argv=None):
@@ -68,9 +69,9 @@ def main(argv=None):
     parser.add_argument("--target-root", default="data/synthetic/target")
     parser.add_argument("--radius", type=int, default=4, help="boundary band, pixels")
     args = parser.parse_args(argv)
-    index, table = ground_truth_index(args.target_root), label_id_to_train_id_table()
+    index = ground_truth_index(args.target_root)
     for round_dir in args.rounds:
-        errors = label_errors(round_pairs(round_dir, index, table), args.radius)
+        errors = label_errors(round_pairs(round_dir, index), args.radius)
         top = np.argsort(errors["by_class"])[::-1][:4]
         classes = ", ".join(f"{CLASS_NAMES[c]} {100 * errors['by_class'][c]:.0f} %"
                             for c in top if errors["by_class"][c] > 0)

@@ -8,8 +8,8 @@ is worth from what its *wrong labels* cost (docs/demo.md §2).
         seeds=3 runtime.reuse_from=runs/demo3
 
 Everything after ``--`` goes to ``python -m fastst.train``. The ground truth is read from
-``--target-root`` (default data/synthetic/target, the demo's target domain), one
-``<stem>_gtFine_labelIds.png`` per image stem. The selector, its thresholds and the model that
+``--target-root`` (default data/synthetic/target, the demo's target domain; its train split,
+paired with the images as the Cityscapes loader pairs them). The selector, its thresholds and the model that
 labels are the real ones; what is written and trained on is the oracle's, so the summary's
 labelled share and P-mIoU describe the oracle labels (P-mIoU 100). Self-training stages are never
 reused from ``runtime.reuse_from``. A diagnostic, not a method: never report a result that used
@@ -17,26 +17,18 @@ the target domain's ground truth.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 import fastst.methods.labelling.base as labelling_base
 import fastst.pipeline as pipeline
-from fastst.data.ids import CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX
-from fastst.data.io import read_label
+from fastst.data.cityscapes import CityscapesLayout
+from fastst.data.ids import IGNORE_INDEX
+from fastst.data.io import map_label_ids, read_label
+from fastst.pseudo import LABELLING_METHODS
 from fastst.train import main as train_main
 
 MODES = ("selected", "full")
-SELF_TRAINING_METHODS = ("iast", "cbst", "tpld_phase1", "tpld_phase2")
-
-
-def label_id_to_train_id_table():
-    """uint8 (256,) lookup: Cityscapes label id -> train id, everything else -> 255."""
-    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label_id, train_id in CITYSCAPES_ID_TO_TRAIN_ID.items():
-        table[label_id] = train_id
-    return table
 
 
 def oracle_labels(pseudo, truth, mode):
@@ -54,33 +46,35 @@ def oracle_labels(pseudo, truth, mode):
 
 
 def ground_truth_index(target_root):
-    """{image stem: ground-truth path} of every ``*_gtFine_labelIds.png`` under ``target_root``."""
-    paths = sorted(Path(target_root).glob("gtFine/*/*/*_gtFine_labelIds.png"))
-    if not paths:
-        raise FileNotFoundError(f"no *_gtFine_labelIds.png under {target_root}/gtFine; generate "
-                                "the demo data first (make demo)")
-    return {p.name[:-len("_gtFine_labelIds.png")]: p for p in paths}
+    """{image stem (``<base>_leftImg8bit``): (label file, id table)} of the target domain's train
+    split under ``target_root`` (a Cityscapes layout; FileNotFoundError naming what is missing)."""
+    return {image.stem: (label, table)
+            for image, label, table in CityscapesLayout(target_root).samples("train")}
+
+
+def read_truth(entry):
+    """uint8 (H, W) train ids of a ``ground_truth_index`` entry."""
+    label, table = entry
+    return map_label_ids(read_label(label), table, label).numpy()
 
 
 def install(mode, target_root):
     """Route every pseudo-label write of the labelling passes through ``oracle_labels``, and
     never reuse a self-training stage from ``runtime.reuse_from`` (its recipe matches, its
     labels were not the oracle's); source-only and warm-up stages are still reused."""
-    index, table = ground_truth_index(target_root), label_id_to_train_id_table()
+    index = ground_truth_index(target_root)
     write = labelling_base.save_pseudo_labels
 
     def save_oracle_labels(out_dir, names, labels, *args, **kwargs):
         names = list(names)
-        labels = np.stack([
-            oracle_labels(np.asarray(label), table[read_label(index[name.replace("_leftImg8bit", "")])],
-                          mode)
-            for name, label in zip(names, labels.detach().cpu().numpy())])
+        labels = np.stack([oracle_labels(label, read_truth(index[name]), mode)
+                           for name, label in zip(names, labels.detach().cpu().numpy())])
         return write(out_dir, names, labels, *args, **kwargs)
 
     reuse = pipeline.reuse_stage
 
     def reuse_unless_labelled(config, run_dir, seed, stage, *args, **kwargs):
-        if config["stages"][stage]["method"] in SELF_TRAINING_METHODS:
+        if config["stages"][stage]["method"] in LABELLING_METHODS:
             return False
         return reuse(config, run_dir, seed, stage, *args, **kwargs)
 

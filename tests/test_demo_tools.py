@@ -1,6 +1,7 @@
 """The demo analysis scripts of bench/ (docs/demo.md): the BN re-estimation of
-bench/demo_bn_adaptation.py, the per-class table of bench/demo_rounds_report.py and the
-ground-truth control of bench/demo_label_oracle.py."""
+bench/demo_bn_adaptation.py, the per-class table of bench/demo_rounds_report.py, the
+ground-truth control of bench/demo_label_oracle.py and the error counts of
+bench/demo_label_errors.py."""
 import importlib
 import json
 from pathlib import Path
@@ -89,6 +90,9 @@ def test_oracle_writes_ground_truth_train_ids_and_never_reuses_a_round(bench_imp
     truth_dir.mkdir(parents=True)
     truth = np.array([[0, 13], [10, 255]], dtype=np.uint8)      # road, car, sky, ignore
     Image.fromarray(train_ids_to_label_ids(truth)).save(truth_dir / f"{stem}_gtFine_labelIds.png")
+    image_dir = tmp_path / "target" / "leftImg8bit" / "train" / "syntarget"
+    image_dir.mkdir(parents=True)
+    Image.fromarray(np.zeros((2, 2, 3), dtype=np.uint8)).save(image_dir / f"{stem}_leftImg8bit.png")
     monkeypatch.setattr(labelling_base, "save_pseudo_labels", labelling_base.save_pseudo_labels)
     reused = []
     monkeypatch.setattr(pipeline, "reuse_stage", lambda config, run_dir, seed, stage, *a:
