@@ -18,12 +18,13 @@ import torch
 
 from fastst.models import load_model
 from fastst.data import build_dataset
+from fastst.data.synthetic import DEFAULT_HEIGHT, DEFAULT_WIDTH
 from fastst.evaluate import evaluate
 
 DEV_SEED = 1
 
 
-def dev_split(root, num_val=100, height=96, width=192):
+def dev_split(root, num_val=100, height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH):
     """The dev split: the target domain's val images of seed ``DEV_SEED`` (no train images)."""
     return build_dataset("synthetic", root, "val", domain="target",
                          synthetic={"seed": DEV_SEED, "num_train": 0, "num_val": num_val,

@@ -333,6 +333,19 @@ def test_resized_labels_only_hold_input_values():
     assert torch.equal(up, label[:4, :5].repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
+@pytest.mark.parametrize("in_size,out_size", [(64, 97), (97, 64), (341, 512), (950, 512), (5, 3)])
+def test_resized_labels_sit_where_the_image_is_sampled(in_size, out_size):
+    # Output pixel y shows the image at input position (y + 0.5) * in / out (bilinear, half-pixel
+    # centres); its label is the input pixel containing that position, never one above it, so
+    # on average the label's pixel centre sits on the sample (the floor(y * in / out) rule of
+    # OpenCV's INTER_NEAREST lags by half an output pixel: docs/recipes.md §4.4).
+    label = torch.arange(in_size, dtype=torch.int64)[:, None].expand(in_size, 3)
+    rows = resize_label(label, (out_size, 3))[:, 0].double()
+    sample = (torch.arange(out_size, dtype=torch.float64) + 0.5) * in_size / out_size
+    assert torch.all((rows <= sample) & (sample < rows + 1))
+    assert abs(float((rows + 0.5 - sample).mean())) < 0.1 * in_size / out_size + 0.05
+
+
 def test_brightness_contrast_formula():
     image = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16).expand(3, 16, 16)
     label = torch.zeros(16, 16, dtype=torch.uint8)

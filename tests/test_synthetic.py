@@ -77,7 +77,8 @@ def test_domains_differ_in_colour_and_texture(samples):
     common = (source_count >= 100) & (target_count >= 100)
     assert common.sum() >= 10
     shift = np.linalg.norm(source_means - target_means, axis=1)[common]
-    assert shift.min() > 15 and shift.mean() > 40, shift.round()
+    # The darkest class (traffic light) moves least under the multiplicative lighting changes.
+    assert shift.min() > 10 and shift.mean() > 40, shift.round()
     # Source regions are flat colours (texture-free inside a class region), the target is
     # textured and noisy everywhere.
     source_texture = np.concatenate([_interior_laplacian(*s) for s in samples["source"]])
@@ -203,3 +204,52 @@ def test_bad_arguments_are_rejected(tmp_path):
     with pytest.raises(TypeError, match="num_train"):
         ensure_synthetic(tmp_path, "source", num_train=2.5)
     assert not os.listdir(tmp_path)
+
+
+def _horizontal_runs(mask):
+    """Lengths of the horizontal runs of True in a bool (H, W) array, one per run."""
+    padded = np.pad(mask.astype(np.int8), ((0, 0), (1, 1)))
+    steps = np.diff(padded, axis=1)
+    return np.nonzero(steps == -1)[1] - np.nonzero(steps == 1)[1]
+
+
+@pytest.mark.parametrize("train_id", [5, 6], ids=["pole", "traffic_light"])
+def test_thin_classes_are_at_least_half_a_logit_cell_wide(train_id):
+    # At the demo's size most pole and traffic-light pixels lie in horizontal runs of 4 pixels or
+    # more (half of the model's 8-pixel logit cell); with real proportions (pole width 0.12
+    # camera heights, 96x192) only 36 % of pole pixels did, and self-training erased the class
+    # (docs/demo.md §4).
+    runs = np.concatenate([_horizontal_runs(generate_sample("target", i)[1] == train_id)
+                           for i in range(40)])
+    assert runs.sum() > 500
+    assert runs[runs >= 4].sum() / runs.sum() > 0.75
+
+
+def test_demo_sizes_put_each_logit_cell_on_the_pixel_it_sees():
+    # The demo's images, crops and pseudo labels are 8k+1 pixels on a side, so the logits'
+    # align_corners=True upsampling puts cell (i, j) at pixel (8i, 8j); the backbone's cell (i, j)
+    # sees a window centred on exactly that pixel (docs/demo.md §4).
+    import torch
+    from fastst.config import load_config
+    from fastst.models import deeplabv2
+
+    config = load_config("demo")
+    sizes = [tuple(config["data"]["crop_size"]),
+             (config["data"]["synthetic"]["height"], config["data"]["synthetic"]["width"])]
+    sizes += [tuple(config["stages"][f"round{k}"]["pseudo_size"]) for k in (1, 2, 3)]
+    assert all((side - 1) % 8 == 0 for size in sizes for side in size), sizes
+    height, width = sizes[0]
+    torch.manual_seed(0)
+    backbone = deeplabv2(num_classes=19, backbone=config["model"]["backbone"]).eval().backbone
+    assert backbone(torch.zeros(1, 3, height, width)).shape[-2:] == ((height - 1) // 8 + 1,
+                                                                      (width - 1) // 8 + 1)
+    # Where a cell looks: the window of input pixels its value depends on, on an image large
+    # enough that the window of an inner cell meets no border.
+    image = torch.randn(1, 3, 8 * 64 + 1, 8 * 64 + 1, requires_grad=True)
+    features = backbone(image)
+    for i, j in [(30, 34), (32, 32)]:
+        (grad,) = torch.autograd.grad(features[0, :, i, j].sum(), image, retain_graph=True)
+        seen = grad.abs().sum((0, 1)) > 0
+        rows, cols = torch.nonzero(seen.any(1)).flatten(), torch.nonzero(seen.any(0)).flatten()
+        assert 0 < rows.min() and rows.max() < image.shape[-2] - 1 and 0 < cols.min()
+        assert (rows.min() + rows.max()) / 2 == 8 * i and (cols.min() + cols.max()) / 2 == 8 * j

@@ -250,11 +250,16 @@ class Painter:
         rng, canvas = self.rng, self.canvas
         d = r / self.H
         height = rng.uniform(2.4, 4.2) * r
-        width = 0.12 * r
+        # Poles and traffic lights are drawn about 2.5x thicker than in life (0.3 r, not 0.12 r):
+        # at the demo's 97x193 a real-proportioned pole is a pixel or two wide, an eighth of the
+        # model's 8-pixel logit cell, where Cityscapes poles span one to several cells. Thinner
+        # than a cell, their pseudo labels are mostly wrong and self-training erases the class
+        # (docs/demo.md §4).
+        width = 0.3 * r
         top = bottom - height
         canvas.shape(top, bottom, cx - width / 2, cx + width / 2, POLE, self.colour(POLE), d)
         if kind == 1:
-            light_w, light_h = 0.26 * r, 0.65 * r
+            light_w, light_h = 0.5 * r, 1.0 * r
             lx = cx
             if rng.random() < 0.5:       # an arm reaching over the road, the light at its end
                 arm = rng.uniform(0.8, 2.0) * r
@@ -274,7 +279,7 @@ class Painter:
                 canvas.shape(sy - size, sy + 0.6 * size, cx - 1.2 * size, cx + 1.2 * size,
                              TRAFFIC_SIGN, colour, d)
         else:
-            canvas.shape(top, top + 0.12 * r, cx - 0.35 * r * side, cx + 0.05 * r, POLE,
+            canvas.shape(top, top + width, cx - 0.35 * r * side, cx + 0.05 * r, POLE,
                          self.colour(POLE), d)
 
     def traffic_light(self, cx, top, width, height, d):

@@ -47,15 +47,19 @@ def resize_image(image: torch.Tensor, size: Sequence[int], antialias: bool = Tru
 
 
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(H,W) integer label -> (size[0], size[1]) by nearest neighbour: output pixel (y, x) takes
-    input pixel (floor(y * H / h), floor(x * W / w)), as OpenCV's INTER_NEAREST and torch's
-    "nearest" mode do; exact integer arithmetic, any dtype and device."""
+    """(H,W) integer label -> (size[0], size[1]) by nearest neighbour with half-pixel centres:
+    output pixel (y, x) takes the input pixel under its centre, (floor((y + 0.5) * H / h),
+    floor((x + 0.5) * W / w)), the position `resize_image` samples the image at (PIL's NEAREST and
+    torch's "nearest-exact" up to exact ties); exact integer arithmetic, any dtype and device. OpenCV's
+    INTER_NEAREST (torch's "nearest": floor(y * H / h)) would leave the label half an output
+    pixel behind the image, an offset that self-training feeds back into its labels round after
+    round (docs/recipes.md §4.4)."""
     out_h, out_w = check_size(size, "size")
     in_h, in_w = label.shape[-2:]
     if (in_h, in_w) == (out_h, out_w):
         return label
-    rows = torch.arange(out_h, device=label.device) * in_h // out_h
-    cols = torch.arange(out_w, device=label.device) * in_w // out_w
+    rows = (2 * torch.arange(out_h, device=label.device) + 1) * in_h // (2 * out_h)
+    cols = (2 * torch.arange(out_w, device=label.device) + 1) * in_w // (2 * out_w)
     return label.index_select(-2, rows).index_select(-1, cols)
 
 
