@@ -226,17 +226,23 @@ def test_thin_classes_are_at_least_half_a_logit_cell_wide(train_id):
 
 
 def test_demo_sizes_put_each_logit_cell_on_the_pixel_it_sees():
-    # The demo's images, crops and pseudo labels are 8k+1 pixels on a side, so the logits'
-    # align_corners=True upsampling puts cell (i, j) at pixel (8i, 8j); the backbone's cell (i, j)
-    # sees a window centred on exactly that pixel (docs/demo.md §4).
+    # The demo's images, crops, pseudo labels and pass views are 8k+1 pixels on a side, so the
+    # logits' align_corners=True upsampling puts cell (i, j) at pixel (8i, 8j); the backbone's
+    # cell (i, j) sees a window centred on exactly that pixel (docs/demo.md §4).
     import torch
     from fastst.config import load_config
+    from fastst.inference import scaled_size
     from fastst.models import deeplabv2
 
     config = load_config("demo")
     sizes = [tuple(config["data"]["crop_size"]),
              (config["data"]["synthetic"]["height"], config["data"]["synthetic"]["width"])]
     sizes += [tuple(config["stages"][f"round{k}"]["pseudo_size"]) for k in (1, 2, 3)]
+    # demo_tpld's pass runs the model on its pseudo_size scaled by each pseudo_scale.
+    tpld = load_config("demo_tpld")
+    for stage in tpld["pipeline"][1:]:
+        settings = tpld["stages"][stage]
+        sizes += [scaled_size(settings["pseudo_size"], scale) for scale in settings["pseudo_scales"]]
     assert all((side - 1) % 8 == 0 for size in sizes for side in size), sizes
     height, width = sizes[0]
     torch.manual_seed(0)
