@@ -46,6 +46,12 @@ def resize_image(image: torch.Tensor, size: Sequence[int], antialias: bool = Tru
     return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def nearest_indices(out_len: int, in_len: int, device=None) -> torch.Tensor:
+    """int64 (out_len,): the input index under the centre of each of ``out_len`` output pixels
+    spanning ``in_len`` input pixels, floor((i + 0.5) * in_len / out_len) in exact integers."""
+    return (2 * torch.arange(out_len, device=device) + 1) * in_len // (2 * out_len)
+
+
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(H,W) integer label -> (size[0], size[1]) by nearest neighbour with half-pixel centres:
     output pixel (y, x) takes the input pixel under its centre, (floor((y + 0.5) * H / h),
@@ -58,8 +64,8 @@ def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     in_h, in_w = label.shape[-2:]
     if (in_h, in_w) == (out_h, out_w):
         return label
-    rows = (2 * torch.arange(out_h, device=label.device) + 1) * in_h // (2 * out_h)
-    cols = (2 * torch.arange(out_w, device=label.device) + 1) * in_w // (2 * out_w)
+    rows = nearest_indices(out_h, in_h, label.device)
+    cols = nearest_indices(out_w, in_w, label.device)
     return label.index_select(-2, rows).index_select(-1, cols)
 
 

@@ -54,7 +54,8 @@ from fastst.config_checks import (COMMON_STAGE_DEFAULTS, check_bool, check_choic
 from fastst.data.mining import MiningSizedCrop, mining_train_transform
 from fastst.data.mixed import ITEM_KEYS, MixedDomainDataset, sample_source_indices
 from fastst.data.pseudo_label import PseudoLabelDataset
-from fastst.data.transforms import BrightnessContrast, Compose, HorizontalFlip, RandomSizedCrop
+from fastst.data.transforms import (BrightnessContrast, Compose, HorizontalFlip, RandomSizedCrop,
+                                   nearest_indices)
 from fastst.methods.datasets import build_role, crop_arguments, crop_transform
 from fastst.methods.labelling import (LABEL_DIR, cbst_pass, pass_probabilities, read_cbst_manifest,
                                       require_finished_pass)
@@ -160,16 +161,18 @@ def pass_map_on_crop(probs: torch.Tensor, box: Sequence[int], image_size: Sequen
                      flipped: bool, out_size: Sequence[int]) -> torch.Tensor:
     """A pass's map (C, Hp, Wp) (at the pseudo-label size) seen through a training crop of
     ``out_size`` (Hc, Wc) taken at ``box`` = (top, left, h, w) of an image of ``image_size``
-    (H, W), mirrored when ``flipped``: crop pixel (i, j) takes map pixel
-    (floor((top + floor(i h / Hc)) Hp / H), floor((left + floor(j w / Wc)) Wp / W)) (column
+    (H, W), mirrored when ``flipped``: crop pixel (i, j) takes map pixel (n(top + n(i; Hc, h);
+    H, Hp), n(left + n(j; Wc, w); W, Wp)) with n(i; out, in) = floor((i + 0.5) in / out) (column
     Wc - 1 - j when flipped), the nearest rule by which the pseudo label reaches it
-    (PseudoLabelDataset, then the crop's resize). Returns (C, Hc, Wc), probs' dtype and device."""
+    (PseudoLabelDataset, then the crop's resize: ``resize_label``). Returns (C, Hc, Wc), probs'
+    dtype and device."""
     top, left, height, width = (int(v) for v in box)
     image_h, image_w = (int(v) for v in image_size)
     out_h, out_w = (int(v) for v in out_size)
     map_h, map_w = probs.shape[-2:]
-    rows = (top + torch.arange(out_h, device=probs.device) * height // out_h) * map_h // image_h
-    cols = (left + torch.arange(out_w, device=probs.device) * width // out_w) * map_w // image_w
+    device = probs.device
+    rows = nearest_indices(image_h, map_h, device)[top + nearest_indices(out_h, height, device)]
+    cols = nearest_indices(image_w, map_w, device)[left + nearest_indices(out_w, width, device)]
     if flipped:
         cols = cols.flip(0)
     return probs.index_select(-2, rows).index_select(-1, cols)
