@@ -357,8 +357,12 @@ def probs_on_crop(probs, box, image_size, flipped, out_size):
     image_h, image_w = (int(v) for v in image_size)
     map_h, map_w = probs.shape[-2:]
     out_h, out_w = out_size
-    rows = [(top + i * height // out_h) * map_h // image_h for i in range(out_h)]
-    cols = [(left + j * width // out_w) * map_w // image_w for j in range(out_w)]
+    # Each nearest step takes the input pixel under the output pixel's centre:
+    # floor((k + 1/2) * n_in / n_out) (docs/recipes.md §4.4).
+    rows = [(2 * (top + (2 * i + 1) * height // (2 * out_h)) + 1) * map_h // (2 * image_h)
+            for i in range(out_h)]
+    cols = [(2 * (left + (2 * j + 1) * width // (2 * out_w)) + 1) * map_w // (2 * image_w)
+            for j in range(out_w)]
     if flipped:
         cols = cols[::-1]
     return probs[:, rows][:, :, cols]

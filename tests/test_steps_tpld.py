@@ -106,9 +106,10 @@ def pass_probs_on_crops(teacher, config, batch):
     ``batch`` seen through their crops, zero on source items: the teacher on the image at
     PSEUDO_SIZE resized by PASS_SCALE and on its mirror image, logits upsampled to
     PSEUDO_SIZE, the mean of the two softmax maps (crst_seg.py:90, :419, :457-464); crop pixel
-    (i, j) takes map pixel (floor((top + floor(i h / Hc)) Hp / H), floor((left + floor(j w /
-    Wc)) Wp / W)), column mirrored for a flipped crop: where its pseudo label comes from
-    (nearest upsampling of the label map to the image, then the crop's box and resize).
+    (i, j) takes map pixel (n(top + n(i; Hc, h); H, Hp), n(left + n(j; Wc, w); W, Wp)) with
+    n(k; out, in) = floor((k + 1/2) in / out), column mirrored for a flipped crop: where its
+    pseudo label comes from (half-pixel nearest upsampling of the label map to the image, then
+    the crop's box and resize; docs/recipes.md §4.4).
     (B, C, Hc, Wc)."""
     images = build_role(config, "target", resize=PSEUDO_SIZE)
     count, (crop_h, crop_w) = batch["image"].shape[0], batch["image"].shape[-2:]
@@ -125,8 +126,10 @@ def pass_probs_on_crops(teacher, config, batch):
     for row, b in enumerate(rows):
         top, left, height, width = (int(v) for v in batch["box"][b])
         image_h, image_w = (int(v) for v in batch["image_size"][b])
-        ys = [(top + i * height // crop_h) * PSEUDO_SIZE[0] // image_h for i in range(crop_h)]
-        xs = [(left + j * width // crop_w) * PSEUDO_SIZE[1] // image_w for j in range(crop_w)]
+        ys = [(2 * (top + (2 * i + 1) * height // (2 * crop_h)) + 1) * PSEUDO_SIZE[0]
+              // (2 * image_h) for i in range(crop_h)]
+        xs = [(2 * (left + (2 * j + 1) * width // (2 * crop_w)) + 1) * PSEUDO_SIZE[1]
+              // (2 * image_w) for j in range(crop_w)]
         if bool(batch["flipped"][b]):
             xs = xs[::-1]
         out[b] = full_probs[row][:, ys][:, :, xs]
