@@ -242,7 +242,8 @@ def test_demo_sizes_put_each_logit_cell_on_the_pixel_it_sees():
     tpld = load_config("demo_tpld")
     for stage in tpld["pipeline"][1:]:
         settings = tpld["stages"][stage]
-        sizes += [scaled_size(settings["pseudo_size"], scale) for scale in settings["pseudo_scales"]]
+        sizes += [scaled_size(settings["pseudo_size"], scale)
+                  for scale in settings["pseudo_scales"]]
     assert all((side - 1) % 8 == 0 for size in sizes for side in size), sizes
     height, width = sizes[0]
     torch.manual_seed(0)
@@ -257,5 +258,6 @@ def test_demo_sizes_put_each_logit_cell_on_the_pixel_it_sees():
         (grad,) = torch.autograd.grad(features[0, :, i, j].sum(), image, retain_graph=True)
         seen = grad.abs().sum((0, 1)) > 0
         rows, cols = torch.nonzero(seen.any(1)).flatten(), torch.nonzero(seen.any(0)).flatten()
-        assert 0 < rows.min() and rows.max() < image.shape[-2] - 1 and 0 < cols.min()
+        assert 0 < rows.min() and rows.max() < image.shape[-2] - 1
+        assert 0 < cols.min() and cols.max() < image.shape[-1] - 1
         assert (rows.min() + rows.max()) / 2 == 8 * i and (cols.min() + cols.max()) / 2 == 8 * j

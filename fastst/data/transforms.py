@@ -55,11 +55,11 @@ def nearest_indices(out_len: int, in_len: int, device=None) -> torch.Tensor:
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(H,W) integer label -> (size[0], size[1]) by nearest neighbour with half-pixel centres:
     output pixel (y, x) takes the input pixel under its centre, (floor((y + 0.5) * H / h),
-    floor((x + 0.5) * W / w)), the position `resize_image` samples the image at (PIL's NEAREST and
-    torch's "nearest-exact" up to exact ties); exact integer arithmetic, any dtype and device. OpenCV's
-    INTER_NEAREST (torch's "nearest": floor(y * H / h)) would leave the label half an output
-    pixel behind the image, an offset that self-training feeds back into its labels round after
-    round (docs/recipes.md §4.4)."""
+    floor((x + 0.5) * W / w)) (`nearest_indices`), the position `resize_image` samples the image
+    at (PIL's NEAREST and torch's "nearest-exact" up to exact ties); exact integer arithmetic, any
+    dtype and device. OpenCV's INTER_NEAREST (torch's "nearest": floor(y * H / h)) would leave
+    the label half an output pixel behind the image, an offset that self-training feeds back into
+    its labels round after round (docs/recipes.md §4.4)."""
     out_h, out_w = check_size(size, "size")
     in_h, in_w = label.shape[-2:]
     if (in_h, in_w) == (out_h, out_w):
